@@ -1,0 +1,40 @@
+"""The selection core: smooth weighted round-robin with dynamic weights and overload limits.
+
+`Selector` is the compiled implementation (`core_ext._selector`). Set the environment
+variable IMDISPATCH_PURE_PYTHON=1 to run the pure-Python reference instead. A missing
+build is an error, never a silent 25x slowdown.
+"""
+
+import os
+
+from core_ext.errors import (
+    DuplicateNode,
+    InvalidArgument,
+    InvalidArgumentType,
+    SelectorError,
+    UnknownNode,
+)
+
+if os.environ.get("IMDISPATCH_PURE_PYTHON", "") not in ("", "0"):
+    from core_ext.reference import Selector
+
+    IMPLEMENTATION = "reference"
+else:
+    try:
+        from core_ext._selector import Selector
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "core_ext's compiled extension is not built: run `pip install -e .` (or "
+            "`make test`), or set IMDISPATCH_PURE_PYTHON=1 to use the pure-Python reference"
+        ) from exc
+    IMPLEMENTATION = "compiled"
+
+__all__ = [
+    "IMPLEMENTATION",
+    "DuplicateNode",
+    "InvalidArgument",
+    "InvalidArgumentType",
+    "Selector",
+    "SelectorError",
+    "UnknownNode",
+]

@@ -1,0 +1,102 @@
+"""Limits, fixed-point units and argument checks shared by both selector implementations.
+
+One module so the compiled and the reference selector accept exactly the same input and
+refuse the rest with exactly the same exception and message.
+"""
+
+import math
+from typing import Any
+
+from core_ext.errors import DuplicateNode, InvalidArgument, InvalidArgumentType, UnknownNode
+
+MAX_WEIGHT = 10_000
+"""Largest static weight (nginx allows far less in practice; 10k leaves room for fine shares)."""
+
+MAX_COUNT = 1_000_000_000
+"""Largest connections or capacity figure: keeps every product below 2**63."""
+
+WEIGHT_SCALE = 1_000
+"""Effective weights are fixed-point: a node with full headroom has weight * WEIGHT_SCALE.
+
+Smooth weighted round-robin only compares weights with each other, so scaling all of them
+by the same factor yields the same sequence as nginx with the static weights, while a
+dynamic weight can still express a fraction of a static weight of 1.
+"""
+
+PPM = 1_000_000
+"""Watermarks and utilisation are integer parts per million: exact, identical in C and Python."""
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def node_id(value: Any) -> str:
+    if type(value) is not str:
+        raise InvalidArgumentType(f"node id must be a str, got {_describe(value)}")
+    if not value:
+        raise InvalidArgument("node id must not be empty")
+    return value
+
+
+def weight(nid: str, value: Any) -> int:
+    if type(value) is not int:
+        raise InvalidArgumentType(
+            f"node {nid!r}: weight must be an int in 0..{MAX_WEIGHT}, got {_describe(value)}"
+        )
+    if not 0 <= value <= MAX_WEIGHT:
+        raise InvalidArgument(f"node {nid!r}: weight must be in 0..{MAX_WEIGHT}, got {value}")
+    return value
+
+
+def count(nid: str, name: str, value: Any, minimum: int) -> int:
+    """Check a connections (minimum 0) or capacity (minimum 1) figure."""
+    if type(value) is not int:
+        raise InvalidArgumentType(
+            f"node {nid!r}: {name} must be an int, got {_describe(value)}"
+        )
+    if not minimum <= value <= MAX_COUNT:
+        raise InvalidArgument(
+            f"node {nid!r}: {name} must be in {minimum}..{MAX_COUNT}, got {value}"
+        )
+    return value
+
+
+def flag(nid: str, name: str, value: Any) -> bool:
+    # Only real bools: set_up("n1", "false") must not mean True.
+    if type(value) is not bool:
+        raise InvalidArgumentType(f"node {nid!r}: {name} must be a bool, got {_describe(value)}")
+    return value
+
+
+def watermarks(high: Any, low: Any) -> tuple[int, int]:
+    """Return (high, low) in parts per million; require 0 < low <= high <= 1."""
+    ppm = []
+    for name, value in (("high_watermark", high), ("low_watermark", low)):
+        if type(value) not in (int, float):
+            raise InvalidArgumentType(f"{name} must be a number, got {_describe(value)}")
+        if not (math.isfinite(value) and 0 < value <= 1 and round(value * PPM) > 0):
+            raise InvalidArgument(f"{name} must be in [0.000001, 1], got {value!r}")
+        ppm.append(round(value * PPM))
+    if ppm[1] > ppm[0]:
+        raise InvalidArgument(
+            f"low_watermark ({low!r}) must not be above high_watermark ({high!r})"
+        )
+    return ppm[0], ppm[1]
+
+
+def unknown_node(nid: Any) -> UnknownNode:
+    return UnknownNode(f"unknown node {nid!r}")
+
+
+def duplicate_node(nid: str) -> DuplicateNode:
+    return DuplicateNode(f"node {nid!r} already exists")
+
+
+def exclusion(value: Any) -> Any:
+    """`pick(exclude=...)` takes a collection of ids; a bare str would exclude its letters."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidArgumentType(
+            f"exclude must be a collection of node ids, got {_describe(value)}"
+        )
+    return value

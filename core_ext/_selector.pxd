@@ -1,0 +1,31 @@
+# The compiled selector's layout: one C array per node field (struct of arrays), indexed
+# by slot. Slots are dense and in the order nodes were added (nginx's peer order), so the
+# pick loop walks contiguous memory and breaks ties exactly as nginx does.
+
+from libc.stdint cimport int64_t, uint8_t
+
+
+cdef class Selector:
+    cdef Py_ssize_t n            # slots in use: 0 .. n-1
+    cdef Py_ssize_t allocated    # length of every array below
+    cdef int64_t *weight         # static weight, 0 .. MAX_WEIGHT
+    cdef int64_t *effective      # dynamic weight in WEIGHT_SCALE units
+    cdef int64_t *current        # smooth round-robin accumulator (nginx's current_weight)
+    cdef int64_t *connections    # last reported connections
+    cdef int64_t *capacity       # last reported capacity; 0 = nothing reported yet
+    cdef int64_t *pending        # picks since the last report
+    cdef uint8_t *up
+    cdef uint8_t *draining
+    cdef uint8_t *overloaded
+    cdef uint8_t *eligible       # cache: up and not draining, not overloaded, effective > 0
+    cdef uint8_t *excluded       # scratch for pick(exclude=...), all zero between picks
+    cdef int64_t high_ppm
+    cdef int64_t low_ppm
+    cdef tuple watermarks        # as given, for state() and the properties
+    cdef list node_ids           # slot -> node id
+    cdef dict index              # node id -> slot
+
+    cdef int _reserve(self, Py_ssize_t needed) except -1
+    cdef Py_ssize_t _slot(self, object node_id) except -1
+    cdef void _reweigh(self, Py_ssize_t i) noexcept nogil
+    cdef void _refresh(self, Py_ssize_t i) noexcept nogil

@@ -1,0 +1,286 @@
+# cython: language_level=3
+"""The compiled selection core: `core_ext.reference` with C arrays.
+
+The reference module's docstring is the specification; this file implements the same
+rules, the same integer arithmetic and the same errors, and keeps Python objects out of
+the pick loop.
+"""
+
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.stdint cimport int64_t, uint8_t
+from libc.string cimport memmove, memset
+
+from core_ext import _rules, _snapshot
+from core_ext._rules import MAX_COUNT as _MAX_COUNT_PY
+from core_ext._rules import PPM as _PPM_PY
+from core_ext._rules import WEIGHT_SCALE as _WEIGHT_SCALE_PY
+
+# One source of truth for the constants: read once from the shared rules module.
+cdef int64_t MAX_COUNT = _MAX_COUNT_PY
+cdef int64_t PPM = _PPM_PY
+cdef int64_t WEIGHT_SCALE = _WEIGHT_SCALE_PY
+
+cdef object _check_id = _rules.node_id
+cdef object _check_weight = _rules.weight
+cdef object _check_count = _rules.count
+cdef object _check_flag = _rules.flag
+cdef object _check_exclusion = _rules.exclusion
+cdef object _unknown_node = _rules.unknown_node
+cdef object _duplicate_node = _rules.duplicate_node
+
+
+cdef void *_resized(void *ptr, Py_ssize_t count, size_t item) except NULL:
+    cdef void *grown = PyMem_Realloc(ptr, <size_t>count * item)
+    if grown == NULL:
+        raise MemoryError()
+    return grown
+
+
+cdef class Selector:
+    """Chooses one node per new client; see `core_ext.reference` for the rules."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.n = 0
+        self.allocated = 0
+        self.node_ids = []
+        self.index = {}
+
+    def __init__(self, high_watermark=0.9, low_watermark=0.8):
+        self.high_ppm, self.low_ppm = _rules.watermarks(high_watermark, low_watermark)
+        self.watermarks = (high_watermark, low_watermark)
+
+    def __dealloc__(self):
+        PyMem_Free(self.weight)
+        PyMem_Free(self.effective)
+        PyMem_Free(self.current)
+        PyMem_Free(self.connections)
+        PyMem_Free(self.capacity)
+        PyMem_Free(self.pending)
+        PyMem_Free(self.up)
+        PyMem_Free(self.draining)
+        PyMem_Free(self.overloaded)
+        PyMem_Free(self.eligible)
+        PyMem_Free(self.excluded)
+
+    # -- membership -------------------------------------------------------------------
+
+    def add(self, node_id, weight=1):
+        """Add a node, up, with no load reported; weight 0 means it is never picked."""
+        nid = _check_id(node_id)
+        if nid in self.index:
+            raise _duplicate_node(nid)
+        cdef int64_t w = _check_weight(nid, weight)
+        self._reserve(self.n + 1)
+        cdef Py_ssize_t i = self.n
+        self.weight[i] = w
+        self.current[i] = 0
+        self.connections[i] = 0
+        self.capacity[i] = 0
+        self.pending[i] = 0
+        self.up[i] = 1
+        self.draining[i] = 0
+        self.overloaded[i] = 0
+        self.excluded[i] = 0
+        self._reweigh(i)
+        self.node_ids.append(nid)
+        self.index[nid] = i
+        self.n += 1
+
+    def remove(self, node_id):
+        cdef Py_ssize_t i = self._slot(node_id)
+        cdef Py_ssize_t tail = self.n - i - 1
+        if tail:
+            # Close the gap so slots stay dense and in insertion order.
+            memmove(&self.weight[i], &self.weight[i + 1], tail * sizeof(int64_t))
+            memmove(&self.effective[i], &self.effective[i + 1], tail * sizeof(int64_t))
+            memmove(&self.current[i], &self.current[i + 1], tail * sizeof(int64_t))
+            memmove(&self.connections[i], &self.connections[i + 1], tail * sizeof(int64_t))
+            memmove(&self.capacity[i], &self.capacity[i + 1], tail * sizeof(int64_t))
+            memmove(&self.pending[i], &self.pending[i + 1], tail * sizeof(int64_t))
+            memmove(&self.up[i], &self.up[i + 1], tail)
+            memmove(&self.draining[i], &self.draining[i + 1], tail)
+            memmove(&self.overloaded[i], &self.overloaded[i + 1], tail)
+            memmove(&self.eligible[i], &self.eligible[i + 1], tail)
+        del self.index[self.node_ids.pop(i)]
+        self.n -= 1
+        cdef Py_ssize_t j
+        for j in range(i, self.n):
+            self.index[self.node_ids[j]] = j
+
+    def __len__(self):
+        return self.n
+
+    def __contains__(self, node_id):
+        return node_id in self.index
+
+    def ids(self):
+        """Node ids in the order they were added."""
+        return list(self.node_ids)
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def set_weight(self, node_id, weight):
+        cdef Py_ssize_t i = self._slot(node_id)
+        self.weight[i] = _check_weight(self.node_ids[i], weight)
+        self._reweigh(i)
+
+    def set_up(self, node_id, up):
+        cdef Py_ssize_t i = self._slot(node_id)
+        self.up[i] = _check_flag(self.node_ids[i], "up", up)
+        self._refresh(i)
+
+    def set_draining(self, node_id, draining):
+        cdef Py_ssize_t i = self._slot(node_id)
+        self.draining[i] = _check_flag(self.node_ids[i], "draining", draining)
+        self._refresh(i)
+
+    def report(self, node_id, connections, capacity):
+        """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
+        cdef Py_ssize_t i = self._slot(node_id)
+        nid = self.node_ids[i]
+        cdef int64_t conns = _check_count(nid, "connections", connections, 0)
+        cdef int64_t cap = _check_count(nid, "capacity", capacity, 1)
+        self.connections[i] = conns
+        self.capacity[i] = cap
+        self.pending[i] = 0
+        if conns * PPM >= self.high_ppm * cap:
+            self.overloaded[i] = 1
+        elif conns * PPM < self.low_ppm * cap:
+            self.overloaded[i] = 0
+        self._reweigh(i)
+
+    # -- the choice -------------------------------------------------------------------
+
+    def pick(self, exclude=()):
+        """Return the id of the node the next client should use, or None if none can."""
+        cdef Py_ssize_t i, best = -1, n = self.n
+        cdef int64_t total = 0
+        cdef int64_t *effective = self.effective
+        cdef int64_t *current = self.current
+        cdef uint8_t *eligible = self.eligible
+        cdef uint8_t *excluded = self.excluded
+        cdef bint marked = False
+        if exclude:
+            for node_id in _check_exclusion(exclude):
+                slot = self.index.get(node_id)
+                if slot is not None:
+                    excluded[<Py_ssize_t>slot] = 1
+                    marked = True
+        with nogil:
+            for i in range(n):
+                if eligible[i] and not excluded[i]:
+                    current[i] += effective[i]
+                    total += effective[i]
+                    if best < 0 or current[i] > current[best]:
+                        best = i
+            if marked:
+                memset(excluded, 0, n)
+            if best >= 0:
+                current[best] -= total
+                if self.pending[best] < MAX_COUNT:
+                    self.pending[best] += 1
+                if self.capacity[best] and (
+                    (self.connections[best] + self.pending[best]) * PPM
+                    >= self.high_ppm * self.capacity[best]
+                ):
+                    self.overloaded[best] = 1
+                    eligible[best] = 0
+        if best < 0:
+            return None
+        return self.node_ids[best]
+
+    # -- state ------------------------------------------------------------------------
+
+    def node(self, node_id):
+        """A snapshot of one node's routing fields (see `_snapshot.node_view`)."""
+        cdef Py_ssize_t i = self._slot(node_id)
+        reported = self.capacity[i] > 0
+        return _snapshot.node_view(
+            self.node_ids[i], self.weight[i], self.effective[i], self.current[i],
+            bool(self.up[i]), bool(self.draining[i]), bool(self.overloaded[i]),
+            bool(self.eligible[i]),
+            self.connections[i] if reported else None,
+            self.capacity[i] if reported else None,
+            self.pending[i],
+        )
+
+    def state(self):
+        """Everything needed to continue exactly where this selector is (plain data)."""
+        return _snapshot.dump(*self.watermarks, [self.node(nid) for nid in self.node_ids])
+
+    @classmethod
+    def from_state(cls, state):
+        """The inverse of `state()`: a selector whose next picks are this one's."""
+        high, low, rows = _snapshot.parse(state)
+        cdef Selector selector = cls(high, low)
+        cdef Py_ssize_t i
+        for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
+            selector.add(nid, weight)
+            i = selector.n - 1
+            selector.current[i] = current
+            selector.up[i] = up
+            selector.draining[i] = draining
+            selector.overloaded[i] = overloaded
+            selector.connections[i] = conns or 0
+            selector.capacity[i] = cap or 0
+            selector.pending[i] = pending
+            selector._reweigh(i)
+        return selector
+
+    @property
+    def high_watermark(self):
+        return self.watermarks[0]
+
+    @property
+    def low_watermark(self):
+        return self.watermarks[1]
+
+    def __repr__(self):
+        return (
+            f"<{type(self).__module__}.Selector nodes={self.n} "
+            f"high_watermark={self.watermarks[0]} low_watermark={self.watermarks[1]}>"
+        )
+
+    # -- internals --------------------------------------------------------------------
+
+    cdef int _reserve(self, Py_ssize_t needed) except -1:
+        if needed <= self.allocated:
+            return 0
+        cdef Py_ssize_t size = max(8, self.allocated * 2, needed)
+        self.weight = <int64_t *>_resized(self.weight, size, sizeof(int64_t))
+        self.effective = <int64_t *>_resized(self.effective, size, sizeof(int64_t))
+        self.current = <int64_t *>_resized(self.current, size, sizeof(int64_t))
+        self.connections = <int64_t *>_resized(self.connections, size, sizeof(int64_t))
+        self.capacity = <int64_t *>_resized(self.capacity, size, sizeof(int64_t))
+        self.pending = <int64_t *>_resized(self.pending, size, sizeof(int64_t))
+        self.up = <uint8_t *>_resized(self.up, size, 1)
+        self.draining = <uint8_t *>_resized(self.draining, size, 1)
+        self.overloaded = <uint8_t *>_resized(self.overloaded, size, 1)
+        self.eligible = <uint8_t *>_resized(self.eligible, size, 1)
+        self.excluded = <uint8_t *>_resized(self.excluded, size, 1)
+        self.allocated = size
+        return 0
+
+    cdef Py_ssize_t _slot(self, object node_id) except -1:
+        slot = self.index.get(node_id)
+        if slot is None:
+            raise _unknown_node(node_id)
+        return slot
+
+    cdef void _reweigh(self, Py_ssize_t i) noexcept nogil:
+        cdef int64_t utilisation, headroom
+        if self.capacity[i] == 0:
+            self.effective[i] = self.weight[i] * WEIGHT_SCALE
+        else:
+            utilisation = self.connections[i] * PPM // self.capacity[i]
+            headroom = self.high_ppm - utilisation
+            if headroom < 0:
+                headroom = 0
+            self.effective[i] = self.weight[i] * WEIGHT_SCALE * headroom // self.high_ppm
+        self._refresh(i)
+
+    cdef void _refresh(self, Py_ssize_t i) noexcept nogil:
+        self.eligible[i] = (
+            self.up[i] and not self.draining[i] and not self.overloaded[i]
+            and self.effective[i] > 0
+        )

@@ -1,0 +1,210 @@
+"""The selection core in pure Python: the executable specification.
+
+Read this first. The compiled `core_ext._selector` implements exactly this behaviour with
+C arrays; the test suite runs against both and a differential property test checks that
+they never disagree.
+
+Rules, in the order a pick applies them:
+
+1. Eligible nodes are up, not draining, not overloaded, have a positive effective weight
+   and are not in the caller's `exclude`.
+2. Smooth weighted round-robin, as nginx's ``ngx_http_upstream_get_peer``: every eligible
+   node adds its effective weight to its current weight; the largest current weight wins
+   (a tie goes to the node added first); the winner subtracts the sum of the effective
+   weights that took part.
+3. The winner's pending count grows by one. Overload is judged on reported connections
+   plus pending picks, so a burst between two reports cannot push a node past its high
+   watermark: once (connections + pending) / capacity reaches the high watermark, the node
+   is overloaded and gets no picks until a report shows it below the low watermark.
+
+Dynamic weight (recomputed by `report()` and `set_weight()`, never by a pick, so pick
+sequences stay deterministic between reports)::
+
+    utilisation = connections / capacity
+    effective   = weight * max(0, high_watermark - utilisation) / high_watermark
+
+A node's share of new clients is proportional to its static weight times its headroom
+below the overload threshold: an empty node gets its full static weight, a node halfway to
+the threshold half of it, a node at the threshold nothing. Filling nodes in proportion to
+what they can still take makes loads converge to the same utilisation instead of piling
+onto whichever node was static-weighted highest, and the share falls smoothly to zero at
+the threshold instead of jumping. Until a node reports, its effective weight is its static
+weight. All of it is integer arithmetic (see `_rules`), so both implementations agree to
+the last digit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from core_ext import _rules, _snapshot
+from core_ext._rules import MAX_COUNT, PPM, WEIGHT_SCALE
+
+
+class _Node:
+    __slots__ = (
+        "capacity", "connections", "current", "draining", "effective", "id",
+        "overloaded", "pending", "up", "weight",
+    )
+
+    def __init__(self, nid: str, weight: int) -> None:
+        self.id = nid
+        self.weight = weight
+        self.effective = weight * WEIGHT_SCALE
+        self.current = 0
+        self.up = True
+        self.draining = False
+        self.overloaded = False
+        self.connections: int | None = None  # None until the first report
+        self.capacity: int | None = None
+        self.pending = 0
+
+    @property
+    def eligible(self) -> bool:
+        return self.up and not self.draining and not self.overloaded and self.effective > 0
+
+
+class Selector:
+    """Chooses one node per new client; see the module docstring for the rules."""
+
+    def __init__(self, high_watermark: float = 0.9, low_watermark: float = 0.8) -> None:
+        self._high, self._low = _rules.watermarks(high_watermark, low_watermark)
+        self._watermarks = (high_watermark, low_watermark)
+        self._nodes: list[_Node] = []  # in the order they were added: nginx's peer order
+        self._index: dict[str, _Node] = {}
+
+    # -- membership -------------------------------------------------------------------
+
+    def add(self, node_id: str, weight: int = 1) -> None:
+        """Add a node, up, with no load reported; weight 0 means it is never picked."""
+        nid = _rules.node_id(node_id)
+        if nid in self._index:
+            raise _rules.duplicate_node(nid)
+        node = _Node(nid, _rules.weight(nid, weight))
+        self._nodes.append(node)
+        self._index[nid] = node
+
+    def remove(self, node_id: str) -> None:
+        self._nodes.remove(self._node(node_id))
+        del self._index[node_id]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._index
+
+    def ids(self) -> list[str]:
+        """Node ids in the order they were added."""
+        return [node.id for node in self._nodes]
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def set_weight(self, node_id: str, weight: int) -> None:
+        node = self._node(node_id)
+        node.weight = _rules.weight(node.id, weight)
+        self._reweigh(node)
+
+    def set_up(self, node_id: str, up: bool) -> None:
+        node = self._node(node_id)
+        node.up = _rules.flag(node.id, "up", up)
+
+    def set_draining(self, node_id: str, draining: bool) -> None:
+        node = self._node(node_id)
+        node.draining = _rules.flag(node.id, "draining", draining)
+
+    def report(self, node_id: str, connections: int, capacity: int) -> None:
+        """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
+        node = self._node(node_id)
+        connections = _rules.count(node.id, "connections", connections, 0)
+        capacity = _rules.count(node.id, "capacity", capacity, 1)
+        node.connections, node.capacity, node.pending = connections, capacity, 0
+        load = connections * PPM
+        if load >= self._high * capacity:
+            node.overloaded = True
+        elif load < self._low * capacity:
+            node.overloaded = False
+        self._reweigh(node)
+
+    # -- the choice -------------------------------------------------------------------
+
+    def pick(self, exclude: Iterable[str] = ()) -> str | None:
+        """Return the id of the node the next client should use, or None if none can."""
+        skipped = {self._index.get(x) for x in _rules.exclusion(exclude)} if exclude else ()
+        best: _Node | None = None
+        total = 0
+        for node in self._nodes:
+            if not node.eligible or node in skipped:
+                continue
+            node.current += node.effective
+            total += node.effective
+            if best is None or node.current > best.current:
+                best = node
+        if best is None:
+            return None
+        best.current -= total
+        if best.pending < MAX_COUNT:
+            best.pending += 1
+        if best.capacity is not None and (
+            (best.connections + best.pending) * PPM >= self._high * best.capacity
+        ):
+            best.overloaded = True
+        return best.id
+
+    # -- state ------------------------------------------------------------------------
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        """A snapshot of one node's routing fields (see `_snapshot.node_view`)."""
+        n = self._node(node_id)
+        return _snapshot.node_view(
+            n.id, n.weight, n.effective, n.current, n.up, n.draining, n.overloaded,
+            n.eligible, n.connections, n.capacity, n.pending,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this selector is (plain data)."""
+        return _snapshot.dump(*self._watermarks, (self.node(n.id) for n in self._nodes))
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Selector:
+        """The inverse of `state()`: a selector whose next picks are this one's."""
+        high, low, rows = _snapshot.parse(state)
+        selector = cls(high, low)
+        for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
+            selector.add(nid, weight)
+            node = selector._index[nid]
+            node.current, node.up, node.draining, node.overloaded = current, up, draining, overloaded
+            node.connections, node.capacity, node.pending = conns, cap, pending
+            selector._reweigh(node)
+        return selector
+
+    @property
+    def high_watermark(self) -> float:
+        return self._watermarks[0]
+
+    @property
+    def low_watermark(self) -> float:
+        return self._watermarks[1]
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__module__}.Selector nodes={len(self)} "
+            f"high_watermark={self._watermarks[0]} low_watermark={self._watermarks[1]}>"
+        )
+
+    # -- internals --------------------------------------------------------------------
+
+    def _node(self, node_id: str) -> _Node:
+        node = self._index.get(node_id)
+        if node is None:
+            raise _rules.unknown_node(node_id)
+        return node
+
+    def _reweigh(self, node: _Node) -> None:
+        if node.capacity is None:
+            node.effective = node.weight * WEIGHT_SCALE
+            return
+        utilisation = node.connections * PPM // node.capacity
+        headroom = max(0, self._high - utilisation)
+        node.effective = node.weight * WEIGHT_SCALE * headroom // self._high

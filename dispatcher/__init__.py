@@ -1,0 +1,1 @@
+"""The dispatcher: get-tcp-ip over HTTP, status pulled over NATS, event-sourced state."""

@@ -1,0 +1,1 @@
+"""The IM node: a TCP long-connection server that answers status requests over NATS."""

@@ -1,0 +1,5 @@
+import sys
+
+from imnode.cli import main
+
+sys.exit(main())
