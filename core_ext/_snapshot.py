@@ -93,7 +93,10 @@ def _row(index: int, raw: Any) -> NodeRow:
 
 
 def parse(state: Any) -> tuple[Any, Any, list[NodeRow]]:
-    """Validate a saved state; return (high_watermark, low_watermark, node rows in order)."""
+    """Validate a saved state; return (high_watermark, low_watermark, node rows in order).
+
+    Watermarks and duplicate ids are checked by the selector that the rows are loaded into.
+    """
     top = _mapping("selector state", state, ("version", "high_watermark", "low_watermark", "nodes"))
     if top["version"] != FORMAT_VERSION:
         raise InvalidArgument(
@@ -103,9 +106,4 @@ def parse(state: Any) -> tuple[Any, Any, list[NodeRow]]:
     if not isinstance(top["nodes"], list):
         raise InvalidArgumentType("selector state: nodes must be a list")
     rows = [_row(i, raw) for i, raw in enumerate(top["nodes"])]
-    seen: set[str] = set()
-    for row in rows:
-        if row[0] in seen:
-            raise _rules.duplicate_node(row[0])
-        seen.add(row[0])
     return top["high_watermark"], top["low_watermark"], rows

@@ -174,8 +174,9 @@ class Selector:
         for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
             selector.add(nid, weight)
             node = selector._index[nid]
-            node.current, node.up, node.draining, node.overloaded = current, up, draining, overloaded
-            node.connections, node.capacity, node.pending = conns, cap, pending
+            node.current, node.pending = current, pending
+            node.up, node.draining, node.overloaded = up, draining, overloaded
+            node.connections, node.capacity = conns, cap
             selector._reweigh(node)
         return selector
 
