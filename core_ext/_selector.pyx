@@ -154,7 +154,7 @@ cdef class Selector:
     def pick(self, exclude=()):
         """Return the id of the node the next client should use, or None if none can."""
         cdef Py_ssize_t i, best = -1, n = self.n
-        cdef int64_t total = 0
+        cdef int64_t total = 0, weight, best_weight = 0
         cdef int64_t *effective = self.effective
         cdef int64_t *current = self.current
         cdef uint8_t *eligible = self.eligible
@@ -166,27 +166,28 @@ cdef class Selector:
                 if slot is not None:
                     excluded[<Py_ssize_t>slot] = 1
                     marked = True
-        with nogil:
-            for i in range(n):
-                if eligible[i] and not excluded[i]:
-                    current[i] += effective[i]
-                    total += effective[i]
-                    if best < 0 or current[i] > current[best]:
-                        best = i
-            if marked:
-                memset(excluded, 0, n)
-            if best >= 0:
-                current[best] -= total
-                if self.pending[best] < MAX_COUNT:
-                    self.pending[best] += 1
-                if self.capacity[best] and (
-                    (self.connections[best] + self.pending[best]) * PPM
-                    >= self.high_ppm * self.capacity[best]
-                ):
-                    self.overloaded[best] = 1
-                    eligible[best] = 0
+        # No `with nogil`: releasing the GIL costs more than the whole loop at usual sizes.
+        for i in range(n):
+            if eligible[i] and not excluded[i]:
+                weight = current[i] + effective[i]
+                current[i] = weight
+                total += effective[i]
+                if best < 0 or weight > best_weight:
+                    best = i
+                    best_weight = weight
+        if marked:
+            memset(excluded, 0, n)
         if best < 0:
             return None
+        current[best] -= total
+        if self.pending[best] < MAX_COUNT:
+            self.pending[best] += 1
+        if self.capacity[best] and (
+            (self.connections[best] + self.pending[best]) * PPM
+            >= self.high_ppm * self.capacity[best]
+        ):
+            self.overloaded[best] = 1
+            eligible[best] = 0
         return self.node_ids[best]
 
     # -- state ------------------------------------------------------------------------

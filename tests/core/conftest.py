@@ -2,9 +2,7 @@
 
 import pytest
 
-from core_ext import _selector, reference
-
-IMPLEMENTATIONS = {"compiled": _selector.Selector, "reference": reference.Selector}
+from core_ext.implementations import IMPLEMENTATIONS
 
 
 @pytest.fixture(scope="session", params=sorted(IMPLEMENTATIONS))

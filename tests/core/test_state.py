@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from core_ext import DuplicateNode, InvalidArgument, InvalidArgumentType, SelectorError
-from tests.core.conftest import IMPLEMENTATIONS
+from core_ext.implementations import IMPLEMENTATIONS
 
 
 def busy_selector(make):
