@@ -228,6 +228,10 @@ cdef class Selector:
             selector._reweigh(i)
         return selector
 
+    def __reduce__(self):
+        # C arrays cannot be pickled as they are; the portable state can.
+        return type(self).from_state, (self.state(),)
+
     @property
     def high_watermark(self):
         return self.watermarks[0]

@@ -180,6 +180,10 @@ class Selector:
             selector._reweigh(node)
         return selector
 
+    def __reduce__(self) -> tuple:
+        # Pickle and copy through the portable state, as the compiled selector does.
+        return type(self).from_state, (self.state(),)
+
     @property
     def high_watermark(self) -> float:
         return self._watermarks[0]

@@ -1,6 +1,7 @@
 """Saving and restoring the selector's full state, across both implementations."""
 
 import copy
+import pickle
 
 import orjson
 import pytest
@@ -36,6 +37,17 @@ def test_restored_selector_continues_exactly(make, target):
     assert [restored.node(n) for n in restored.ids()] == [original.node(n) for n in original.ids()]
     assert [restored.pick() for _ in range(50)] == [original.pick() for _ in range(50)]
     assert (restored.high_watermark, restored.low_watermark) == (0.75, 0.5)
+
+
+@pytest.mark.parametrize(
+    "clone", [lambda s: pickle.loads(pickle.dumps(s)), copy.deepcopy], ids=["pickle", "deepcopy"]
+)
+def test_pickle_and_deepcopy_continue_exactly(make, clone):
+    original = busy_selector(make)
+    copied = clone(original)
+    assert type(copied) is type(original)
+    assert copied.state() == original.state()
+    assert [copied.pick() for _ in range(9)] == [original.pick() for _ in range(9)]
 
 
 def test_state_is_a_copy(make):
