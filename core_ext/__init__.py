@@ -7,6 +7,9 @@ build is an error, never a silent 25x slowdown.
 
 import os
 
+from core_ext._rules import MAX_COUNT, MAX_WEIGHT, overloaded_after
+from core_ext._rules import watermarks as watermarks_ppm
+from core_ext._snapshot import FORMAT_VERSION as SELECTOR_STATE_VERSION
 from core_ext.errors import (
     DuplicateNode,
     InvalidArgument,
@@ -31,10 +34,15 @@ else:
 
 __all__ = [
     "IMPLEMENTATION",
+    "MAX_COUNT",
+    "MAX_WEIGHT",
+    "SELECTOR_STATE_VERSION",
     "DuplicateNode",
     "InvalidArgument",
     "InvalidArgumentType",
     "Selector",
     "SelectorError",
     "UnknownNode",
+    "overloaded_after",
+    "watermarks_ppm",
 ]

@@ -85,6 +85,20 @@ def watermarks(high: Any, low: Any) -> tuple[int, int]:
     return ppm[0], ppm[1]
 
 
+def overloaded_after(was: bool, connections: int, capacity: int, high: int, low: int) -> bool:
+    """Overload with hysteresis for a reported figure (watermarks in ppm).
+
+    Overloaded from the high watermark up; available again only below the low one; in
+    between, unchanged.
+    """
+    load = connections * PPM
+    if load >= high * capacity:
+        return True
+    if load < low * capacity:
+        return False
+    return was
+
+
 def unknown_node(nid: Any) -> UnknownNode:
     return UnknownNode(f"unknown node {nid!r}")
 

@@ -29,6 +29,13 @@ cdef object _unknown_node = _rules.unknown_node
 cdef object _duplicate_node = _rules.duplicate_node
 
 
+cdef object _lookup(dict index, object node_id):
+    try:
+        return index.get(node_id)
+    except TypeError:  # unhashable: certainly not a node id
+        return None
+
+
 cdef void *_resized(void *ptr, Py_ssize_t count, size_t item) except NULL:
     cdef void *grown = PyMem_Realloc(ptr, <size_t>count * item)
     if grown == NULL:
@@ -40,6 +47,10 @@ cdef class Selector:
     """Chooses one node per new client; see `core_ext.reference` for the rules."""
 
     def __cinit__(self, *args, **kwargs):
+        # Valid defaults even if __init__ is never run (Selector.__new__, a subclass that
+        # skips it): a zero high_ppm would divide by zero in C.
+        self.high_ppm, self.low_ppm = _rules.watermarks(0.9, 0.8)
+        self.watermarks = (0.9, 0.8)
         self.n = 0
         self.allocated = 0
         self.node_ids = []
@@ -48,6 +59,9 @@ cdef class Selector:
     def __init__(self, high_watermark=0.9, low_watermark=0.8):
         self.high_ppm, self.low_ppm = _rules.watermarks(high_watermark, low_watermark)
         self.watermarks = (high_watermark, low_watermark)
+        self.n = 0  # a second __init__ starts empty, as the reference does
+        self.node_ids = []
+        self.index = {}
 
     def __dealloc__(self):
         PyMem_Free(self.weight)
@@ -153,6 +167,12 @@ cdef class Selector:
 
     def pick(self, exclude=()):
         """Return the id of the node the next client should use, or None if none can."""
+        # Turn the exclusions into slots before touching any array: iterating `exclude`
+        # runs arbitrary Python code, which may fail or even add and remove nodes.
+        cdef list slots = None
+        if exclude:
+            index = self.index
+            slots = [index.get(node_id) for node_id in _check_exclusion(exclude)]
         cdef Py_ssize_t i, best = -1, n = self.n
         cdef int64_t total = 0, weight, best_weight = 0
         cdef int64_t *effective = self.effective
@@ -160,9 +180,8 @@ cdef class Selector:
         cdef uint8_t *eligible = self.eligible
         cdef uint8_t *excluded = self.excluded
         cdef bint marked = False
-        if exclude:
-            for node_id in _check_exclusion(exclude):
-                slot = self.index.get(node_id)
+        if slots:
+            for slot in slots:
                 if slot is not None:
                     excluded[<Py_ssize_t>slot] = 1
                     marked = True
@@ -216,8 +235,8 @@ cdef class Selector:
         cdef Selector selector = cls(high, low)
         cdef Py_ssize_t i
         for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
-            selector.add(nid, weight)
-            i = selector.n - 1
+            Selector.add(selector, nid, weight)  # not an override that may add elsewhere
+            i = selector.index[nid]
             selector.current[i] = current
             selector.up[i] = up
             selector.draining[i] = draining
@@ -267,7 +286,7 @@ cdef class Selector:
         return 0
 
     cdef Py_ssize_t _slot(self, object node_id) except -1:
-        slot = self.index.get(node_id)
+        slot = _lookup(self.index, node_id)
         if slot is None:
             raise _unknown_node(node_id)
         return slot

@@ -120,11 +120,9 @@ class Selector:
         connections = _rules.count(node.id, "connections", connections, 0)
         capacity = _rules.count(node.id, "capacity", capacity, 1)
         node.connections, node.capacity, node.pending = connections, capacity, 0
-        load = connections * PPM
-        if load >= self._high * capacity:
-            node.overloaded = True
-        elif load < self._low * capacity:
-            node.overloaded = False
+        node.overloaded = _rules.overloaded_after(
+            node.overloaded, connections, capacity, self._high, self._low
+        )
         self._reweigh(node)
 
     # -- the choice -------------------------------------------------------------------
@@ -172,7 +170,7 @@ class Selector:
         high, low, rows = _snapshot.parse(state)
         selector = cls(high, low)
         for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
-            selector.add(nid, weight)
+            Selector.add(selector, nid, weight)  # not an override that may add elsewhere
             node = selector._index[nid]
             node.current, node.pending = current, pending
             node.up, node.draining, node.overloaded = up, draining, overloaded
@@ -201,7 +199,10 @@ class Selector:
     # -- internals --------------------------------------------------------------------
 
     def _node(self, node_id: str) -> _Node:
-        node = self._index.get(node_id)
+        try:
+            node = self._index.get(node_id)
+        except TypeError:  # unhashable: certainly not a node id
+            node = None
         if node is None:
             raise _rules.unknown_node(node_id)
         return node

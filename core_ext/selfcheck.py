@@ -24,14 +24,18 @@ def _differential(steps: int, seed: int) -> str | None:
     ids = [f"n{i}" for i in range(12)]
     for step in range(steps):
         nid = rng.choice(ids)
-        op = rng.choice(["add", "remove", "set_weight", "set_up", "report", "pick", "pick"])
+        op = rng.choice(
+            ["add", "remove", "set_weight", "set_up", "set_draining", "report", "pick", "pick"]
+        )
         args: tuple = ()
         if op == "add" or op == "set_weight":
             args = (nid, rng.randint(0, 10))
         elif op == "remove":
             args = (nid,)
-        elif op == "set_up":
-            args = (nid, rng.random() < 0.8)
+        elif op in ("set_up", "set_draining"):
+            args = (nid, rng.random() < 0.5)
+        elif op == "pick" and rng.random() < 0.3:
+            args = (rng.sample(ids, 2),)
         elif op == "report":
             capacity = rng.randint(1, 100)
             args = (nid, rng.randint(0, capacity), capacity)
@@ -59,8 +63,9 @@ def _pick_seconds(cls: type, nodes: int, picks: int) -> float:
 
 def run(say: Callable[[str], None] = print) -> bool:
     """Print what was checked; True when everything passed."""
-    ok = True
-    say(f"core_ext implementation: {core_ext.IMPLEMENTATION} ({_selector.__file__})")
+    ok = core_ext.IMPLEMENTATION == "compiled"
+    say(f"core_ext implementation: {core_ext.IMPLEMENTATION} ({core_ext.Selector.__module__})"
+        + ("" if ok else ": the compiled core is NOT in use (IMDISPATCH_PURE_PYTHON is set)"))
     for cls in (_selector.Selector, reference.Selector):
         selector = cls()
         for nid, weight in NGINX_EXAMPLE.items():

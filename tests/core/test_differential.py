@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from core_ext import _selector, reference
 
-IDS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+IDS = st.sampled_from([f"n{i}" for i in range(14)])  # more than one allocation of slots
 WEIGHTS = st.one_of(st.integers(0, 20), st.integers(-3, 10_003), st.sampled_from([1.5, None, True]))
 COUNTS = st.one_of(st.integers(0, 200), st.integers(-2, 2), st.sampled_from([10**9 + 1, 2.0]))
 FLAGS = st.one_of(st.booleans(), st.sampled_from([1, "no"]))
@@ -27,6 +27,7 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("pick")),
     st.tuples(st.just("pick")),
     st.tuples(st.just("pick"), st.lists(st.one_of(IDS, st.just("ghost")), max_size=3)),
+    st.tuples(st.just("pick"), st.lists(st.one_of(IDS, st.just(["unhashable"])), max_size=3)),
     st.tuples(st.just("restore")),
 )
 
@@ -49,7 +50,7 @@ def views(selector):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     watermarks=st.tuples(RATIOS, RATIOS).map(sorted),
-    operations=st.lists(OPERATIONS, max_size=80),
+    operations=st.lists(OPERATIONS, max_size=120),
 )
 def test_compiled_matches_reference(watermarks, operations):
     low, high = watermarks

@@ -75,10 +75,55 @@ def test_exclude_skips_listed_nodes_and_ignores_unknown_ones(make):
 
 
 def test_exclude_leaves_no_trace_on_later_picks(make):
-    excluded, plain = make({"a": 2, "b": 1}), make({"a": 2, "b": 1})
-    excluded.pick(exclude=("c",))  # unknown id only: nothing was excluded
-    plain.pick()
-    assert picks(excluded, 9) == picks(plain, 9)
+    selector = make({"a": 1, "b": 1, "c": 1})
+    assert selector.pick(exclude=("a", "b")) == "c"
+    assert set(picks(selector, 6)) == {"a", "b", "c"}
+
+
+def test_failed_exclude_changes_nothing(make):
+    selector, plain = make({"a": 1, "b": 1}), make({"a": 1, "b": 1})
+    with pytest.raises(TypeError):
+        selector.pick(exclude=["a", ["unhashable"]])
+    assert picks(selector, 6) == picks(plain, 6) == ["a", "b"] * 3
+
+
+def test_exclude_that_changes_the_selector_while_iterated(make):
+    selector = make({f"n{i}": 1 for i in range(8)})
+
+    def exclusions():
+        for i in range(8, 40):  # grows the arrays while pick() reads the exclusions
+            selector.add(f"n{i}", 1)
+        selector.remove("n3")
+        yield "n0"
+
+    assert selector.pick(exclude=exclusions()) == "n1"
+    assert len(selector) == 39 and "n3" not in selector
+
+
+def test_from_state_does_not_rely_on_an_overridable_add(make, Selector):
+    class NoAdd(Selector):
+        def add(self, node_id, weight=1):
+            pass
+
+    restored = NoAdd.from_state(make({"a": 2, "b": 1}).state())
+    assert restored.ids() == ["a", "b"] and restored.pick() == "a"
+
+
+def test_compiled_instance_without_init_is_memory_safe():
+    # A C type must stay safe whatever Python code does with it; the reference, like any
+    # Python class, just lacks its attributes.
+    from core_ext._selector import Selector
+
+    bare = Selector.__new__(Selector)
+    bare.add("a", 2)
+    bare.report("a", connections=1, capacity=10)  # divides by the default high watermark
+    assert bare.pick() == "a" and bare.high_watermark == 0.9
+
+
+def test_second_init_starts_empty(make):
+    selector = make({"a": 1})
+    selector.__init__(0.5, 0.5)
+    assert len(selector) == 0 and selector.high_watermark == 0.5
 
 
 def test_exclude_skipped_node_keeps_its_current_weight(make):
