@@ -1,0 +1,172 @@
+"""The closed set of events that change routing decisions.
+
+Every event has the envelope `type`, `seq` (its position in the log, from 1), `time` (Unix
+seconds, when it was recorded), `actor` (who caused it: "poller", "config", "admin" or
+"admin:<token name>") and an optional `reason`; then its own fields.
+
+Events are values: never mutated once created (they are not frozen only because frozen
+dataclasses take twice as long to build, and replay builds a million of them). orjson
+serialises them as they are; `from_dict` rebuilds one from its stored form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dispatcher.domain.errors import MalformedEvent, UnknownEventType
+
+HEALTH_CAUSES = ("timeout", "no_responders", "bad_reply", "identity_mismatch")
+"""Why a node was marked down: its status request timed out, nobody is subscribed to its
+subject (the process is gone), the reply was malformed or out of range, or the reply came
+from another node."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Event:
+    type: str = ""  # each subclass sets its own, so stored events name their class
+    seq: int = 0  # 0 until the log assigns it
+    time: float = 0.0
+    actor: str = "dispatcher"
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form as a dict (orjson serialises the event itself faster)."""
+        return asdict(self)
+
+    @property
+    def node_id(self) -> str | None:
+        return getattr(self, "node", None)
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeAdded(Event):
+    type: str = "node_added"
+    node: str
+    ip: str
+    port: int
+    weight: int
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeRemoved(Event):
+    type: str = "node_removed"
+    node: str
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeAddressChanged(Event):
+    type: str = "node_address_changed"
+    node: str
+    ip: str
+    port: int
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeWeightSet(Event):
+    type: str = "node_weight_set"
+    node: str
+    weight: int
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeDrained(Event):
+    type: str = "node_drained"
+    node: str
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeUndrained(Event):
+    type: str = "node_undrained"
+    node: str
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeUp(Event):
+    type: str = "node_up"
+    node: str
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeDown(Event):
+    type: str = "node_down"
+    node: str
+    cause: str  # one of HEALTH_CAUSES
+    detail: str = ""
+
+
+@dataclass(slots=True, kw_only=True)
+class LoadReported(Event):
+    """A pulled load figure that moved enough to change routing (see `decisions`)."""
+
+    type: str = "load_reported"
+    node: str
+    connections: int
+    capacity: int
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeOverloaded(Event):
+    """Reported connections / capacity reached the high watermark."""
+
+    type: str = "node_overloaded"
+    node: str
+    connections: int
+    capacity: int
+    high_watermark: float
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeRecovered(Event):
+    """Reported connections / capacity fell below the low watermark."""
+
+    type: str = "node_recovered"
+    node: str
+    connections: int
+    capacity: int
+    low_watermark: float
+
+
+@dataclass(slots=True, kw_only=True)
+class ConfigReloaded(Event):
+    """The configuration in force from now on; later config changes are diffed against it.
+
+    `config` is the normalised configuration (plain data); its `balance` table sets the
+    watermarks. Node changes it implies are separate events recorded just before it.
+    """
+
+    type: str = "config_reloaded"
+    source: str
+    config: dict[str, Any]
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__dataclass_fields__["type"].default: cls
+    for cls in (
+        NodeAdded, NodeRemoved, NodeAddressChanged, NodeWeightSet, NodeDrained,
+        NodeUndrained, NodeUp, NodeDown, LoadReported, NodeOverloaded, NodeRecovered,
+        ConfigReloaded,
+    )
+}
+
+
+def from_dict(data: dict[str, Any], seq: int | None = None) -> Event:
+    """Rebuild a stored event; `seq` (from the log record) overrides a stored one.
+
+    Fields are taken as stored: the log's checksums and hash chain vouch for them, and
+    checking every value again would slow replay for nothing.
+    """
+    fields = dict(data)
+    kind = fields.get("type")
+    cls = EVENT_TYPES.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        where = f" at seq {seq}" if seq is not None else ""
+        raise UnknownEventType(
+            f"unknown event type {kind!r}{where}: written by a newer imdispatch?"
+        )
+    if seq is not None:
+        fields["seq"] = seq
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise MalformedEvent(f"{kind} event at seq {fields.get('seq')}: {exc}") from None

@@ -1,0 +1,56 @@
+"""What every event log backend offers the journal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dispatcher.domain.events import Event
+from dispatcher.eventlog.errors import LogCorrupted
+from dispatcher.eventlog.records import Record
+from dispatcher.eventlog.segments import TornTail
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What opening a log found and did."""
+
+    last_seq: int = 0
+    torn: TornTail | None = None  # an unfinished final write, truncated
+    salvaged: LogCorrupted | None = None  # damage dropped because salvage was asked for
+    dropped_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        lines = list(self.notes)
+        if self.torn is not None:
+            lines.append(f"{self.torn.describe()}: truncated")
+        if self.salvaged is not None:
+            lines.append(
+                f"salvaged: {self.salvaged}; dropped {self.dropped_bytes} bytes from there on"
+            )
+        return lines
+
+
+class EventLog(Protocol):
+    """An append-only, hash-chained sequence of events, numbered from 1."""
+
+    last_seq: int  # the last seq appended (encoded), durable or not yet
+    last_hash: bytes  # that record's hash
+
+    async def open(self) -> Recovery:
+        """Take the writer's role and recover the tail; raises if the log is damaged."""
+
+    def append(self, events: Sequence[Event]) -> Awaitable[None]:
+        """Queue events whose seq continue the log; await for durability per policy."""
+
+    def read(self, after: int = 0) -> AsyncIterator[Record]:
+        """Verified records with seq > `after`, in order."""
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why appends stopped, if they did (the state is then ahead of the log)."""
+
+    async def close(self) -> None:
+        """Make everything appended durable (per policy) and give up the writer's role."""

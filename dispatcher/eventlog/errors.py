@@ -1,0 +1,31 @@
+"""Exceptions of the event log. Each names the place: segment, byte offset, sequence."""
+
+
+class EventLogError(Exception):
+    """Base class for event log errors."""
+
+
+class LogCorrupted(EventLogError):
+    """A record that is not the torn tail of a crash: bad checksum, broken hash chain,
+    wrong sequence, or valid records after a bad one. The log refuses to open for writing
+    unless told to salvage (keep the records before the damage, drop the rest)."""
+
+    def __init__(self, message: str, *, segment: str, offset: int, seq: int) -> None:
+        super().__init__(message)
+        self.segment, self.offset, self.seq = segment, offset, seq
+
+
+class UnsupportedFormat(EventLogError):
+    """A segment written in a format version this build does not read (a newer one)."""
+
+
+class LogLocked(EventLogError):
+    """Another process has the log open for writing."""
+
+
+class LogClosed(EventLogError):
+    """An append to a log that was closed or failed; the state may be ahead of the log."""
+
+
+class StaleWriter(EventLogError):
+    """Someone else appended to a shared log since this writer last read it (JetStream)."""

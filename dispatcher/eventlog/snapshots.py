@@ -1,0 +1,74 @@
+"""Snapshots of the routing state, so start-up replays only the log's tail.
+
+A snapshot is one JSON file `snapshot-<seq>.json` holding the state after event `seq`
+and the hash of that event's record: replay continues from `seq + 1` and checks that the
+next record's chain starts from that hash, so a snapshot that does not belong to this log
+is noticed (and skipped). Files are written to a temporary name, fsynced and renamed, so
+a crash leaves either the old snapshot or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+SNAPSHOT_FORMAT = 1
+KEEP = 2
+
+
+@dataclass(slots=True)
+class Snapshot:
+    seq: int
+    hash: bytes
+    state: dict[str, Any]
+
+
+class SnapshotStore:
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    def save(self, snapshot: Snapshot) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"snapshot-{snapshot.seq:020d}.json"
+        temporary = path.with_suffix(".tmp")
+        data = orjson.dumps({
+            "format": SNAPSHOT_FORMAT,
+            "seq": snapshot.seq,
+            "hash": snapshot.hash.hex(),
+            "state": snapshot.state,
+        })
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        for old in self._paths()[:-KEEP]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def candidates(self, max_seq: int) -> list[tuple[Snapshot | None, Path, str]]:
+        """Snapshots up to `max_seq`, newest first, as (snapshot or None, path, problem)."""
+        found = []
+        for path in reversed(self._paths()):
+            try:
+                raw = orjson.loads(path.read_bytes())
+                if raw.get("format") != SNAPSHOT_FORMAT:
+                    raise ValueError(f"format {raw.get('format')!r} is not {SNAPSHOT_FORMAT}")
+                snapshot = Snapshot(raw["seq"], bytes.fromhex(raw["hash"]), raw["state"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                found.append((None, path, f"unreadable: {exc}"))
+                continue
+            if snapshot.seq > max_seq:
+                found.append((None, path, f"seq {snapshot.seq} is past the log's end {max_seq}"))
+                continue
+            found.append((snapshot, path, ""))
+        return found
+
+    def _paths(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob("snapshot-*.json"))

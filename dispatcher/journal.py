@@ -1,0 +1,178 @@
+"""The journal: the one writer of routing state.
+
+It stamps events with their seq and time, applies them to the `RoutingState`, appends
+them to the event log and takes snapshots; on start it rebuilds the state from the newest
+usable snapshot plus the log's tail. Applying comes before logging so that decisions always
+see every accepted event; if the log then fails, `failure` says so and the dispatcher must
+stop being ready (its state is ahead of what is durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from dispatcher.domain.events import Event
+from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.base import EventLog, Recovery
+from dispatcher.eventlog.errors import LogClosed, LogCorrupted
+from dispatcher.eventlog.records import GENESIS_HASH
+from dispatcher.eventlog.snapshots import Snapshot, SnapshotStore
+
+DEFAULT_SNAPSHOT_EVERY = 10_000
+
+
+@dataclass(slots=True)
+class StartReport:
+    """How the journal rebuilt its state on open."""
+
+    recovery: Recovery
+    snapshot_seq: int | None = None  # the snapshot replay started from, if any
+    replayed: int = 0  # events applied from the log
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        start = f"snapshot at seq {self.snapshot_seq}" if self.snapshot_seq else "an empty state"
+        return [
+            *self.recovery.describe(),
+            *self.notes,
+            f"state rebuilt from {start} plus {self.replayed} events in {self.seconds:.3f} s",
+        ]
+
+
+class _SnapshotMismatch(Exception):
+    pass
+
+
+class Journal:
+    def __init__(
+        self,
+        log: EventLog,
+        snapshots: SnapshotStore | None = None,
+        *,
+        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+        clock: Callable[[], float] = time.time,
+        selector_class: type | None = None,
+    ) -> None:
+        self.log = log
+        self.snapshots = snapshots
+        self.snapshot_every = snapshot_every
+        self.clock = clock
+        self._selector_class = selector_class
+        self.state = RoutingState(selector_class)
+        self._snapshot_seq = 0
+        self._snapshot_task: asyncio.Task | None = None
+
+    # -- start-up ---------------------------------------------------------------------
+
+    async def open(self) -> StartReport:
+        started = time.perf_counter()
+        report = StartReport(await self.log.open())
+        for snapshot, path, problem in self._snapshot_candidates(report.recovery.last_seq):
+            if snapshot is None:
+                report.notes.append(f"skipped snapshot {path.name}: {problem}")
+                continue
+            try:
+                state = RoutingState.from_dict(snapshot.state, self._selector_class)
+                report.replayed = await self._replay(state, snapshot.seq, snapshot.hash)
+            except _SnapshotMismatch as exc:
+                report.notes.append(f"skipped snapshot {path.name}: {exc}")
+                continue
+            except (KeyError, TypeError, ValueError) as exc:
+                report.notes.append(f"skipped snapshot {path.name}: unreadable state: {exc}")
+                continue
+            report.snapshot_seq = self._snapshot_seq = snapshot.seq
+            break
+        else:
+            state = RoutingState(self._selector_class)
+            report.replayed = await self._replay(state, 0, GENESIS_HASH)
+        self.state = state
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _snapshot_candidates(self, last_seq: int) -> list:
+        return self.snapshots.candidates(last_seq) if self.snapshots else []
+
+    async def _replay(self, state: RoutingState, after: int, expected_hash: bytes) -> int:
+        """Apply the log's records after `after`, checking they chain from `expected_hash`."""
+        if after == self.log.last_seq:
+            if self.log.last_hash != expected_hash:
+                raise _SnapshotMismatch(f"its hash differs from the log's record {after}")
+            return 0
+        count = 0
+        async for record in self.log.read(after):
+            if count == 0 and record.prev_hash != expected_hash:
+                raise _SnapshotMismatch(f"the log's record {after} has another hash")
+            state.apply(record.event())
+            count += 1
+        if state.seq != self.log.last_seq:
+            raise LogCorrupted(
+                f"replay ended at seq {state.seq} but the log ends at {self.log.last_seq}",
+                segment="", offset=0, seq=state.seq + 1,
+            )
+        return count
+
+    # -- recording --------------------------------------------------------------------
+
+    async def record(self, events: Sequence[Event]) -> list[Event]:
+        """Stamp, apply and log events; returns them stamped once durable per fsync policy.
+
+        Stamping, applying and queueing happen before the first await, so concurrent
+        callers never interleave. If an event does not fit the state, the ones before it
+        are still recorded and the error is raised after.
+        """
+        if self.log.failure is not None:
+            raise LogClosed("the event log failed; routing state changes are refused")
+        stamped: list[Event] = []
+        now = self.clock()
+        error: Exception | None = None
+        for event in events:
+            event = dataclasses.replace(event, seq=self.state.seq + 1, time=now)
+            try:
+                self.state.apply(event)
+            except Exception as exc:
+                error = exc
+                break
+            stamped.append(event)
+        if stamped:
+            durable = self.log.append(stamped)
+            self._maybe_snapshot(durable)
+            await durable
+        if error is not None:
+            raise error
+        return stamped
+
+    def _maybe_snapshot(self, durable: asyncio.Future) -> None:
+        if (
+            self.snapshots is None
+            or self.state.seq - self._snapshot_seq < self.snapshot_every
+            or (self._snapshot_task is not None and not self._snapshot_task.done())
+        ):
+            return
+        snapshot = Snapshot(self.state.seq, self.log.last_hash, self.state.to_dict())
+        self._snapshot_seq = snapshot.seq
+        self._snapshot_task = asyncio.get_running_loop().create_task(
+            self._save_snapshot(snapshot, durable)
+        )
+
+    async def _save_snapshot(self, snapshot: Snapshot, durable: asyncio.Future) -> None:
+        await asyncio.shield(durable)  # never a snapshot ahead of the durable log
+        await asyncio.to_thread(self.snapshots.save, snapshot)
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.log.failure
+
+    async def close(self) -> None:
+        """Flush the log and leave a snapshot of the final state for a fast next start."""
+        if self._snapshot_task is not None:
+            await self._snapshot_task
+        await self.log.close()
+        if self.snapshots is not None and self.state.seq > self._snapshot_seq:
+            snapshot = Snapshot(self.state.seq, self.log.last_hash, self.state.to_dict())
+            await asyncio.to_thread(self.snapshots.save, snapshot)
+            self._snapshot_seq = snapshot.seq
