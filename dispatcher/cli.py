@@ -1,10 +1,23 @@
-"""`imdispatch`: the dispatcher's command line (also `python -m dispatcher`)."""
+"""`imdispatch`: the dispatcher's command line (also `python -m dispatcher`).
+
+Exit codes: 0 success, 1 the check failed (self-check mismatch, corrupted log),
+2 usage error or a log that cannot be read at all.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from importlib.metadata import version
+from typing import Any
+
+import orjson
+
+from dispatcher.domain.events import EVENT_TYPES
+
+ENVELOPE = ("type", "seq", "time", "actor", "reason", "node")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,16 +30,144 @@ def _parser() -> argparse.ArgumentParser:
         "selfcheck",
         help="check that the compiled selection core is installed and agrees with the reference",
     )
+    replay = commands.add_parser(
+        "replay", help="rebuild the routing state from an event log and show its nodes"
+    )
+    replay.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    replay.add_argument("--until", type=_seq, metavar="SEQ", help="stop after this event")
+    replay.add_argument("--json", action="store_true", help="node objects as JSON")
+    audit = commands.add_parser("audit", help="list the events of a log, filtered")
+    audit.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    audit.add_argument("--node", metavar="ID", help="only events about this node")
+    audit.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE",
+                       help=f"only events of this type: {', '.join(sorted(EVENT_TYPES))}")
+    audit.add_argument("--json", action="store_true", help="events as a JSON array")
+    verify = commands.add_parser(
+        "verify", help="check every record's checksum and the hash chain of a log"
+    )
+    verify.add_argument("--log", required=True, metavar="PATH", help="event log directory")
     return parser
 
 
+def _seq(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a sequence number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"sequence numbers start at 0, got {value}")
+    return value
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    cells = [list(headers)]
+    cells += [["-" if value is None else str(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from dispatcher import logtools
+
+    state, reader = logtools.replay(args.log, args.until)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(state.node_views(), option=orjson.OPT_INDENT_2))
+        sys.stdout.write("\n")
+    else:
+        when = _when(state.time) if state.seq else "-"
+        print(f"state at seq {state.seq} ({when}), {len(state.nodes)} nodes, "
+              f"watermarks {state.high_watermark}/{state.low_watermark}")
+        print(_table(
+            ("NODE", "ADDRESS", "WEIGHT", "EFFECTIVE", "HEALTH", "LOAD", "OVERLOADED",
+             "DRAINING", "CHANGED AT"),
+            (
+                (
+                    v["id"], f"{v['ip']}:{v['port']}", v["weight"], v["effective_weight"],
+                    v["health"] + (f" ({v['health_cause']})" if v["health_cause"] else ""),
+                    f"{v['connections']}/{v['capacity']}" if v["capacity"] else None,
+                    "yes" if v["overloaded"] else "no", "yes" if v["draining"] else "no",
+                    f"seq {v['updated_seq']}",
+                )
+                for v in state.node_views()
+            ),
+        ))
+    _note_torn(reader.torn)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from dispatcher import logtools
+
+    events = logtools.audit(args.log, node=args.node, kind=args.type)
+    if args.json:
+        out = sys.stdout.buffer
+        out.write(b"[")
+        for index, event in enumerate(events):
+            out.write(b",\n" if index else b"\n")
+            out.write(orjson.dumps(event))
+        out.write(b"\n]\n")
+        return 0
+    rows = (
+        (
+            event.seq, _when(event.time), event.type, event.node_id, event.actor,
+            " ".join(f"{k}={v}" for k, v in event.to_dict().items() if k not in ENVELOPE),
+            event.reason,
+        )
+        for event in events
+    )
+    print(_table(("SEQ", "TIME", "TYPE", "NODE", "ACTOR", "DETAILS", "REASON"), rows))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dispatcher import logtools
+
+    result = logtools.verify(args.log)
+    print(f"{args.log}: {result.records} records in {result.segments} segment(s), "
+          f"seq 1..{result.last_seq}, head hash {result.head_hash.hex()[:16]}")
+    for line in result.snapshots:
+        print(f"snapshot {line}")
+    _note_torn(result.torn)
+    if result.bad_snapshots:
+        print(f"FAILED: {result.bad_snapshots} snapshots do not match the log", file=sys.stderr)
+        return 1
+    print("ok: every checksum, sequence number and hash link is valid")
+    return 0
+
+
+def _note_torn(torn: Any) -> None:
+    if torn is not None:
+        print(f"note: {torn.describe()}; the dispatcher truncates it when it opens the log "
+              "(or a writer is appending right now)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dispatcher.domain.errors import DomainError
+    from dispatcher.eventlog.errors import EventLogError, LogCorrupted
+
     args = _parser().parse_args(argv)
     if args.command == "selfcheck":
         from core_ext import selfcheck
 
         return 0 if selfcheck.run() else 1
-    raise AssertionError(args.command)  # argparse only lets known commands through
+    handler = {"replay": _replay, "audit": _audit, "verify": _verify}[args.command]
+    try:
+        return handler(args)
+    except BrokenPipeError:  # `imdispatch audit ... | head`
+        return 0
+    except LogCorrupted as exc:
+        print(f"imdispatch {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (EventLogError, DomainError, OSError) as exc:
+        print(f"imdispatch {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
