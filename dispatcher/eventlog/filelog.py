@@ -126,6 +126,7 @@ class FileLog:
             paths.pop().unlink()
         if not paths:
             self._open_segment(1, records.GENESIS_HASH)
+            self._size = SEGMENT_HEADER.size
             return recovery
         segment = Segment.read(paths[-1])
         torn: list[TornTail] = []
