@@ -1,6 +1,7 @@
 """The file log: append, read back, reopen, rotate, lock, fsync policies."""
 
 import asyncio
+import itertools
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_reopen_continues_sequence_and_hash_chain(tmp_path):
     assert recovery.last_seq == 50 and recovery.torn is None
     got = list(LogReader(tmp_path).records())
     assert [r.seq for r in got] == list(range(1, 81))
-    assert all(b.prev_hash == a.hash for a, b in zip(got, got[1:], strict=False))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(got))
     assert got[0].prev_hash == records.GENESIS_HASH and log.last_hash == got[-1].hash
 
 
@@ -149,7 +150,7 @@ def test_newer_format_version_is_refused(tmp_path):
 
     data[48:52] = zlib.crc32(bytes(data[:48])).to_bytes(4, "big")
     segment.write_bytes(bytes(data))
-    with pytest.raises(UnsupportedFormat, match="format version 2; this imdispatch reads version 1"):
+    with pytest.raises(UnsupportedFormat, match="version 2; this imdispatch reads version 1"):
         reopen(tmp_path)
 
 

@@ -103,7 +103,8 @@ def edit_payload_fix_crc(data, offset, length):
     edited = payload.replace(b'"actor":"test"', b'"actor":"evil"')
     assert edited != payload and len(edited) == len(payload)
     data[body_start + 40:offset + length] = edited
-    data[offset + 8:offset + 12] = zlib.crc32(bytes(data[body_start:offset + length])).to_bytes(4, "big")
+    crc = zlib.crc32(bytes(data[body_start:offset + length]))
+    data[offset + 8:offset + 12] = crc.to_bytes(4, "big")
 
 
 @pytest.mark.parametrize(
@@ -197,6 +198,6 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path, seed):
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
-    recovery, last_seq = reopen(tmp_path)
+    _recovery, last_seq = reopen(tmp_path)
     assert last_seq >= acknowledged
     assert [r.event() for r in LogReader(tmp_path).records()] == stamped_events(last_seq)
