@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dispatcher.domain.events import Event
+import orjson
+
+from dispatcher.domain.events import Event, from_dict
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.base import EventLog, Recovery
 from dispatcher.eventlog.errors import LogClosed, LogCorrupted
@@ -104,11 +106,13 @@ class Journal:
                 raise _SnapshotMismatch(f"its hash differs from the log's record {after}")
             return 0
         count = 0
-        async for record in self.log.read(after):
-            if count == 0 and record.prev_hash != expected_hash:
+        apply, decode, loads = state.apply, from_dict, orjson.loads
+        async for batch in self.log.read(after):
+            if count == 0 and batch[0].prev_hash != expected_hash:
                 raise _SnapshotMismatch(f"the log's record {after} has another hash")
-            state.apply(record.event())
-            count += 1
+            for record in batch:
+                apply(decode(loads(record.payload)))
+            count += len(batch)
         if state.seq != self.log.last_seq:
             raise LogCorrupted(
                 f"replay ended at seq {state.seq} but the log ends at {self.log.last_seq}",

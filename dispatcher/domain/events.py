@@ -150,23 +150,23 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def from_dict(data: dict[str, Any], seq: int | None = None) -> Event:
-    """Rebuild a stored event; `seq` (from the log record) overrides a stored one.
+def from_dict(data: dict[str, Any]) -> Event:
+    """Rebuild an event from its stored form.
 
     Fields are taken as stored: the log's checksums and hash chain vouch for them, and
-    checking every value again would slow replay for nothing.
+    checking every value again would slow replay for nothing (the fold still refuses an
+    event that does not fit the state).
     """
-    fields = dict(data)
-    kind = fields.get("type")
-    cls = EVENT_TYPES.get(kind)  # type: ignore[arg-type]
-    if cls is None:
-        where = f" at seq {seq}" if seq is not None else ""
-        raise UnknownEventType(
-            f"unknown event type {kind!r}{where}: written by a newer imdispatch?"
-        )
-    if seq is not None:
-        fields["seq"] = seq
     try:
-        return cls(**fields)
+        return EVENT_TYPES[data["type"]](**data)
+    except KeyError:
+        kind = data.get("type") if isinstance(data, dict) else None
+        raise UnknownEventType(
+            f"unknown event type {kind!r} at seq {_seq_of(data)}: written by a newer imdispatch?"
+        ) from None
     except TypeError as exc:
-        raise MalformedEvent(f"{kind} event at seq {fields.get('seq')}: {exc}") from None
+        raise MalformedEvent(f"event at seq {_seq_of(data)}: {exc}") from None
+
+
+def _seq_of(data: Any) -> Any:
+    return data.get("seq") if isinstance(data, dict) else None

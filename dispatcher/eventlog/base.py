@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,13 +41,20 @@ class EventLog(Protocol):
     last_hash: bytes  # that record's hash
 
     async def open(self) -> Recovery:
-        """Take the writer's role and recover the tail; raises if the log is damaged."""
+        """Become a writer and recover the tail; raises if the log is damaged.
 
-    def append(self, events: Sequence[Event]) -> Awaitable[None]:
-        """Queue events whose seq continue the log; await for durability per policy."""
+        The file log locks out other writers here; JetStream lets several replicas open
+        the stream and refuses a stale one at its next append (`StaleWriter`).
+        """
 
-    def read(self, after: int = 0) -> AsyncIterator[Record]:
-        """Verified records with seq > `after`, in order."""
+    def append(self, events: Sequence[Event]) -> asyncio.Future:
+        """Queue events whose seq continue the log; await for durability per policy.
+
+        Encoding happens before this returns, so `last_seq` and `last_hash` are current.
+        """
+
+    def read(self, after: int = 0) -> AsyncIterator[list[Record]]:
+        """Verified records with seq > `after`, in order, in batches."""
 
     @property
     def failure(self) -> BaseException | None:

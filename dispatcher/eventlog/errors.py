@@ -27,5 +27,15 @@ class LogClosed(EventLogError):
     """An append to a log that was closed or failed; the state may be ahead of the log."""
 
 
+class StreamConfigError(EventLogError):
+    """The JetStream stream cannot be this log: its config could lose events or belongs to
+    something else, it cannot be created as asked (e.g. more replicas than servers), or
+    (for a reader that did not open the log) it does not exist."""
+
+
+class AppendFailed(EventLogError):
+    """JetStream refused an append, or did not acknowledge it within `retry_for` seconds."""
+
+
 class StaleWriter(EventLogError):
     """Someone else appended to a shared log since this writer last read it (JetStream)."""

@@ -42,6 +42,8 @@ from dispatcher.eventlog.segments import (
 )
 
 FSYNC_POLICIES = ("always", "batch", "never")
+CLEAN_MARKER = "CLEAN"
+READ_BATCH = 1024
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
@@ -128,6 +130,13 @@ class FileLog:
             self._open_segment(1, records.GENESIS_HASH)
             self._size = SEGMENT_HEADER.size
             return recovery
+        clean = self._take_clean_marker(paths[-1])
+        if clean is not None:
+            recovery.last_seq = self.last_seq = clean[0]
+            self.last_hash = clean[1]
+            self._fd = os.open(paths[-1], os.O_WRONLY | os.O_APPEND)
+            self._size = paths[-1].stat().st_size
+            return recovery
         segment = Segment.read(paths[-1])
         torn: list[TornTail] = []
         end = SEGMENT_HEADER.size
@@ -152,6 +161,32 @@ class FileLog:
         self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
         self._size = end
         return recovery
+
+    def _take_clean_marker(self, last_segment: Path) -> tuple[int, bytes] | None:
+        """(last seq, last hash) if the log was closed cleanly and not touched since.
+
+        Like Kafka's clean-shutdown file: a clean close leaves a marker naming the last
+        segment's size, seq and hash, so the next open can skip the recovery scan. The
+        marker is removed at once, so a crash from here on is recovered by a scan.
+        """
+        marker = self.path / CLEAN_MARKER
+        try:
+            raw = orjson.loads(marker.read_bytes())
+        except (OSError, ValueError):
+            return None
+        finally:
+            if marker.exists():
+                marker.unlink()
+                _fsync_directory(self.path)
+        try:
+            stat = last_segment.stat()
+            if (raw["segment"], raw["size"], raw["mtime_ns"]) == (
+                last_segment.name, stat.st_size, stat.st_mtime_ns
+            ):
+                return raw["last_seq"], bytes.fromhex(raw["last_hash"])
+        except (KeyError, TypeError, ValueError):
+            pass
+        return None
 
     def _open_segment(self, first_seq: int, prev_hash: bytes) -> None:
         """Create the next segment (writer thread, or start-up) and make it the active one."""
@@ -275,10 +310,16 @@ class FileLog:
                 waiter.set_exception(error)
         self._waiters, self._queue = [], []
 
-    async def read(self, after: int = 0) -> AsyncIterator[records.Record]:
-        """Verified records after `after`, up to what was written when reading began."""
+    async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
+        """Verified records after `after`, in batches (one await per batch, not per record)."""
+        batch: list[records.Record] = []
         for record in LogReader(self.path).records(after):
-            yield record
+            batch.append(record)
+            if len(batch) == READ_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     @property
     def failure(self) -> BaseException | None:
@@ -294,11 +335,28 @@ class FileLog:
                 await self._writer
             self._executor.shutdown(wait=True)
         if self._fd is not None:
+            if self._failure is None and self.fsync != "never":
+                self._write_clean_marker()
             os.close(self._fd)
             self._fd = None
         self._unlock()
         if self._failure is not None:
             raise LogClosed(f"event log {self.path}: write failed: {self._failure}")
+
+
+    def _write_clean_marker(self) -> None:
+        last_segment = list_segments(self.path)[-1]
+        marker = self.path / CLEAN_MARKER
+        stat = os.fstat(self._fd)
+        marker.with_suffix(".tmp").write_bytes(orjson.dumps({
+            "segment": last_segment.name,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "last_seq": self.last_seq,
+            "last_hash": self.last_hash.hex(),
+        }))
+        os.replace(marker.with_suffix(".tmp"), marker)
+        _fsync_directory(self.path)
 
 
 def _fsync_directory(path: Path) -> None:

@@ -42,7 +42,7 @@ class Record:
     hash: bytes
 
     def event(self) -> ev.Event:
-        return ev.from_dict(orjson.loads(self.payload), seq=self.seq)
+        return ev.from_dict(orjson.loads(self.payload))
 
 
 def record_hash(seq: int, prev_hash: bytes, payload: bytes) -> bytes:

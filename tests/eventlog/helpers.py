@@ -2,9 +2,10 @@
 
 import asyncio
 import random
+from pathlib import Path
 
 from dispatcher.domain import events as ev
-from dispatcher.eventlog.filelog import FileLog, LogReader
+from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog, LogReader
 
 
 def stamped_events(count: int, start: int = 1, seed: int = 0) -> list[ev.Event]:
@@ -30,8 +31,12 @@ def stamped_events(count: int, start: int = 1, seed: int = 0) -> list[ev.Event]:
     return out
 
 
-def write(path, events, *, batch: int = 17, **options):
-    """Append `events` to the log at `path` in batches; return the opened-then-closed log."""
+def write(path, events, *, batch: int = 17, crash: bool = True, **options):
+    """Append `events` to the log at `path` in batches; return the log and its recovery.
+
+    With `crash` (the default), the clean-shutdown marker is removed afterwards, as if the
+    writer had died: the next open then runs the recovery scan that the tests examine.
+    """
 
     async def run():
         log = FileLog(path, **options)
@@ -39,6 +44,8 @@ def write(path, events, *, batch: int = 17, **options):
         for i in range(0, len(events), batch):
             await log.append(events[i:i + batch])
         await log.close()
+        if crash:
+            (Path(path) / CLEAN_MARKER).unlink(missing_ok=True)
         return log, recovery
 
     return asyncio.run(run())

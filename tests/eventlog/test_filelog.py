@@ -10,8 +10,8 @@ import pytest
 
 from dispatcher.eventlog import records
 from dispatcher.eventlog.errors import LogClosed, LogCorrupted, LogLocked, UnsupportedFormat
-from dispatcher.eventlog.filelog import FileLog, LogReader
-from dispatcher.eventlog.segments import list_segments
+from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog, LogReader
+from dispatcher.eventlog.segments import Segment, list_segments
 from tests.eventlog.helpers import payloads, reopen, stamped_events, write
 
 
@@ -186,3 +186,42 @@ def test_bad_fsync_policy_and_segment_size(tmp_path):
         FileLog(tmp_path, fsync="sometimes")
     with pytest.raises(ValueError, match="segment_bytes"):
         FileLog(tmp_path, segment_bytes=10)
+
+
+def test_clean_close_lets_the_next_open_skip_the_scan(tmp_path, monkeypatch):
+    write(tmp_path, stamped_events(50), crash=False)
+    assert (tmp_path / CLEAN_MARKER).exists()
+    scanned = []
+    real_scan = Segment.scan
+    monkeypatch.setattr(
+        Segment, "scan", lambda *a, **k: scanned.append(1) or real_scan(*a, **k)
+    )
+    _, last_seq = reopen(tmp_path)
+    assert last_seq == 50 and not scanned
+    # reopen() closed cleanly again; a writer that dies instead leaves no marker.
+    (tmp_path / CLEAN_MARKER).unlink()
+    _, last_seq = reopen(tmp_path)
+    assert last_seq == 50 and len(scanned) == 1
+
+
+def test_marker_of_a_changed_segment_is_ignored(tmp_path):
+    write(tmp_path, stamped_events(50), crash=False)
+    segment = list_segments(tmp_path)[0]
+    with open(segment, "ab") as handle:
+        handle.write(b"half a record")
+    recovery, last_seq = reopen(tmp_path)
+    assert last_seq == 50 and recovery.torn is not None
+
+
+def test_damage_after_a_clean_close_is_still_found_by_replay_and_verify(tmp_path):
+    from dispatcher import logtools
+
+    write(tmp_path, stamped_events(50), crash=False)
+    segment = list_segments(tmp_path)[0]
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    segment.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupted):
+        logtools.verify(tmp_path)
+    with pytest.raises(LogCorrupted):
+        list(LogReader(tmp_path).records())

@@ -172,6 +172,8 @@ def test_unreadable_snapshot_is_skipped_with_a_note(tmp_path):
 def test_snapshot_from_another_log_is_skipped(tmp_path):
     build(tmp_path / "a", 25)
     live = build(tmp_path / "b", 25)
+    for path in (tmp_path / "b" / "snapshots").iterdir():
+        path.unlink()
     for path in (tmp_path / "a" / "snapshots").iterdir():  # same seqs, other hashes
         (tmp_path / "b" / "snapshots" / path.name).write_bytes(path.read_bytes())
     reopened, report = asyncio.run(reopen(tmp_path / "b", snapshots=True))

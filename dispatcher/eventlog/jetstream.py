@@ -1,0 +1,560 @@
+"""The JetStream event log: one NATS JetStream stream shared by several dispatcher replicas.
+
+Each record is one message on the stream's single subject, and the stream sequence IS the
+event seq (both count from 1 without gaps). The message data is the event's orjson payload
+(as in the file log); the headers carry the rest of the record:
+
+- `Imd-Format: 1`, the record format; a reader refuses others (`UnsupportedFormat`);
+- `Imd-Prev-Hash`: hex of the previous record's hash. The record's own hash is not stored:
+  it is re-derived as SHA-256(seq || prev || payload), so the chain is checked, not trusted;
+- `Nats-Expected-Last-Sequence: seq - 1`: the server stores the message only if the stream
+  still ends where this writer believes it does. Two replicas cannot interleave: the one
+  that did not read the other's events gets `StaleWriter` and must reopen to catch up;
+- `Nats-Msg-Id: <stream>:<seq>:<hash prefix>` (stable per record), so JetStream's duplicate
+  window recognises a resent record, and `Nats-Expected-Stream`, so a message captured by
+  some other stream is refused. The server checks the expected last sequence before the
+  duplicate window, though: a resend whose first attempt was stored (only its ack was
+  lost) comes back as "wrong last sequence". The writer then fetches the stored message
+  and, if it is the same record (same hash), counts it as acknowledged; so a record is
+  never stored twice, and a record identical to one another replica stored is no conflict.
+
+Durability: the file log's `fsync` policy has no meaning here. An append completes when
+the stream's leader acknowledged every message, which (with `replicas` > 1) means a quorum
+stored it; when JetStream fsyncs is the server's own setting (`jetstream.sync_interval`,
+2 minutes by default, or `always`): with one replica, an acknowledged event survives a
+crash of the server process but not necessarily a power cut.
+
+Appends are encoded at once (so `last_seq`/`last_hash` are current on return) and sent by
+one background task, in order, pipelined: up to `max_inflight` messages are published
+before their acks are awaited, and each append's future completes when its last message is
+acknowledged. A lost ack (timeout, no responders while JetStream restarts) is retried from
+the first unacknowledged message for up to `retry_for` seconds; any other failure stops the
+log (`failure`), fails what is pending and makes later appends raise `LogClosed`.
+
+Reading uses an ordered push consumer (a memory-only, ack-less consumer the client recreates
+on any gap in delivery): messages stream with flow control instead of a request each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import APIError, NotFoundError
+
+from dispatcher.domain import events as ev
+from dispatcher.eventlog import records
+from dispatcher.eventlog.base import Recovery
+from dispatcher.eventlog.errors import (
+    AppendFailed,
+    EventLogError,
+    LogClosed,
+    LogCorrupted,
+    StaleWriter,
+    StreamConfigError,
+    UnsupportedFormat,
+)
+
+FORMAT = "1"
+FORMAT_HEADER = "Imd-Format"
+PREV_HEADER = "Imd-Prev-Hash"
+WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
+STREAM_NAME_IN_USE = 10058
+SUBJECTS_OVERLAP = 10065
+READ_BUFFER = 4096  # messages read ahead of the consumer of `read()`
+READ_BATCH = 1024
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+    hash: bytes
+
+
+class _Retry(Exception):
+    """A problem that a retry may cure: no ack in time, no responders, not connected."""
+
+
+class JetStreamLog:
+    """Event log on the JetStream stream `stream` (created if missing) over client `nc`.
+
+    `nc` is connected and closed by its owner; the log never closes it. `timeout` bounds
+    each API request and the wait for each ack; `retry_for` how long an append keeps
+    retrying before the log fails; `duplicate_window` is the stream's dedup window.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        stream: str = "IMDISPATCH_EVENTS",
+        subject: str = "imdispatch.events",
+        replicas: int = 1,
+        timeout: float = 5.0,
+        retry_for: float = 30.0,
+        duplicate_window: float = 120.0,
+        max_inflight: int = 1000,
+    ) -> None:
+        if not 1 <= replicas <= 5:
+            raise ValueError(f"replicas must be 1..5, got {replicas}")
+        if any(c in stream for c in " .*>/\\\t") or not stream:
+            raise ValueError(f"invalid stream name {stream!r}")
+        if not subject or any(c in subject for c in " *>\t"):
+            raise ValueError(f"the subject must be a literal subject, got {subject!r}")
+        self.nc = nc
+        self.stream = stream
+        self.subject = subject
+        self.replicas = replicas
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self.duplicate_window = duplicate_window
+        self.max_inflight = max_inflight
+        self.last_seq = 0
+        self.last_hash = records.GENESIS_HASH
+        self._js = nc.jetstream(timeout=timeout)
+        self._opened = False
+        self._acked = 0  # the last seq the server acknowledged
+        self._queue: deque[_Outgoing] = deque()
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()  # (last seq, future)
+        self._wakeup: asyncio.Event | None = None
+        self._sender: asyncio.Task | None = None
+        self._ack_sub: Any = None
+        self._ack_prefix = ""
+        self._acks: dict[str, asyncio.Future] = {}
+        self._tokens = 0
+        self._failure: BaseException | None = None
+        self._closing = False
+
+    def stream_config(self) -> api.StreamConfig:
+        """The config of a new stream: nothing is ever dropped (no limits, and DiscardNew
+        so that a limit an operator adds refuses new events rather than deleting old ones);
+        deleting or purging events is denied, as the log is an audit trail."""
+        return api.StreamConfig(
+            name=self.stream,
+            description="imdispatch routing events (hash-chained; stream seq = event seq)",
+            subjects=[self.subject],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            discard=api.DiscardPolicy.NEW,
+            max_msgs=-1,
+            max_bytes=-1,
+            max_age=0,
+            duplicate_window=self.duplicate_window,
+            deny_delete=True,
+            deny_purge=True,
+        )
+
+    # -- opening ----------------------------------------------------------------------
+
+    async def open(self) -> Recovery:
+        """Create or bind the stream and learn the tail: last seq and (re-derived) hash."""
+        if self._opened:
+            raise RuntimeError(f"event log stream {self.stream} is already open")
+        recovery = Recovery()
+        info = await self._ensure_stream(recovery)
+        state = info.state
+        last = state.last_seq or 0
+        if last and (state.first_seq != 1 or state.messages != last):
+            missing = 1 if state.first_seq != 1 else await self._first_deleted()
+            raise LogCorrupted(
+                f"event log stream {self.stream} corrupted: {last - state.messages} of its "
+                f"{last} events are missing (first missing: seq {missing})",
+                segment=self.stream, offset=missing, seq=missing,
+            )
+        if last:
+            raw = await self._js.get_msg(self.stream, last)
+            self.last_hash = self._record(last, raw.headers, raw.data).hash
+        self.last_seq = self._acked = recovery.last_seq = last
+        self._ack_prefix = self.nc.new_inbox()
+        self._ack_sub = await self.nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
+        self._opened = True
+        return recovery
+
+    async def _ensure_stream(self, recovery: Recovery) -> api.StreamInfo:
+        try:
+            info = await self._js.stream_info(self.stream)
+        except NotFoundError:
+            try:
+                info = await self._js.add_stream(self.stream_config())
+                recovery.notes.append(
+                    f"created JetStream stream {self.stream} ({self.subject}, file storage, "
+                    f"{self.replicas} replica{'s' if self.replicas > 1 else ''})"
+                )
+                return info
+            except APIError as exc:
+                if exc.err_code == SUBJECTS_OVERLAP:
+                    raise StreamConfigError(
+                        f"cannot create event log stream {self.stream}: subject "
+                        f"{self.subject} is already captured by another stream"
+                    ) from exc
+                if exc.err_code != STREAM_NAME_IN_USE:  # else another replica created it
+                    raise StreamConfigError(
+                        f"cannot create event log stream {self.stream} with {self.replicas} "
+                        f"replicas: {exc.description} (error {exc.err_code})"
+                    ) from exc
+                info = await self._js.stream_info(self.stream)
+        self._check_config(info.config, recovery)
+        return info
+
+    def _check_config(self, config: api.StreamConfig, recovery: Recovery) -> None:
+        """Refuse a stream that is not this log or could lose events; note the harmless."""
+        name = f"stream {self.stream}"
+        problems = []
+        if list(config.subjects or []) != [self.subject]:
+            problems.append(f"its subjects are {config.subjects}, not [{self.subject!r}]")
+        if config.retention not in (None, api.RetentionPolicy.LIMITS):
+            problems.append(f"retention {config.retention} deletes events once consumed")
+        if (config.max_age or 0) > 0:
+            problems.append(f"max_age {config.max_age} s deletes old events")
+        if config.discard != api.DiscardPolicy.NEW and any(
+            (limit or -1) > 0
+            for limit in (config.max_msgs, config.max_bytes, config.max_msgs_per_subject)
+        ):
+            problems.append("its limits with discard=old delete the oldest events")
+        if config.mirror is not None or config.sealed:
+            problems.append("it is a mirror or sealed, so it cannot be appended to")
+        if problems:
+            raise StreamConfigError(
+                f"{name} exists but cannot hold this event log: {'; '.join(problems)} "
+                "(use another stream name, or fix the stream)"
+            )
+        if config.num_replicas != self.replicas:
+            recovery.notes.append(
+                f"{name} has {config.num_replicas} replicas, not the {self.replicas} configured"
+            )
+        if config.storage != api.StorageType.FILE:
+            recovery.notes.append(f"{name} uses {config.storage} storage: not durable")
+
+    async def _first_deleted(self) -> int:
+        """The first seq missing inside the stream (asks the server for deleted details)."""
+        reply = await self.nc.request(
+            f"$JS.API.STREAM.INFO.{self.stream}", b'{"deleted_details":true}', self.timeout
+        )
+        deleted = orjson.loads(reply.data).get("state", {}).get("deleted") or [0]
+        return min(deleted)
+
+    def _record(
+        self, seq: int, headers: dict[str, str] | None, data: bytes | None
+    ) -> records.Record:
+        """A message as a record, its hash re-derived; the format and header checked."""
+        headers = headers or {}
+        fmt = headers.get(FORMAT_HEADER)
+        if fmt is None:
+            raise LogCorrupted(
+                f"event log stream {self.stream} corrupted: message {seq} is not an event "
+                f"record (no {FORMAT_HEADER} header)",
+                segment=self.stream, offset=seq, seq=seq,
+            )
+        if fmt != FORMAT:
+            raise UnsupportedFormat(
+                f"event log stream {self.stream}: message {seq} is in record format {fmt!r}; "
+                f"this build reads format {FORMAT} (a newer dispatcher wrote it?)"
+            )
+        try:
+            prev = bytes.fromhex(headers[PREV_HEADER])
+            if len(prev) != 32:
+                raise ValueError(f"{len(prev)} bytes")
+        except (KeyError, ValueError) as exc:
+            raise LogCorrupted(
+                f"event log stream {self.stream} corrupted: message {seq} has no valid "
+                f"{PREV_HEADER} header ({exc})",
+                segment=self.stream, offset=seq, seq=seq,
+            ) from None
+        payload = data or b""
+        return records.Record(seq, prev, payload, records.record_hash(seq, prev, payload))
+
+    # -- appending --------------------------------------------------------------------
+
+    def append(self, events: Sequence[ev.Event]) -> asyncio.Future:
+        """Queue stamped events (seq must continue the log); await the result for the acks.
+
+        Encoding happens now, so `last_seq`/`last_hash` are current when this returns.
+        """
+        if self._failure is not None or self._closing or not self._opened:
+            raise LogClosed(
+                f"event log stream {self.stream} is not open for appending"
+                + (f": {self._failure}" if self._failure is not None else "")
+            ) from self._failure
+        loop = asyncio.get_running_loop()
+        if self._sender is None:
+            self._wakeup = asyncio.Event()
+            self._sender = loop.create_task(self._send_loop())
+        seq, prev = self.last_seq, self.last_hash
+        outgoing = []
+        for event in events:
+            seq += 1
+            if event.seq != seq:
+                raise ValueError(f"event seq {event.seq} does not continue the log at {seq - 1}")
+            payload = orjson.dumps(event)
+            digest = records.record_hash(seq, prev, payload)
+            outgoing.append(_Outgoing(seq, payload, {
+                FORMAT_HEADER: FORMAT,
+                PREV_HEADER: prev.hex(),
+                api.Header.MSG_ID: f"{self.stream}:{seq}:{digest.hex()[:32]}",
+                api.Header.EXPECTED_LAST_SEQUENCE: str(seq - 1),
+                api.Header.EXPECTED_STREAM: self.stream,
+            }, digest))
+            prev = digest
+        self._queue.extend(outgoing)
+        self.last_seq, self.last_hash = seq, prev
+        waiter = loop.create_future()
+        if self._acked >= seq:
+            waiter.set_result(None)
+        else:
+            self._waiters.append((seq, waiter))
+            self._wakeup.set()
+        return waiter
+
+    async def _send_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_inflight))]
+            try:
+                await self._send(batch)
+            except BaseException as exc:  # whatever it is, the log stops here
+                self._fail(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+
+    async def _send(self, batch: list[_Outgoing]) -> None:
+        """Publish the batch pipelined; on a retryable problem resend from the first
+        unacknowledged message (the ones after it fail their expected-sequence check)."""
+        done, attempt, since = 0, 0, time.monotonic()
+        while done < len(batch):
+            pending = batch[done:]
+            tokens = [self._next_token() for _ in pending]
+            try:
+                problem: _Retry | None = None
+                deadline, sent = time.monotonic() + self.timeout, 0
+                try:
+                    for item, token in zip(pending, tokens, strict=True):
+                        await self.nc.publish(
+                            self.subject, item.data, reply=f"{self._ack_prefix}.{token}",
+                            headers=item.headers,
+                        )
+                        sent += 1
+                except nats.errors.ConnectionClosedError:
+                    raise
+                except Exception as exc:  # e.g. the reconnect buffer is full
+                    problem = _Retry(f"publish failed: {exc!r}")
+                for item, token in zip(pending[:sent], tokens, strict=False):
+                    try:
+                        await self._acknowledged(item, self._acks[token], deadline)
+                    except _Retry as exc:
+                        problem = exc
+                        break
+                    done += 1
+                    attempt, since = 0, time.monotonic()
+                    self._acked = item.seq
+                    self._settle(item.seq)
+            finally:
+                for token in tokens:
+                    future = self._acks.pop(token, None)
+                    if future is not None and not future.done():
+                        future.cancel()
+            if done < len(batch):
+                if time.monotonic() - since > self.retry_for:
+                    raise AppendFailed(
+                        f"event log stream {self.stream}: event {batch[done].seq} not "
+                        f"acknowledged within {self.retry_for} s: {problem}"
+                    )
+                attempt += 1
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+
+    def _next_token(self) -> str:
+        self._tokens += 1
+        token = str(self._tokens)
+        self._acks[token] = asyncio.get_running_loop().create_future()
+        return token
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._acks.get(msg.subject[len(self._ack_prefix) + 1:])
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _acknowledged(self, item: _Outgoing, future: asyncio.Future, deadline: float) -> None:
+        """Return once the server stored `item`; raise `_Retry` or the fatal error."""
+        if not future.done():  # with pipelining, most acks are in before they are looked at
+            try:
+                await asyncio.wait_for(future, max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                raise _Retry(f"no acknowledgement within {self.timeout} s") from None
+        msg = future.result()
+        if not msg.data:  # a status instead of an answer: 503 is "no responders"
+            status = (msg.headers or {}).get(api.Header.STATUS)
+            raise _Retry(f"no answer from JetStream (status {status})")
+        reply = orjson.loads(msg.data)
+        error = reply.get("error")
+        if error is None:
+            if reply.get("seq") != item.seq:
+                raise LogCorrupted(
+                    f"event log stream {self.stream}: event {item.seq} was stored as "
+                    f"message {reply.get('seq')}",
+                    segment=self.stream, offset=reply.get("seq") or 0, seq=item.seq,
+                )
+            return
+        code, text = error.get("err_code"), error.get("description", "")
+        if code in WRONG_LAST_SEQUENCE or "wrong last sequence" in text:
+            if await self._stored_hash(item.seq) == item.hash:
+                return  # an earlier attempt was stored, only its ack was lost
+            raise StaleWriter(
+                f"event log stream {self.stream}: another writer appended since this one "
+                f"last read the log ({text}; this writer expected to follow seq "
+                f"{item.seq - 1}); reopen the journal to catch up before writing"
+            )
+        if error.get("code") == 503:  # e.g. JetStream restarting, stream leader election
+            raise _Retry(f"{text} (error {code})")
+        raise AppendFailed(
+            f"event log stream {self.stream} refused event {item.seq}: {text} (error {code})"
+        )
+
+    async def _stored_hash(self, seq: int) -> bytes | None:
+        try:
+            raw = await self._js.get_msg(self.stream, seq)
+        except NotFoundError:
+            return None
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise _Retry(f"cannot check message {seq}: {exc!r}") from None
+        try:
+            return self._record(seq, raw.headers, raw.data).hash
+        except EventLogError:
+            return None
+
+    def _settle(self, acked: int) -> None:
+        while self._waiters and self._waiters[0][0] <= acked:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        error = exc if isinstance(exc, EventLogError) else LogClosed(
+            f"event log stream {self.stream}: append failed: {exc!r}"
+        )
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
+        self._queue.clear()
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
+        """Verified records after `after`, in batches (what arrived, at most `READ_BATCH`),
+        up to `last_seq` when reading began (the stream's last message if this log was not
+        opened). Any gap in the seqs or break in the hash chain is corruption."""
+        last = self.last_seq
+        if not self._opened:
+            try:
+                last = (await self._js.stream_info(self.stream)).state.last_seq or 0
+            except NotFoundError:
+                raise StreamConfigError(f"no event log stream {self.stream}") from None
+        if after >= last:
+            return
+        buffer: deque[Msg] = deque()
+        arrived, room = asyncio.Event(), asyncio.Event()
+
+        async def deliver(msg: Msg) -> None:
+            # A callback, not next_msg(): no task per message. Blocking here when the
+            # buffer is full holds back flow control, so the server pauses delivery.
+            while len(buffer) >= READ_BUFFER:
+                room.clear()
+                await room.wait()
+            buffer.append(msg)
+            arrived.set()
+
+        sub = await self._js.subscribe(
+            self.subject,
+            stream=self.stream,
+            cb=deliver,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=after + 1),
+        )
+        try:
+            expected, prev = after + 1, None
+            while expected <= last:
+                if not buffer:
+                    arrived.clear()
+                    try:
+                        await asyncio.wait_for(arrived.wait(), self.timeout)
+                        continue
+                    except TimeoutError:
+                        pass
+                    if self._failure is not None:
+                        raise LogClosed(
+                            f"event log stream {self.stream}: appends failed, so message "
+                            f"{expected} was never stored: {self._failure}"
+                        ) from self._failure
+                    raise LogCorrupted(
+                        f"event log stream {self.stream} corrupted: message {expected} "
+                        f"missing (nothing arrived within {self.timeout} s; the log should "
+                        f"end at seq {last})",
+                        segment=self.stream, offset=expected, seq=expected,
+                    )
+                batch = []
+                for _ in range(min(len(buffer), READ_BATCH, last - expected + 1)):
+                    msg = buffer.popleft()
+                    seq = msg.metadata.sequence.stream
+                    if seq != expected:
+                        raise LogCorrupted(
+                            f"event log stream {self.stream} corrupted: message {expected} "
+                            f"missing (the next one is {seq})",
+                            segment=self.stream, offset=expected, seq=expected,
+                        )
+                    record = self._record(seq, msg.headers, msg.data)
+                    if prev is not None and record.prev_hash != prev:
+                        raise LogCorrupted(
+                            f"event log stream {self.stream} corrupted: the hash chain breaks "
+                            f"at seq {seq} (its previous-hash is not record {seq - 1}'s hash)",
+                            segment=self.stream, offset=seq, seq=seq,
+                        )
+                    batch.append(record)
+                    expected, prev = seq + 1, record.hash
+                room.set()
+                yield batch
+        finally:
+            buffer.clear()
+            room.set()  # a callback blocked on a full buffer must not outlive the read
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # -- closing ----------------------------------------------------------------------
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why appends stopped (`StaleWriter`, an unavailable JetStream, ...), if they did."""
+        return self._failure
+
+    async def close(self) -> None:
+        """Wait until everything appended is acknowledged (or failed); keep `nc` open."""
+        self._closing = True
+        if self._sender is not None:
+            self._wakeup.set()
+            with contextlib.suppress(Exception):
+                await self._sender
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
+            self._ack_sub = None
+        if self._failure is not None:
+            raise LogClosed(f"event log stream {self.stream}: append failed: {self._failure}")

@@ -1,0 +1,385 @@
+"""The JetStream event log against a real nats-server (one per module; a stream per test)."""
+
+import asyncio
+import itertools
+
+import nats
+import orjson
+import pytest
+from nats.js import api
+
+from dispatcher.domain import decisions
+from dispatcher.eventlog import records
+from dispatcher.eventlog.errors import (
+    LogClosed,
+    LogCorrupted,
+    StaleWriter,
+    StreamConfigError,
+    UnsupportedFormat,
+)
+from dispatcher.eventlog.jetstream import JetStreamLog
+from dispatcher.journal import Journal
+from tests.eventlog.helpers import stamped_events
+from tests.nats_server import NatsServer
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with NatsServer(tmp_path_factory.mktemp("nats") / "js") as running:
+        yield running
+
+
+@pytest.fixture
+def where():
+    """A stream and subject of this test's own, so tests share one server safely."""
+    n = next(_names)
+    return {"stream": f"TEST_{n}", "subject": f"imdtest.{n}.events"}
+
+
+@pytest.fixture
+def run(server):
+    """Run `body(nc)` in a fresh event loop with a client connected to the server."""
+
+    def runner(body, url=None, **options):
+        async def main():
+            nc = await nats.connect(url or server.url, **options)
+            try:
+                return await body(nc)
+            finally:
+                await nc.close()
+
+        return asyncio.run(main())
+
+    return runner
+
+
+async def write(nc, where, events, batch=7, **options):
+    log = JetStreamLog(nc, **where, **options)
+    await log.open()
+    for i in range(0, len(events), batch):
+        await log.append(events[i:i + batch])
+    await log.close()
+    return log
+
+
+async def read_all(nc, where, after=0):
+    log = JetStreamLog(nc, **where)
+    await log.open()
+    try:
+        return [record async for batch in log.read(after) for record in batch]
+    finally:
+        await log.close()
+
+
+async def publish_raw(nc, where, payload, headers):
+    return await nc.jetstream().publish(where["subject"], payload, headers=headers)
+
+
+def record_headers(prev, fmt="1"):
+    return {"Imd-Format": fmt, "Imd-Prev-Hash": prev.hex()}
+
+
+async def build_state(journal):
+    """A few nodes and changes of every common kind, recorded through the journal."""
+    state = journal.state
+    for i, weight in enumerate((5, 1, 3), start=1):
+        await journal.record(
+            decisions.add_node(state, f"n{i}", f"10.0.0.{i}", 9000 + i, weight, actor="config")
+        )
+    await journal.record(decisions.mark_up(state, "n1") + decisions.mark_up(state, "n2"))
+    await journal.record(decisions.observe_load(state, "n1", 950, 1000))
+    await journal.record(decisions.set_weight(state, "n2", 7, actor="admin", reason="bigger"))
+    await journal.record(decisions.set_draining(state, "n3", True, actor="admin"))
+    await journal.record(decisions.mark_down(state, "n2", "timeout", "no reply in 1 s"))
+    await journal.record(decisions.remove_node(state, "n3", actor="admin"))
+
+
+def test_round_trip_through_the_journal(run, where):
+    async def body(nc):
+        journal = Journal(JetStreamLog(nc, **where))
+        report = await journal.open()
+        assert report.recovery.last_seq == 0
+        assert any("created JetStream stream" in note for note in report.recovery.notes)
+        await build_state(journal)
+        written = journal.state.to_dict()
+        last = journal.state.seq
+        await journal.close()
+
+        again = Journal(JetStreamLog(nc, **where))
+        report = await again.open()
+        assert (report.recovery.last_seq, report.replayed) == (last, last)
+        assert again.state.to_dict() == written
+        await again.close()
+
+    run(body)
+
+
+def test_reopen_continues_seq_and_hash_chain(run, where):
+    events = stamped_events(40)
+
+    async def body(nc):
+        first = await write(nc, where, events[:25])
+        log = JetStreamLog(nc, **where)
+        recovery = await log.open()
+        assert (recovery.last_seq, log.last_seq, log.last_hash) == (
+            25, first.last_seq, first.last_hash,
+        )
+        await log.append(events[25:])
+        await log.close()
+        got = await read_all(nc, where)
+        assert [r.seq for r in got] == list(range(1, 41))
+        assert [r.payload for r in got] == [orjson.dumps(e) for e in events]
+        prev = records.GENESIS_HASH
+        for record in got:  # the chain as the file log would compute it
+            assert record.prev_hash == prev
+            assert record.hash == records.record_hash(record.seq, prev, record.payload)
+            prev = record.hash
+        assert prev == log.last_hash
+        assert [r.seq for r in await read_all(nc, where, after=30)] == list(range(31, 41))
+        assert await read_all(nc, where, after=40) == []
+
+    run(body)
+
+
+def test_stream_config_and_nats_headers(run, where):
+    async def body(nc):
+        log = await write(nc, where, stamped_events(2))
+        js = nc.jetstream()
+        config = (await js.stream_info(where["stream"])).config
+        assert config.subjects == [where["subject"]]
+        assert (config.storage, config.discard, config.retention) == ("file", "new", "limits")
+        assert (config.max_msgs, config.max_bytes, config.max_age) == (-1, -1, 0)
+        assert config.duplicate_window > 0 and config.deny_delete and config.deny_purge
+        raw = await js.get_msg(where["stream"], 2)
+        assert raw.headers["Imd-Format"] == "1"
+        assert raw.headers["Nats-Expected-Last-Sequence"] == "1"
+        assert raw.headers["Nats-Msg-Id"] == f"{where['stream']}:2:{log.last_hash.hex()[:32]}"
+
+    run(body)
+
+
+def test_replicas_are_passed_to_the_stream_config(run, where):
+    async def body(nc):
+        assert JetStreamLog(nc, **where, replicas=3).stream_config().num_replicas == 3
+        with pytest.raises(StreamConfigError, match="3 replicas"):
+            await JetStreamLog(nc, **where, replicas=3).open()  # one server: no R3 stream
+        await write(nc, where, stamped_events(1), replicas=1)
+        info = await nc.jetstream().stream_info(where["stream"])
+        assert info.config.num_replicas == 1
+        log = JetStreamLog(nc, **where, replicas=3)  # binding: a mismatch is only a note
+        recovery = await log.open()
+        await log.close()
+        assert any("has 1 replicas, not the 3 configured" in n for n in recovery.notes)
+
+    run(body)
+
+
+def test_stale_writer_cannot_interleave(run, where):
+    events = stamped_events(3)
+
+    async def body(nc):
+        first, second = JetStreamLog(nc, **where), JetStreamLog(nc, **where)
+        await first.open()
+        await second.open()
+        await first.append(events[:1])
+        other = stamped_events(1, seed=1)  # another event for the same seq
+        durable = second.append(other)  # second still believes the log is empty
+        assert second.last_seq == 1
+        with pytest.raises(StaleWriter, match="another writer appended"):
+            await durable
+        assert isinstance(second.failure, StaleWriter)
+        with pytest.raises(LogClosed):
+            second.append(events[1:2])
+        with pytest.raises(LogClosed):
+            await second.close()
+        await first.append(events[1:2])  # the first writer is unaffected
+        log = JetStreamLog(nc, **where)
+        await log.open()
+        await log.append(events[2:])  # an identical record is no conflict: it is the same
+        await log.close()
+        await first.close()
+        info = await nc.jetstream().stream_info(where["stream"])
+        assert info.state.messages == 3
+
+    run(body)
+
+
+def test_journal_behind_another_replica_refuses_changes(run, where):
+    async def body(nc):
+        one, two = Journal(JetStreamLog(nc, **where)), Journal(JetStreamLog(nc, **where))
+        await one.open()
+        await two.open()
+        await one.record(decisions.add_node(one.state, "n1", "10.0.0.1", 9001, 5, actor="a"))
+        with pytest.raises(StaleWriter):
+            await two.record(decisions.add_node(two.state, "n2", "10.0.0.2", 9002, 1, actor="b"))
+        assert two.failure is not None
+        with pytest.raises(LogClosed):
+            await two.record(decisions.add_node(two.state, "n3", "10.0.0.3", 9003, 1, actor="b"))
+        await one.close()
+        three = Journal(JetStreamLog(nc, **where))  # a restarted replica catches up
+        await three.open()
+        assert list(three.state.nodes) == ["n1"]
+        await three.close()
+
+    run(body)
+
+
+def test_a_retried_publish_is_not_stored_twice(run, where):
+    events = stamped_events(5)
+
+    async def body(nc):
+        log = JetStreamLog(nc, **where, timeout=0.3)
+        dropped = []
+        on_ack = log._on_ack
+
+        async def lose_some_acks(msg):  # the server stored 2 and 4; their acks are lost
+            seq = log._acked + 1
+            if seq in (2, 4) and seq not in dropped:
+                dropped.append(seq)
+                return
+            await on_ack(msg)
+
+        log._on_ack = lose_some_acks
+        await log.open()
+        for event in events:
+            await log.append([event])
+        await log.close()
+        assert dropped == [2, 4]
+        assert [r.payload for r in await read_all(nc, where)] == [
+            orjson.dumps(e) for e in events
+        ]
+        # JetStream's own dedup: the same Msg-Id again is acknowledged as a duplicate.
+        raw = await nc.jetstream().get_msg(where["stream"], 5)
+        headers = {k: raw.headers[k] for k in ("Imd-Format", "Imd-Prev-Hash", "Nats-Msg-Id")}
+        ack = await publish_raw(nc, where, raw.data, headers)
+        assert (ack.seq, ack.duplicate) == (5, True)
+        assert (await nc.jetstream().stream_info(where["stream"])).state.messages == 5
+
+    run(body)
+
+
+def test_a_tampered_message_breaks_the_chain(run, where):
+    async def body(nc):
+        journal = Journal(JetStreamLog(nc, **where))
+        await journal.open()
+        await build_state(journal)
+        await journal.close()
+        last = journal.state.seq
+        forged = decisions.set_weight(journal.state, "n1", 10, actor="mallory")[0]
+        forged.seq = last + 1
+        await publish_raw(nc, where, orjson.dumps(forged), record_headers(b"\x01" * 32))
+        with pytest.raises(LogCorrupted, match=f"hash chain breaks at seq {last + 1}") as caught:
+            await read_all(nc, where)
+        assert (caught.value.segment, caught.value.offset, caught.value.seq) == (
+            where["stream"], last + 1, last + 1,
+        )
+        with pytest.raises(LogCorrupted):
+            await Journal(JetStreamLog(nc, **where)).open()
+
+    run(body)
+
+
+def test_a_foreign_message_is_corruption(run, where):
+    async def body(nc):
+        await write(nc, where, stamped_events(2))
+        await publish_raw(nc, where, b"hello", None)
+        with pytest.raises(LogCorrupted, match="message 3 is not an event record"):
+            await JetStreamLog(nc, **where).open()
+
+    run(body)
+
+
+def test_an_unknown_format_is_refused(run, where):
+    events = stamped_events(3)
+
+    async def body(nc):
+        log = await write(nc, where, events[:2])
+        payload = orjson.dumps(events[2])
+        await publish_raw(nc, where, payload, record_headers(log.last_hash, fmt="2"))
+        with pytest.raises(UnsupportedFormat, match="format '2'"):
+            await JetStreamLog(nc, **where).open()  # the last message is read on open
+        reader = JetStreamLog(nc, **where)  # not opened: reads to the stream's end
+        with pytest.raises(UnsupportedFormat):
+            _ = [batch async for batch in reader.read()]
+
+    run(body)
+
+
+def test_a_missing_message_is_corruption(run, where):
+    async def body(nc):
+        js = nc.jetstream()  # a stream that allows deletes, made by an operator
+        await js.add_stream(name=where["stream"], subjects=[where["subject"]])
+        await write(nc, where, stamped_events(5))
+        await js.delete_msg(where["stream"], 3)
+        with pytest.raises(LogCorrupted, match="first missing: seq 3") as caught:
+            await JetStreamLog(nc, **where).open()
+        assert caught.value.seq == 3
+        with pytest.raises(LogCorrupted, match="message 3 missing") as caught:
+            _ = [batch async for batch in JetStreamLog(nc, **where).read()]
+        assert (caught.value.offset, caught.value.seq) == (3, 3)
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({"subjects": ["other.subject"]}, "subjects"),
+        ({"max_age": 3600}, "max_age"),
+        ({"max_msgs": 100, "discard": api.DiscardPolicy.OLD}, "discard=old"),
+        ({"retention": api.RetentionPolicy.WORK_QUEUE}, "retention"),
+    ],
+)
+def test_a_conflicting_stream_is_refused(run, where, config, problem):
+    async def body(nc):
+        settings = {"name": where["stream"], "subjects": [where["subject"]], **config}
+        await nc.jetstream().add_stream(api.StreamConfig(**settings))
+        with pytest.raises(StreamConfigError, match=problem):
+            await JetStreamLog(nc, **where).open()
+
+    run(body)
+
+
+def test_close_waits_for_acks_and_keeps_the_connection(run, where):
+    events = stamped_events(500)
+
+    async def body(nc):
+        log = JetStreamLog(nc, **where)
+        await log.open()
+        futures = [log.append(events[i:i + 10]) for i in range(0, 500, 10)]
+        await log.close()
+        assert all(f.done() and f.exception() is None for f in futures)
+        assert nc.is_connected
+        with pytest.raises(LogClosed):
+            log.append(stamped_events(1, start=501))
+        assert len(await read_all(nc, where)) == 500
+
+    run(body)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "kill-9"])
+def test_appends_survive_a_server_restart(run, where, tmp_path, crash):
+    """Acks lost with the connection are retried; the stream ends up with every event
+    once, in order (expected-sequence checks reject stale resends)."""
+    events = stamped_events(1500)
+    with NatsServer(tmp_path / "js") as server:
+
+        async def body(nc):
+            log = JetStreamLog(nc, **where, timeout=0.5, retry_for=30.0)
+            await log.open()
+            await log.append(events[:100])
+            futures = [log.append(events[i:i + 5]) for i in range(100, 1500, 5)]
+            await asyncio.sleep(0.005)  # some published, some acknowledged, some queued
+            await asyncio.to_thread(server.restart, crash=crash)
+            await asyncio.gather(*futures)
+            await log.close()
+            got = await read_all(nc, where)
+            assert [r.payload for r in got] == [orjson.dumps(e) for e in events]
+
+        async def quiet(error):  # the disconnect is expected
+            pass
+
+        run(body, server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
+            error_cb=quiet)
