@@ -14,9 +14,16 @@ DIRECTIVES = {
     "embedsignature": True,
 }
 
-setup(
-    ext_modules=cythonize(
-        [Extension("core_ext._selector", ["core_ext/_selector.pyx"])],
-        compiler_directives=DIRECTIVES,
+EXTENSIONS = [
+    Extension("core_ext._selector", ["core_ext/_selector.pyx"]),
+    # Replay's record scanner: CRC-32 from zlib, SHA-256 from OpenSSL's libcrypto (both
+    # already there for CPython itself; the build needs their headers).
+    Extension(
+        "dispatcher.eventlog._scan",
+        ["dispatcher/eventlog/_scan.pyx"],
+        libraries=["z", "crypto"],
+        define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)],
     ),
-)
+]
+
+setup(ext_modules=cythonize(EXTENSIONS, compiler_directives=DIRECTIVES))

@@ -18,7 +18,10 @@ from core_ext.errors import (
     UnknownNode,
 )
 
-if os.environ.get("IMDISPATCH_PURE_PYTHON", "") not in ("", "0"):
+PURE_PYTHON = os.environ.get("IMDISPATCH_PURE_PYTHON", "") not in ("", "0")
+"""True when IMDISPATCH_PURE_PYTHON asks every compiled module to use its Python twin."""
+
+if PURE_PYTHON:
     from core_ext.reference import Selector
 
     IMPLEMENTATION = "reference"
@@ -36,6 +39,7 @@ __all__ = [
     "IMPLEMENTATION",
     "MAX_COUNT",
     "MAX_WEIGHT",
+    "PURE_PYTHON",
     "SELECTOR_STATE_VERSION",
     "DuplicateNode",
     "InvalidArgument",

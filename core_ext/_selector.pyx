@@ -36,6 +36,17 @@ cdef object _lookup(dict index, object node_id):
         return None
 
 
+cdef inline int64_t _count(object nid, str name, object value, int64_t minimum) except? -1:
+    # report() runs for every poll of every node and every replayed load event: accept a
+    # valid figure in C; anything else goes to the shared check, which raises its error.
+    cdef int64_t number
+    if type(value) is int and -MAX_COUNT <= value <= MAX_COUNT:
+        number = value
+        if minimum <= number:
+            return number
+    return _check_count(nid, name, value, minimum)
+
+
 cdef void *_resized(void *ptr, Py_ssize_t count, size_t item) except NULL:
     cdef void *grown = PyMem_Realloc(ptr, <size_t>count * item)
     if grown == NULL:
@@ -152,8 +163,8 @@ cdef class Selector:
         """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
         cdef Py_ssize_t i = self._slot(node_id)
         nid = self.node_ids[i]
-        cdef int64_t conns = _check_count(nid, "connections", connections, 0)
-        cdef int64_t cap = _check_count(nid, "capacity", capacity, 1)
+        cdef int64_t conns = _count(nid, "connections", connections, 0)
+        cdef int64_t cap = _count(nid, "capacity", capacity, 1)
         self.connections[i] = conns
         self.capacity[i] = cap
         self.pending[i] = 0

@@ -4,14 +4,15 @@ Every event has the envelope `type`, `seq` (its position in the log, from 1), `t
 seconds, when it was recorded), `actor` (who caused it: "poller", "config", "admin" or
 "admin:<token name>") and an optional `reason`; then its own fields.
 
-Events are values: never mutated once created (they are not frozen only because frozen
-dataclasses take twice as long to build, and replay builds a million of them). orjson
-serialises them as they are; `from_dict` rebuilds one from its stored form.
+Events are values: never mutated once created. orjson serialises them as they are, in
+field order; `from_dict` rebuilds one from its stored form. Replay rebuilds a million of
+them, so they are plain (not frozen, not slotted) dataclasses whose attribute dict can be
+the decoded JSON object itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dispatcher.domain.errors import MalformedEvent, UnknownEventType
@@ -22,7 +23,7 @@ subject (the process is gone), the reply was malformed or out of range, or the r
 from another node."""
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class Event:
     type: str = ""  # each subclass sets its own, so stored events name their class
     seq: int = 0  # 0 until the log assigns it
@@ -39,7 +40,7 @@ class Event:
         return getattr(self, "node", None)
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeAdded(Event):
     type: str = "node_added"
     node: str
@@ -48,13 +49,13 @@ class NodeAdded(Event):
     weight: int
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeRemoved(Event):
     type: str = "node_removed"
     node: str
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeAddressChanged(Event):
     type: str = "node_address_changed"
     node: str
@@ -62,32 +63,32 @@ class NodeAddressChanged(Event):
     port: int
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeWeightSet(Event):
     type: str = "node_weight_set"
     node: str
     weight: int
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeDrained(Event):
     type: str = "node_drained"
     node: str
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeUndrained(Event):
     type: str = "node_undrained"
     node: str
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeUp(Event):
     type: str = "node_up"
     node: str
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeDown(Event):
     type: str = "node_down"
     node: str
@@ -95,7 +96,7 @@ class NodeDown(Event):
     detail: str = ""
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class LoadReported(Event):
     """A pulled load figure that moved enough to change routing (see `decisions`)."""
 
@@ -105,7 +106,7 @@ class LoadReported(Event):
     capacity: int
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeOverloaded(Event):
     """Reported connections / capacity reached the high watermark."""
 
@@ -116,7 +117,7 @@ class NodeOverloaded(Event):
     high_watermark: float
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class NodeRecovered(Event):
     """Reported connections / capacity fell below the low watermark."""
 
@@ -127,7 +128,7 @@ class NodeRecovered(Event):
     low_watermark: float
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(kw_only=True)
 class ConfigReloaded(Event):
     """The configuration in force from now on; later config changes are diffed against it.
 
@@ -150,6 +151,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+_FIELD_ORDER = {cls: tuple(f.name for f in fields(cls)) for cls in EVENT_TYPES.values()}
+_new = object.__new__
+
+
 def from_dict(data: dict[str, Any]) -> Event:
     """Rebuild an event from its stored form.
 
@@ -158,7 +163,12 @@ def from_dict(data: dict[str, Any]) -> Event:
     event that does not fit the state).
     """
     try:
-        return EVENT_TYPES[data["type"]](**data)
+        cls = EVENT_TYPES[data["type"]]
+        if tuple(data) == _FIELD_ORDER[cls]:  # as we wrote it: adopt the dict, no copy
+            event = _new(cls)
+            event.__dict__ = data
+            return event
+        return cls(**data)  # checks names: a missing or unknown field is a TypeError
     except KeyError:
         kind = data.get("type") if isinstance(data, dict) else None
         raise UnknownEventType(

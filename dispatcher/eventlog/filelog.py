@@ -43,7 +43,6 @@ from dispatcher.eventlog.segments import (
 
 FSYNC_POLICIES = ("always", "batch", "never")
 CLEAN_MARKER = "CLEAN"
-READ_BATCH = 1024
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
@@ -142,9 +141,9 @@ class FileLog:
         end = SEGMENT_HEADER.size
         seq, last_hash = segment.first_seq - 1, segment.prev_hash
         try:
-            for offset, record in segment.scan(last=True, torn=torn):
-                end = offset + records.HEADER.size + len(record.payload)
-                seq, last_hash = record.seq, record.hash
+            for batch in segment.batches(last=True, torn=torn):
+                end += sum(records.HEADER.size + len(record.payload) for record in batch)
+                seq, last_hash = batch[-1].seq, batch[-1].hash
         except LogCorrupted as exc:
             if not self.salvage:
                 raise
@@ -312,13 +311,7 @@ class FileLog:
 
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
         """Verified records after `after`, in batches (one await per batch, not per record)."""
-        batch: list[records.Record] = []
-        for record in LogReader(self.path).records(after):
-            batch.append(record)
-            if len(batch) == READ_BATCH:
-                yield batch
-                batch = []
-        if batch:
+        for batch in LogReader(self.path).batches(after):
             yield batch
 
     @property
@@ -385,6 +378,11 @@ class LogReader:
         self.torn: TornTail | None = None
 
     def records(self, after: int = 0) -> Iterator[records.Record]:
+        for batch in self.batches(after):
+            yield from batch
+
+    def batches(self, after: int = 0) -> Iterator[list[records.Record]]:
+        """The records after `after` in lists (the scanner's batches: less overhead)."""
         paths = list_segments(self.path)
         start = 0
         for index, path in enumerate(paths):  # the segment that holds seq `after + 1`
@@ -403,9 +401,9 @@ class LogReader:
                 )
             expected_seq, expected_hash = segment.first_seq, segment.prev_hash
             torn: list[TornTail] = []
-            for _, record in segment.scan(last=index == len(paths) - 1, after=after, torn=torn):
-                expected_seq, expected_hash = record.seq + 1, record.hash
-                yield record
+            for batch in segment.batches(last=index == len(paths) - 1, after=after, torn=torn):
+                expected_seq, expected_hash = batch[-1].seq + 1, batch[-1].hash
+                yield batch
             if torn:
                 self.torn = torn[0]
 

@@ -30,6 +30,12 @@ MAGIC = b"IMDR"
 HEADER = struct.Struct(">4sIIQ32s")
 SEQ = struct.Struct(">Q")
 GENESIS_HASH = bytes(32)
+
+# Why a scan (`_scan.scan_batch`) stopped.
+SCANNED = 0  # end of the data, or the batch is full
+DAMAGED = 1  # no whole, checksummed record here: torn or corrupted
+WRONG_SEQ = 2  # a whole record with another sequence number
+BROKEN_CHAIN = 3  # a whole record that does not link to the one before
 MAX_PAYLOAD = 16 * 1024 * 1024
 """A record larger than this is damage, not data (a config event is a few kilobytes)."""
 

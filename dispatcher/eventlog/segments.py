@@ -14,20 +14,32 @@ followed by records (see `records`).
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import core_ext
 from dispatcher.eventlog import records
+
+if core_ext.PURE_PYTHON:
+    from dispatcher.eventlog._scan_py import scan_batch
+else:
+    try:
+        from dispatcher.eventlog._scan import scan_batch
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "the compiled record scanner is not built: run `pip install -e .` (or `make "
+            "test`), or set IMDISPATCH_PURE_PYTHON=1 to use the pure-Python twin"
+        ) from exc
 from dispatcher.eventlog.errors import LogCorrupted, UnsupportedFormat
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"IMDLOG"
 SEGMENT_HEADER = struct.Struct(">6sHQ32sI")
 SUFFIX = ".seg"
+SCAN_BATCH = 1024
 
 
 def segment_name(first_seq: int) -> str:
@@ -100,10 +112,10 @@ class Segment:
             )
         return cls(path, data, first_seq, prev_hash)
 
-    def scan(
+    def batches(
         self, *, last: bool, after: int = 0, torn: list[TornTail] | None = None
-    ) -> Iterator[tuple[int, records.Record]]:
-        """Yield (offset, record) for the verified records with seq > `after`.
+    ) -> Iterator[list[records.Record]]:
+        """Yield the verified records with seq > `after`, in non-empty lists.
 
         Checks every record's checksum, sequence and hash chain (from the header's
         prev_hash). Damage in the `last` segment with no valid record after it is a torn
@@ -123,42 +135,32 @@ class Segment:
                 if seq == after:
                     prev = record.hash
                 offset, seq = stop, seq + 1
-        # The loop below is the replay hot path: framing, checksum and hash inline, with
-        # `records.decode` called only to explain damage.
-        unpack, crc32, sha256 = records.HEADER.unpack_from, zlib.crc32, hashlib.sha256
-        header_size, record = records.HEADER.size, records.Record
         end = len(data)
-        while offset < end:
-            stop = offset + header_size
-            if stop <= end:
-                magic, length, crc, found, link = unpack(data, offset)
-                stop += length
-                if magic == records.MAGIC and stop <= end:
-                    body = data[offset + 12:stop]
-                    if crc32(body) == crc:
-                        if found != seq:
-                            raise self._corrupt(
-                                offset, seq, f"found seq {found} where {seq} belongs"
-                            )
-                        if link != prev:
-                            raise self._corrupt(offset, seq, "hash chain broken: the record "
-                                                "before it was altered, or this one does not "
-                                                "belong here")
-                        digest = sha256(body).digest()
-                        yield offset, record(seq, link, body[40:], digest)
-                        offset, seq, prev = stop, seq + 1, digest
-                        continue
-            try:
-                records.decode(data, offset)
-                problem = "record could not be read"  # pragma: no cover - decode agrees above
-            except records.Damage as damage:
-                problem = str(damage)
-            if last and records.find_valid_record(data, offset + 1) is None:
-                if torn is not None:
-                    torn.append(TornTail(self.path, offset, seq, end - offset, problem))
-                return
-            raise self._corrupt(offset, seq, f"{problem}, and valid records follow"
-                                if last else problem)
+        while True:
+            batch, offset, seq, prev, why = scan_batch(data, offset, seq, prev, SCAN_BATCH)
+            if batch:
+                yield batch
+            if why == records.SCANNED:
+                if offset >= end:
+                    return
+            elif why == records.WRONG_SEQ:
+                found = records.HEADER.unpack_from(data, offset)[3]
+                raise self._corrupt(offset, seq, f"found seq {found} where {seq} belongs")
+            elif why == records.BROKEN_CHAIN:
+                raise self._corrupt(offset, seq, "hash chain broken: the record before it "
+                                    "was altered, or this one does not belong here")
+            else:
+                try:
+                    records.decode(data, offset)
+                    problem = "unreadable record"  # pragma: no cover - the scan agrees
+                except records.Damage as damage:
+                    problem = str(damage)
+                if last and records.find_valid_record(data, offset + 1) is None:
+                    if torn is not None:
+                        torn.append(TornTail(self.path, offset, seq, end - offset, problem))
+                    return
+                raise self._corrupt(offset, seq, f"{problem}, and valid records follow"
+                                    if last else problem)
 
     def _corrupt(self, offset: int, seq: int, problem: str) -> LogCorrupted:
         return LogCorrupted(

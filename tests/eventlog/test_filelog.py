@@ -192,9 +192,9 @@ def test_clean_close_lets_the_next_open_skip_the_scan(tmp_path, monkeypatch):
     write(tmp_path, stamped_events(50), crash=False)
     assert (tmp_path / CLEAN_MARKER).exists()
     scanned = []
-    real_scan = Segment.scan
+    real_scan = Segment.batches
     monkeypatch.setattr(
-        Segment, "scan", lambda *a, **k: scanned.append(1) or real_scan(*a, **k)
+        Segment, "batches", lambda *a, **k: scanned.append(1) or real_scan(*a, **k)
     )
     _, last_seq = reopen(tmp_path)
     assert last_seq == 50 and not scanned
