@@ -11,6 +11,7 @@ import time
 import nats
 import pytest
 
+from bench import targets
 from dispatcher.domain import decisions
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.journal import Journal
@@ -64,9 +65,8 @@ async def record_weight_changes(journal: Journal, count: int, *, pipelined: bool
 
 
 def report(benchmark, case: str, count: int, seconds: float) -> None:
-    rate = count / seconds
-    benchmark.extra_info.update(events=count, seconds=round(seconds, 3), events_per_s=round(rate))
-    print(f"\njetstream {case}: {count} events in {seconds:.2f} s = {rate:,.0f} events/s")
+    benchmark.extra_info.update(events=count, seconds=round(seconds, 3))
+    targets.figure(f"jetstream {case}", count / seconds, "events/s", benchmark)
 
 
 @pytest.mark.parametrize(("pipelined", "count"), [(True, N), (False, N // 10)],
