@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="check every record's checksum and the hash chain of a log"
     )
     verify.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    recover = commands.add_parser(
+        "recover", help="recover a log's tail after a crash, as the dispatcher does at start"
+    )
+    recover.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    recover.add_argument(
+        "--salvage", action="store_true",
+        help="also cut off corruption in the last segment, keeping the records before it",
+    )
     return parser
 
 
@@ -142,6 +150,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace) -> int:
+    from dispatcher import logtools
+
+    recovery = logtools.recover(args.log, salvage=args.salvage)
+    for line in recovery.describe() or ["nothing to recover: the log ends with a whole record"]:
+        print(line)
+    print(f"the log ends at seq {recovery.last_seq}")
+    return 0
+
+
 def _note_torn(torn: Any) -> None:
     if torn is not None:
         print(f"note: {torn.describe()}; the dispatcher truncates it when it opens the log "
@@ -157,13 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         from core_ext import selfcheck
 
         return 0 if selfcheck.run() else 1
-    handler = {"replay": _replay, "audit": _audit, "verify": _verify}[args.command]
+    handler = {"replay": _replay, "audit": _audit, "verify": _verify, "recover": _recover}[
+        args.command
+    ]
     try:
         return handler(args)
     except BrokenPipeError:  # `imdispatch audit ... | head`
         return 0
     except LogCorrupted as exc:
         print(f"imdispatch {args.command}: {exc}", file=sys.stderr)
+        if args.command == "recover":
+            print("to keep the records before it and drop the rest: imdispatch recover "
+                  f"--log {args.log} --salvage", file=sys.stderr)
         return 1
     except (EventLogError, DomainError, OSError) as exc:
         print(f"imdispatch {args.command}: {exc}", file=sys.stderr)

@@ -74,6 +74,9 @@ class Journal:
     async def open(self) -> StartReport:
         started = time.perf_counter()
         report = StartReport(await self.log.open())
+        if self.snapshots is not None:
+            for name in self.snapshots.discard_after(report.recovery.last_seq):
+                report.notes.append(f"removed snapshot {name}: past the log's end")
         for snapshot, path, problem in self._snapshot_candidates(report.recovery.last_seq):
             if snapshot is None:
                 report.notes.append(f"skipped snapshot {path.name}: {problem}")

@@ -6,6 +6,7 @@ live dispatcher (a record being written at that moment shows up as a torn tail).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,8 +14,9 @@ from pathlib import Path
 
 from dispatcher.domain.events import Event
 from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.base import Recovery
 from dispatcher.eventlog.errors import LogCorrupted
-from dispatcher.eventlog.filelog import LogReader
+from dispatcher.eventlog.filelog import FileLog, LogReader
 from dispatcher.eventlog.records import GENESIS_HASH
 from dispatcher.eventlog.segments import TornTail, list_segments
 from dispatcher.eventlog.snapshots import SnapshotStore
@@ -37,6 +39,26 @@ def replay(log: str | os.PathLike, until: int | None = None) -> tuple[RoutingSta
             break
         state.apply(record.event())
     return state, reader
+
+
+def recover(log: str | os.PathLike, *, salvage: bool = False) -> Recovery:
+    """Open the log as its writer (so not while a dispatcher has it) and recover its tail:
+    what a dispatcher does at start, on its own. With `salvage`, corruption in the last
+    segment is cut off too, keeping the records before it."""
+
+    async def run() -> Recovery:
+        writer = FileLog(log, salvage=salvage)
+        try:
+            return await writer.open()
+        finally:
+            await writer.close()
+
+    if not Path(log).is_dir():
+        raise FileNotFoundError(f"no event log at {log}")
+    recovery = asyncio.run(run())
+    for name in snapshot_store(log).discard_after(recovery.last_seq):
+        recovery.notes.append(f"removed snapshot {name}: past the log's end")
+    return recovery
 
 
 def audit(
@@ -87,4 +109,6 @@ def verify(log: str | os.PathLike) -> Verification:
     return result
 
 
-__all__ = ["LogCorrupted", "Verification", "audit", "replay", "snapshot_store", "verify"]
+__all__ = [
+    "LogCorrupted", "Verification", "audit", "recover", "replay", "snapshot_store", "verify",
+]

@@ -50,6 +50,16 @@ class SnapshotStore:
             old.unlink(missing_ok=True)
         return path
 
+    def discard_after(self, last_seq: int) -> list[str]:
+        """Remove snapshots of states past the log's end (left by a truncated or salvaged
+        log): they can never match again, and would crowd out new snapshots."""
+        removed = []
+        for path in self._paths():
+            if int(path.stem.removeprefix("snapshot-")) > last_seq:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
     def candidates(self, max_seq: int) -> list[tuple[Snapshot | None, Path, str]]:
         """Snapshots up to `max_seq`, newest first, as (snapshot or None, path, problem)."""
         found = []
