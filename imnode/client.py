@@ -146,6 +146,9 @@ class ImClient:
                     self.goaways.append(frame)
                     await self._go_away(frame)
                     return
+        except protocol.ProtocolError as exc:  # the server broke the protocol: hang up
+            self.closed_by_server = ClientError(exc.code, exc.message)
+            await self._disconnect()
         except (asyncio.IncompleteReadError, ConnectionError):
             if not self._closing:
                 await self._disconnect()

@@ -147,6 +147,16 @@ class Node:
         self._sweeper = loop.create_task(self._sweep())
         self._drained = loop.create_future()
 
+    async def attach(self, nc: Any) -> None:
+        """Start carrying cross-node traffic over `nc` (connected after the node started)."""
+        self.nc = nc
+        for uid in list(self.sessions):
+            await self._subscribe(uid)
+
+    async def drained(self) -> None:
+        """Return once a drain has finished (or the node was stopped)."""
+        await asyncio.shield(self._drained)
+
     @property
     def address(self) -> tuple[str, int]:
         """The address clients are sent to (advertised), as status reports it."""
@@ -285,7 +295,8 @@ class Node:
             self.stats["messages_delivered"] += 1
             connection.send({"type": "ack", "id": msg_id})
         elif self.nc is not None and self.nc.is_connected:
-            self._spawn(self._deliver_elsewhere(connection, to, msg_id, out))
+            payload = out[protocol.LENGTH_BYTES:]  # the node holding `to` frames it again
+            self._spawn(self._deliver_elsewhere(connection, to, msg_id, payload))
         else:
             self._offline(connection, to, msg_id)
 
@@ -299,10 +310,10 @@ class Node:
     # -- across nodes -----------------------------------------------------------------
 
     async def _deliver_elsewhere(self, sender: Connection, to: str, msg_id: Any,
-                                 frame: bytes) -> None:
+                                 payload: bytes) -> None:
         try:
             reply = await self.nc.request(USER_SUBJECT.format(uid=to, action="msg"),
-                                          frame, timeout=self.config.delivery_timeout)
+                                          payload, timeout=self.config.delivery_timeout)
         except NoRespondersError:
             self._offline(sender, to, msg_id)
             return

@@ -1,0 +1,123 @@
+"""Running an imnode process: the node, its link to NATS, and its signals.
+
+The node serves clients from the first moment, with or without NATS: the NATS link
+connects in the background (retrying until it succeeds), then registers the node as
+instance of the `imnode` micro service (endpoints `status` and `drain`) and carries
+cross-node messages. nats-py reconnects and resubscribes by itself after that, so a NATS
+outage never touches client connections, and the status responder comes back with NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+import orjson
+
+from imnode.micro import Service
+from imnode.server import Node, NodeConfig
+
+log = logging.getLogger("imnode")
+
+SERVICE_NAME = "imnode"
+DESCRIPTION = "IM long-connection node: clients hold TCP connections, status over NATS"
+
+
+class NatsLink:
+    """The node's NATS connection and micro service, established in the background."""
+
+    def __init__(self, node: Node, servers: Sequence[str], options: dict[str, Any] | None = None,
+                 retry_every: float = 1.0) -> None:
+        self.node = node
+        self.servers = list(servers)
+        self.options = options or {}
+        self.retry_every = retry_every
+        self.nc: Any = None
+        self.service: Service | None = None
+        self._task: asyncio.Task | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        config = self.node.config
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=self.servers, name=f"imnode {config.node_id}",
+                    max_reconnect_attempts=-1, reconnect_time_wait=self.retry_every,
+                    connect_timeout=2, allow_reconnect=True,
+                    disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+                    error_cb=self._error, **self.options,
+                )
+                break
+            except Exception as exc:  # no server yet: the node serves clients meanwhile
+                log.warning("NATS %s unreachable (%s); retrying in %.1f s",
+                            ",".join(self.servers), exc, self.retry_every)
+                await asyncio.sleep(self.retry_every)
+        self.nc = nc
+        service = Service(nc, SERVICE_NAME, config.version, DESCRIPTION,
+                          metadata={"node_id": config.node_id})
+        await service.add_endpoint("status", f"imnode.{config.node_id}.status", self._status)
+        await service.add_endpoint("drain", f"imnode.{config.node_id}.drain", self._drain)
+        await self.node.attach(nc)
+        await service.start()
+        self.service = service
+        self.connected.set()
+        log.info("NATS connected; micro service %s instance %s", SERVICE_NAME, service.id)
+
+    async def _status(self, request: Any) -> bytes:
+        return orjson.dumps(self.node.status())
+
+    async def _drain(self, request: Any) -> bytes:
+        asyncio.get_running_loop().create_task(self.node.drain())
+        return orjson.dumps({"node_id": self.node.config.node_id, "draining": True})
+
+    async def _error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc or type(exc).__name__)  # one line, not nats-py's traceback
+
+    async def _disconnected(self) -> None:
+        log.warning("NATS disconnected; clients stay connected, status resumes on reconnect")
+
+    async def _reconnected(self) -> None:
+        log.info("NATS reconnected")
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                await self.service.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+
+async def run(config: NodeConfig, servers: Sequence[str],
+              nats_options: dict[str, Any] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (or a drain request), drain, and return."""
+    node = Node(config)
+    await node.start()
+    link = NatsLink(node, servers, nats_options)
+    link.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(node.drain()))
+    host, port = node.address
+    log.info("imnode %s listening on %s:%d (capacity %d)", config.node_id,
+             config.host, config.port, config.capacity)
+    print(f"imnode {config.node_id} listening on {config.host}:{config.port}, "
+          f"advertised as {host}:{port}", flush=True)
+    try:
+        await node.drained()
+        log.info("imnode %s drained", config.node_id)
+    finally:
+        await link.close()
+        await node.stop()
