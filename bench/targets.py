@@ -62,6 +62,13 @@ TARGETS = [
            lambda: measured("replay rate"), "events/s", lambda v: v >= 300_000),
     Target("1M-event replay from a snapshot-less log < 4 s",
            lambda: measured("replay 1M events"), "s", lambda v: v < 4),
+    Target("imnode holds 10,000 idle connections with heartbeats",
+           lambda: measured("imnode idle connections"), "", lambda v: v >= 10_000),
+    Target("imnode RSS per idle connection <= 8 KiB",
+           lambda: measured("imnode RSS per idle connection"), "bytes", lambda v: v <= 8192),
+    Target("imnode status request at 10k connections < 1 ms (p50, NATS round trip included)",
+           lambda: measured("imnode status request p50 at 10k connections"), "ms",
+           lambda v: v < 1),
 ]
 
 
