@@ -234,3 +234,38 @@ def test_client_follows_goaway_to_where_the_dispatcher_says():
             await client.close()
 
     run(body)
+
+
+def test_dispatcher_locator_asks_get_tcp_ip_over_http():
+    from imnode.client import dispatcher_locator
+
+    async def body():
+        requests = []
+
+        async def answer(reader, writer):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            requests.append(head.split("\r\n")[0])
+            if "exclude=n1%2Cn2" in head:
+                status, payload = "503 Service Unavailable", b'{"error":"all full","retry_after":3}'
+            else:
+                status, payload = "200 OK", b'{"node":"n7","ip":"127.0.0.7","port":9007}'
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        locate = dispatcher_locator(f"http://127.0.0.1:{port}", "alice")
+        assert await locate([]) == ("127.0.0.7", 9007)
+        assert await locate(["n1"]) == ("127.0.0.7", 9007)
+        with pytest.raises(ClientError, match="http_503: all full"):
+            await locate(["n1", "n2"])
+        assert requests == [
+            "GET /get-tcp-ip?uid=alice HTTP/1.1",
+            "GET /get-tcp-ip?uid=alice&exclude=n1 HTTP/1.1",
+            "GET /get-tcp-ip?uid=alice&exclude=n1%2Cn2 HTTP/1.1",
+        ]
+        server.close()
+
+    run(body)
