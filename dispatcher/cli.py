@@ -1,7 +1,8 @@
 """`imdispatch`: the dispatcher's command line (also `python -m dispatcher`).
 
-Exit codes: 0 success, 1 the check failed (self-check mismatch, corrupted log),
-2 usage error or a log that cannot be read at all.
+Exit codes: 0 success, 1 the check failed (self-check mismatch, a corrupted log or one
+whose events do not fold), 2 usage error or a log that cannot be read at all (missing,
+locked by a writer, written in a newer format).
 """
 
 from __future__ import annotations
@@ -182,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except BrokenPipeError:  # `imdispatch audit ... | head`
         return 0
-    except LogCorrupted as exc:
+    except (LogCorrupted, DomainError) as exc:  # the log's content is wrong
         print(f"imdispatch {args.command}: {exc}", file=sys.stderr)
         if args.command == "recover":
             print("to keep the records before it and drop the rest: imdispatch recover "
                   f"--log {args.log} --salvage", file=sys.stderr)
         return 1
-    except (EventLogError, DomainError, OSError) as exc:
+    except (EventLogError, OSError) as exc:  # unreadable: locked, newer format, no log
         print(f"imdispatch {args.command}: {exc}", file=sys.stderr)
         return 2
 

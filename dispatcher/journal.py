@@ -10,6 +10,7 @@ stop being ready (its state is ahead of what is durable).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from dispatcher.domain.errors import DomainError
 from dispatcher.domain.events import Event, from_dict
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.base import EventLog, Recovery
@@ -68,12 +70,23 @@ class Journal:
         self.state = RoutingState(selector_class)
         self._snapshot_seq = 0
         self._snapshot_task: asyncio.Task | None = None
+        self._closing = False
 
     # -- start-up ---------------------------------------------------------------------
 
     async def open(self) -> StartReport:
         started = time.perf_counter()
         report = StartReport(await self.log.open())
+        try:
+            await self._rebuild(report)
+        except BaseException:
+            with contextlib.suppress(Exception):  # give the writer's role back
+                await self.log.close()
+            raise
+        report.seconds = time.perf_counter() - started
+        return report
+
+    async def _rebuild(self, report: StartReport) -> None:
         if self.snapshots is not None:
             for name in self.snapshots.discard_after(report.recovery.last_seq):
                 report.notes.append(f"removed snapshot {name}: past the log's end")
@@ -87,8 +100,8 @@ class Journal:
             except _SnapshotMismatch as exc:
                 report.notes.append(f"skipped snapshot {path.name}: {exc}")
                 continue
-            except (KeyError, TypeError, ValueError) as exc:
-                report.notes.append(f"skipped snapshot {path.name}: unreadable state: {exc}")
+            except (KeyError, TypeError, ValueError, DomainError) as exc:
+                report.notes.append(f"skipped snapshot {path.name}: it does not fit: {exc}")
                 continue
             report.snapshot_seq = self._snapshot_seq = snapshot.seq
             break
@@ -96,8 +109,6 @@ class Journal:
             state = RoutingState(self._selector_class)
             report.replayed = await self._replay(state, 0, GENESIS_HASH)
         self.state = state
-        report.seconds = time.perf_counter() - started
-        return report
 
     def _snapshot_candidates(self, last_seq: int) -> list:
         return self.snapshots.candidates(last_seq) if self.snapshots else []
@@ -129,17 +140,22 @@ class Journal:
         """Stamp, apply and log events; returns them stamped once durable per fsync policy.
 
         Stamping, applying and queueing happen before the first await, so concurrent
-        callers never interleave. If an event does not fit the state, the ones before it
-        are still recorded and the error is raised after.
+        callers never interleave. What is applied is the event as the log stores it
+        (encoded, then decoded), so the live state is exactly what a replay will build. If
+        an event cannot be stored or does not fit the state, the ones before it are still
+        recorded and the error is raised after.
         """
+        if self._closing:
+            raise LogClosed("the journal is closing; routing state changes are refused")
         if self.log.failure is not None:
             raise LogClosed("the event log failed; routing state changes are refused")
         stamped: list[Event] = []
         now = self.clock()
         error: Exception | None = None
         for event in events:
-            event = dataclasses.replace(event, seq=self.state.seq + 1, time=now)
             try:
+                stored = orjson.dumps(dataclasses.replace(event, seq=self.state.seq + 1, time=now))
+                event = from_dict(orjson.loads(stored))
                 self.state.apply(event)
             except Exception as exc:
                 error = exc
@@ -167,7 +183,8 @@ class Journal:
         )
 
     async def _save_snapshot(self, snapshot: Snapshot, durable: asyncio.Future) -> None:
-        await asyncio.shield(durable)  # never a snapshot ahead of the durable log
+        await asyncio.shield(durable)
+        await self.log.sync()  # never a snapshot ahead of what is on disk, whatever the policy
         await asyncio.to_thread(self.snapshots.save, snapshot)
 
     @property
@@ -175,10 +192,18 @@ class Journal:
         return self.log.failure
 
     async def close(self) -> None:
-        """Flush the log and leave a snapshot of the final state for a fast next start."""
-        if self._snapshot_task is not None:
-            await self._snapshot_task
-        await self.log.close()
+        """Flush the log and leave a snapshot of the final state for a fast next start.
+
+        The log is closed (and its lock released) even if the last snapshot failed; a
+        failed log raises here, and then no final snapshot is written.
+        """
+        self._closing = True
+        try:
+            if self._snapshot_task is not None:
+                with contextlib.suppress(Exception):  # a missed snapshot only costs start-up time
+                    await self._snapshot_task
+        finally:
+            await self.log.close()
         if self.snapshots is not None and self.state.seq > self._snapshot_seq:
             snapshot = Snapshot(self.state.seq, self.log.last_hash, self.state.to_dict())
             await asyncio.to_thread(self.snapshots.save, snapshot)

@@ -81,27 +81,35 @@ class Verification:
 
 
 def verify(log: str | os.PathLike) -> Verification:
-    """Check every record's checksum, sequence and hash chain, and every snapshot's hash.
+    """Check every record's checksum, sequence and hash chain, replay every event, and
+    compare each snapshot with the state its records build.
 
-    Raises `LogCorrupted` naming the first bad record.
+    Raises `LogCorrupted` naming the first bad record (or a `DomainError` for a record
+    whose event does not fit the state before it).
     """
     result = Verification(segments=len(list_segments(Path(log))))
     reader = LogReader(log)
-    hashes: dict[int, bytes] = {}
-    wanted = {s.seq for s, _, _ in snapshot_store(log).candidates(2**63) if s is not None}
+    candidates = snapshot_store(log).candidates(2**63)
+    wanted = {s.seq: s for s, _, _ in candidates if s is not None}
+    state = RoutingState()
+    built: dict[int, tuple[bytes, dict]] = {}
     for record in reader.records():
+        state.apply(record.event())
         result.records += 1
         result.last_seq, result.head_hash = record.seq, record.hash
         if record.seq in wanted:
-            hashes[record.seq] = record.hash
+            built[record.seq] = (record.hash, state.to_dict())
     result.torn = reader.torn
-    for snapshot, path, problem in snapshot_store(log).candidates(2**63):
+    for snapshot, path, problem in candidates:
         if snapshot is None:
             result.snapshots.append(f"{path.name}: {problem}")
         elif snapshot.seq > result.last_seq:
             result.snapshots.append(f"{path.name}: seq {snapshot.seq} is past the log's end")
-        elif hashes.get(snapshot.seq) != snapshot.hash:
+        elif built[snapshot.seq][0] != snapshot.hash:
             result.snapshots.append(f"{path.name}: hash differs from the log's record")
+        elif built[snapshot.seq][1] != snapshot.state:
+            result.snapshots.append(f"{path.name}: its state is not what the log's records "
+                                    f"build at seq {snapshot.seq}")
         else:
             result.snapshots.append(f"{path.name}: matches the log at seq {snapshot.seq}")
             continue

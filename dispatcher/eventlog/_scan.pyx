@@ -13,6 +13,7 @@ from libc.string cimport memcmp
 from dispatcher.eventlog.records import BROKEN_CHAIN, DAMAGED, SCANNED, WRONG_SEQ, Record
 from dispatcher.eventlog.records import HEADER as _HEADER
 from dispatcher.eventlog.records import MAGIC as _MAGIC
+from dispatcher.eventlog.records import MAX_PAYLOAD as _MAX_PAYLOAD
 
 
 cdef extern from "zlib.h" nogil:
@@ -22,6 +23,7 @@ cdef extern from "openssl/sha.h" nogil:
     unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md)
 
 cdef Py_ssize_t HEADER_SIZE = _HEADER.size
+cdef uint32_t MAX_PAYLOAD = _MAX_PAYLOAD
 cdef bytes MAGIC = _MAGIC
 cdef int SCANNED_ = SCANNED, DAMAGED_ = DAMAGED, WRONG_SEQ_ = WRONG_SEQ
 cdef int BROKEN_CHAIN_ = BROKEN_CHAIN
@@ -35,7 +37,8 @@ cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
 
 
-def scan_batch(bytes data, Py_ssize_t offset, uint64_t seq, bytes prev, Py_ssize_t limit):
+def scan_batch(bytes data not None, Py_ssize_t offset, uint64_t seq, bytes prev not None,
+               Py_ssize_t limit):
     """See `_scan_py.scan_batch`."""
     cdef const unsigned char *base = <const unsigned char *>PyBytes_AS_STRING(data)
     cdef const unsigned char *record
@@ -43,11 +46,14 @@ def scan_batch(bytes data, Py_ssize_t offset, uint64_t seq, bytes prev, Py_ssize
     cdef unsigned char digest[32]
     cdef list out = []
     cdef int why = SCANNED_
-    if PyBytes_GET_SIZE(prev) != 32:
-        raise ValueError("prev must be a 32-byte hash")
+    if offset < 0 or PyBytes_GET_SIZE(prev) != 32:
+        raise ValueError("offset must be >= 0 and prev a 32-byte hash")
     while offset < end and count < limit:
         record = base + offset
         if offset + HEADER_SIZE > end or memcmp(record, PyBytes_AS_STRING(MAGIC), 4) != 0:
+            why = DAMAGED_
+            break
+        if _be32(record + 4) > MAX_PAYLOAD:
             why = DAMAGED_
             break
         stop = offset + HEADER_SIZE + _be32(record + 4)

@@ -15,6 +15,7 @@ from dispatcher.eventlog.records import (
     DAMAGED,
     HEADER,
     MAGIC,
+    MAX_PAYLOAD,
     SCANNED,
     WRONG_SEQ,
     Record,
@@ -28,6 +29,8 @@ def scan_batch(
     and to link to `prev`. Returns (records, offset, seq, prev, why) for where it stopped:
     `why` is SCANNED (end of data or limit), DAMAGED (no whole, checksummed record at
     `offset`), WRONG_SEQ or BROKEN_CHAIN (a whole record that does not belong there)."""
+    if offset < 0 or len(prev) != 32:
+        raise ValueError("offset must be >= 0 and prev a 32-byte hash")
     out: list[Record] = []
     unpack, crc32, sha256 = HEADER.unpack_from, zlib.crc32, hashlib.sha256
     end = len(data)
@@ -37,7 +40,7 @@ def scan_batch(
             return out, offset, seq, prev, DAMAGED
         magic, length, crc, found, link = unpack(data, offset)
         stop += length
-        if magic != MAGIC or stop > end:
+        if magic != MAGIC or length > MAX_PAYLOAD or stop > end:
             return out, offset, seq, prev, DAMAGED
         body = data[offset + 12:stop]
         if crc32(body) != crc:

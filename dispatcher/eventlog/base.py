@@ -53,6 +53,9 @@ class EventLog(Protocol):
         Encoding happens before this returns, so `last_seq` and `last_hash` are current.
         """
 
+    async def sync(self) -> None:
+        """Make what was appended so far durable now, whatever the fsync policy."""
+
     def read(self, after: int = 0) -> AsyncIterator[list[Record]]:
         """Verified records with seq > `after`, in order, in batches."""
 

@@ -129,19 +129,36 @@ class FileLog:
             self._open_segment(1, records.GENESIS_HASH)
             self._size = SEGMENT_HEADER.size
             return recovery
-        clean = self._take_clean_marker(paths[-1])
-        if clean is not None:
-            recovery.last_seq = self.last_seq = clean[0]
-            self.last_hash = clean[1]
-            self._fd = os.open(paths[-1], os.O_WRONLY | os.O_APPEND)
-            self._size = paths[-1].stat().st_size
+        marker = self._take_clean_marker()
+        last = paths[-1]
+        stat = last.stat()
+        if marker is not None and marker.get("segment") == last.name and (
+            marker.get("size"), marker.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            # Closed cleanly and untouched since: no scan needed (as Kafka's clean-shutdown
+            # file). Records are verified anyway whenever they are read.
+            recovery.last_seq = self.last_seq = marker["last_seq"]
+            self.last_hash = bytes.fromhex(marker["last_hash"])
+            self._fd = os.open(last, os.O_WRONLY | os.O_APPEND)
+            self._size = stat.st_size
             return recovery
-        segment = Segment.read(paths[-1])
+        # The marker vouches the segment was whole at that size: damage within it cannot
+        # be an unfinished write, only corruption.
+        complete = marker is not None and marker.get("segment") == last.name and (
+            marker.get("size") == stat.st_size)
+        try:
+            segment = Segment.read(last)
+        except LogCorrupted as exc:
+            if not self.salvage or len(paths) == 1:
+                raise
+            recovery.salvaged, recovery.dropped_bytes = exc, stat.st_size
+            recovery.notes.append(f"removed {last.name}: its header is damaged")
+            last.unlink()
+            return self._recover_after_salvage(recovery)
         torn: list[TornTail] = []
         end = SEGMENT_HEADER.size
         seq, last_hash = segment.first_seq - 1, segment.prev_hash
         try:
-            for batch in segment.batches(last=True, torn=torn):
+            for batch in segment.batches(last=not complete, torn=torn):
                 end += sum(records.HEADER.size + len(record.payload) for record in batch)
                 seq, last_hash = batch[-1].seq, batch[-1].hash
         except LogCorrupted as exc:
@@ -161,44 +178,48 @@ class FileLog:
         self._size = end
         return recovery
 
-    def _take_clean_marker(self, last_segment: Path) -> tuple[int, bytes] | None:
-        """(last seq, last hash) if the log was closed cleanly and not touched since.
+    def _recover_after_salvage(self, recovery: Recovery) -> Recovery:
+        """Recover again now that a damaged last segment is gone, keeping the report."""
+        again = self._recover()
+        again.salvaged = again.salvaged or recovery.salvaged
+        again.dropped_bytes += recovery.dropped_bytes
+        again.notes[:0] = recovery.notes
+        return again
 
-        Like Kafka's clean-shutdown file: a clean close leaves a marker naming the last
-        segment's size, seq and hash, so the next open can skip the recovery scan. The
-        marker is removed at once, so a crash from here on is recovered by a scan.
-        """
+    def _take_clean_marker(self) -> dict | None:
+        """The clean-shutdown marker, removed at once: a crash from here on gets a scan."""
         marker = self.path / CLEAN_MARKER
         try:
             raw = orjson.loads(marker.read_bytes())
         except (OSError, ValueError):
-            return None
-        finally:
-            if marker.exists():
-                marker.unlink()
-                _fsync_directory(self.path)
-        try:
-            stat = last_segment.stat()
-            if (raw["segment"], raw["size"], raw["mtime_ns"]) == (
-                last_segment.name, stat.st_size, stat.st_mtime_ns
-            ):
-                return raw["last_seq"], bytes.fromhex(raw["last_hash"])
-        except (KeyError, TypeError, ValueError):
-            pass
-        return None
+            raw = None
+        if marker.exists():
+            marker.unlink()
+            _fsync_directory(self.path)
+        return raw if isinstance(raw, dict) else None
 
     def _open_segment(self, first_seq: int, prev_hash: bytes) -> None:
-        """Create the next segment (writer thread, or start-up) and make it the active one."""
-        if self._fd is not None:
-            if self.fsync != "never":
-                os.fsync(self._fd)
-            os.close(self._fd)
+        """Create the next segment (writer thread, or start-up) and make it the active one.
+
+        The old segment is fsynced first (unless `never`), so a crash can leave a torn
+        tail only in the last segment; it is closed only once the new one exists, so a
+        failure here leaves the log on the old one, still open.
+        """
+        if self._fd is not None and self.fsync != "never":
+            os.fsync(self._fd)
         path = self.path / segment_name(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, encode_header(first_seq, prev_hash))
-        if self.fsync != "never":
-            os.fsync(fd)
-            _fsync_directory(self.path)
+        try:
+            _write_all(fd, encode_header(first_seq, prev_hash))
+            if self.fsync != "never":
+                os.fsync(fd)
+                _fsync_directory(self.path)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
         self._fd = fd
 
     # -- appending --------------------------------------------------------------------
@@ -212,41 +233,43 @@ class FileLog:
         if self._failure is not None or self._closing or self._fd is None:
             raise LogClosed(f"event log {self.path} is not open for appending") from self._failure
         loop = asyncio.get_running_loop()
-        if self._writer is None:
-            self._wakeup = asyncio.Event()
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="eventlog")
-            self._writer = loop.create_task(self._write_loop())
-        seq, prev = self.last_seq, self.last_hash
+        # Encode everything before touching the log's state: a bad event changes nothing.
+        seq, prev, size = self.last_seq, self.last_hash, self._size
+        operations: list[tuple[str, object]] = []
         chunk = bytearray()
         for event in events:
             seq += 1
             if event.seq != seq:
                 raise ValueError(f"event seq {event.seq} does not continue the log at {seq - 1}")
-            data, digest = records.encode(seq, prev, orjson.dumps(event))
-            if self._size + len(chunk) + len(data) > self.segment_bytes and (
-                self._size + len(chunk) > SEGMENT_HEADER.size
-            ):
-                self._queue_data(chunk)
-                chunk = bytearray()
-                self._queue.append(("rotate", (seq, prev)))
-                self._size = SEGMENT_HEADER.size
+            payload = orjson.dumps(event)
+            if len(payload) > records.MAX_PAYLOAD:
+                raise ValueError(f"event {seq} is {len(payload)} bytes, over the record limit")
+            data, digest = records.encode(seq, prev, payload)
+            if size + len(data) > self.segment_bytes and size > SEGMENT_HEADER.size:
+                if chunk:
+                    operations.append(("data", bytes(chunk)))
+                    chunk = bytearray()
+                operations.append(("rotate", (seq, prev)))
+                size = SEGMENT_HEADER.size
             chunk += data
+            size += len(data)
             prev = digest
-        self._queue_data(chunk)
-        self.last_seq, self.last_hash = seq, prev
+        if chunk:
+            operations.append(("data", bytes(chunk)))
+        if self._writer is None:
+            self._wakeup = asyncio.Event()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="eventlog")
+            self._writer = loop.create_task(self._write_loop())
+        self._queue += operations
+        self.last_seq, self.last_hash, self._size = seq, prev, size
         waiter = loop.create_future()
         self._waiters.append(waiter)
         self._wakeup.set()
         return waiter
 
-    def _queue_data(self, chunk: bytearray) -> None:
-        if chunk:
-            self._queue.append(("data", bytes(chunk)))
-            self._size += len(chunk)
-
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while self._failure is None:
             if not self._queue:
                 if self._closing:
                     break
@@ -266,8 +289,20 @@ class FileLog:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-        if self._dirty and self.fsync != "never":
-            await loop.run_in_executor(self._executor, self._sync)
+        if self._failure is None and self._dirty and self.fsync != "never":
+            try:
+                await loop.run_in_executor(self._executor, self._sync)
+            except OSError as exc:
+                self._fail(exc, [])
+
+    async def sync(self) -> None:
+        """Force what was written so far to disk now (whatever the fsync policy)."""
+        if self._writer is not None and self._failure is None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._force_sync)
+
+    def _force_sync(self) -> None:
+        if self._fd is not None:
+            os.fdatasync(self._fd)
 
     async def _idle(self) -> None:
         """Wait for appends; with `batch`, fsync what is still unsynced when it is due."""
@@ -285,15 +320,24 @@ class FileLog:
                 self._fail(exc, [])
 
     def _write(self, batch: list[tuple[str, object]], sync: bool) -> None:
-        """Writer thread: the queued operations in order, then an fsync if asked."""
+        """Writer thread: the queued operations in order, one write per segment, then an
+        fsync if asked."""
+        pending = bytearray()
         for kind, item in batch:
             if kind == "rotate":
+                self._flush(pending)
                 self._open_segment(*item)  # type: ignore[misc]
             else:
-                os.write(self._fd, item)  # type: ignore[arg-type]
-                self._dirty = True
+                pending += item  # type: ignore[operator]
+        self._flush(pending)
         if sync:
             self._sync()
+
+    def _flush(self, data: bytearray) -> None:
+        if data:
+            self._dirty = True
+            _write_all(self._fd, data)
+            data.clear()
 
     def _sync(self) -> None:
         if self._dirty:
@@ -324,7 +368,7 @@ class FileLog:
         self._closing = True
         if self._writer is not None:
             self._wakeup.set()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._writer
             self._executor.shutdown(wait=True)
         if self._fd is not None:
@@ -350,6 +394,14 @@ class FileLog:
         }))
         os.replace(marker.with_suffix(".tmp"), marker)
         _fsync_directory(self.path)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """os.write until everything is written: a short write (a disk filling up) must not
+    pass for a whole one; the error that follows it fails the log."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _fsync_directory(path: Path) -> None:
@@ -384,19 +436,33 @@ class LogReader:
     def batches(self, after: int = 0) -> Iterator[list[records.Record]]:
         """The records after `after` in lists (the scanner's batches: less overhead)."""
         paths = list_segments(self.path)
+        if not paths:
+            raise FileNotFoundError(f"{self.path} is not an event log: no segment files")
+        if len(paths) > 1 and paths[-1].stat().st_size < SEGMENT_HEADER.size:
+            paths.pop()  # a segment being created right now, or a crash while rotating
         start = 0
         for index, path in enumerate(paths):  # the segment that holds seq `after + 1`
             if int(path.name[:20]) <= after + 1:
                 start = index
-        expected_seq, expected_hash = None, None
+        first = int(paths[start].name[:20])
+        if first > after + 1:
+            raise LogCorrupted(
+                f"event log corrupted: it starts at seq {first} in {paths[start].name}; "
+                f"records {after + 1}..{first - 1} are missing (deleted segments?)",
+                segment=paths[start].name, offset=0, seq=after + 1,
+            )
+        expected_seq = expected_hash = None
+        if first == 1:  # the log's first record must link to the genesis hash
+            expected_seq, expected_hash = 1, records.GENESIS_HASH
         for index in range(start, len(paths)):
             segment = Segment.read(paths[index])
             if expected_seq is not None and (
                 segment.first_seq != expected_seq or segment.prev_hash != expected_hash
             ):
+                after_what = f"{paths[index - 1].name}" if index else "the start of the log"
                 raise LogCorrupted(
                     f"event log corrupted: {segment.path.name} does not continue "
-                    f"{paths[index - 1].name} (expected first seq {expected_seq})",
+                    f"{after_what} (expected first seq {expected_seq})",
                     segment=segment.path.name, offset=0, seq=segment.first_seq,
                 )
             expected_seq, expected_hash = segment.first_seq, segment.prev_hash

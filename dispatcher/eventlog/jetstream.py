@@ -456,6 +456,9 @@ class JetStreamLog:
         self._waiters.clear()
         self._queue.clear()
 
+    async def sync(self) -> None:
+        """Nothing to force: an acknowledged append is already stored by JetStream."""
+
     # -- reading ----------------------------------------------------------------------
 
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
@@ -550,7 +553,7 @@ class JetStreamLog:
         self._closing = True
         if self._sender is not None:
             self._wakeup.set()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._sender
         if self._ack_sub is not None:
             with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import orjson
 
 from dispatcher.domain import events as ev
+from dispatcher.domain.errors import MalformedEvent
 
 MAGIC = b"IMDR"
 HEADER = struct.Struct(">4sIIQ32s")
@@ -48,7 +49,11 @@ class Record:
     hash: bytes
 
     def event(self) -> ev.Event:
-        return ev.from_dict(orjson.loads(self.payload))
+        try:
+            data = orjson.loads(self.payload)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedEvent(f"record {self.seq} is not a JSON event: {exc}") from None
+        return ev.from_dict(data)
 
 
 def record_hash(seq: int, prev_hash: bytes, payload: bytes) -> bytes:

@@ -1,14 +1,17 @@
 """Snapshots of the routing state, so start-up replays only the log's tail.
 
-A snapshot is one JSON file `snapshot-<seq>.json` holding the state after event `seq`
+A snapshot is one JSON file `snapshot-<seq>.json` holding the state after event `seq`,
+a SHA-256 checksum of that state (accidental damage is noticed and the snapshot skipped)
 and the hash of that event's record: replay continues from `seq + 1` and checks that the
 next record's chain starts from that hash, so a snapshot that does not belong to this log
-is noticed (and skipped). Files are written to a temporary name, fsynced and renamed, so
-a crash leaves either the old snapshot or the new one, never half of one.
+is noticed (and skipped). Only `imdispatch verify`, which replays the log, proves that a
+snapshot's state is the one its records build. Files are written to a temporary name,
+fsynced and renamed, so a crash leaves either the old snapshot or the new one, never half.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +38,13 @@ class SnapshotStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"snapshot-{snapshot.seq:020d}.json"
         temporary = path.with_suffix(".tmp")
+        state = orjson.dumps(snapshot.state)
         data = orjson.dumps({
             "format": SNAPSHOT_FORMAT,
             "seq": snapshot.seq,
             "hash": snapshot.hash.hex(),
-            "state": snapshot.state,
+            "state_sha256": hashlib.sha256(state).hexdigest(),
+            "state": orjson.Fragment(state),
         })
         with open(temporary, "wb") as handle:
             handle.write(data)
@@ -68,6 +73,8 @@ class SnapshotStore:
                 raw = orjson.loads(path.read_bytes())
                 if raw.get("format") != SNAPSHOT_FORMAT:
                     raise ValueError(f"format {raw.get('format')!r} is not {SNAPSHOT_FORMAT}")
+                if hashlib.sha256(orjson.dumps(raw["state"])).hexdigest() != raw["state_sha256"]:
+                    raise ValueError("the state does not match its checksum")
                 snapshot = Snapshot(raw["seq"], bytes.fromhex(raw["hash"]), raw["state"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 found.append((None, path, f"unreadable: {exc}"))

@@ -9,7 +9,8 @@ from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog, LogReader
 
 
 def stamped_events(count: int, start: int = 1, seed: int = 0) -> list[ev.Event]:
-    """Events with consecutive seqs and varied sizes (the log does not check the fold).
+    """Events with consecutive seqs and varied sizes that fold into a routing state: the
+    first 50 add nodes, the rest report load, mark nodes down or reload the config.
 
     Each event depends only on (seed, seq), so a writer restarted at any seq goes on with
     the same events.
@@ -19,7 +20,10 @@ def stamped_events(count: int, start: int = 1, seed: int = 0) -> list[ev.Event]:
         rng = random.Random(f"{seed}-{seq}")
         node = f"node-{rng.randrange(50)}"
         choice = rng.random()
-        if choice < 0.7:
+        if seq <= 50:
+            event = ev.NodeAdded(node=f"node-{seq - 1}", ip="10.0.0.1", port=9000 + seq,
+                                 weight=rng.randint(1, 9))
+        elif choice < 0.7:
             event = ev.LoadReported(node=node, connections=rng.randrange(10**6), capacity=10**6)
         elif choice < 0.9:
             event = ev.NodeDown(node=node, cause="timeout", detail="x" * rng.randrange(300))

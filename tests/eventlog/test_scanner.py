@@ -68,5 +68,30 @@ def test_stop_reasons():
     assert len(first) == 2 and offset < len(data)
 
 
+def test_bad_arguments_are_refused_alike():
+    data, hashes = build([b"a"])
+    for scan in (_scan.scan_batch, _scan_py.scan_batch):
+        for offset, prev in ((-1, hashes[0]), (0, b"short")):
+            try:
+                scan(bytes(data), offset, 1, prev, 9)
+            except ValueError as exc:
+                assert "offset must be >= 0" in str(exc)
+            else:
+                raise AssertionError(f"{scan.__module__} accepted {offset}, {prev!r}")
+    try:
+        _scan.scan_batch(None, 0, 1, hashes[0], 9)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("None accepted as data")
+
+
+def test_oversized_length_is_damage():
+    data, hashes = build([b"a"])
+    data[4:8] = (records.MAX_PAYLOAD + 1).to_bytes(4, "big")
+    data += bytes(records.MAX_PAYLOAD + 100)  # long enough that only the limit can stop it
+    assert both(data, 0, 1, hashes[0], 9)[4] == records.DAMAGED
+
+
 def test_scanner_is_compiled():
     assert isinstance(_scan.__loader__, importlib.machinery.ExtensionFileLoader)
