@@ -37,5 +37,9 @@ class AppendFailed(EventLogError):
     """JetStream refused an append, or did not acknowledge it within `retry_for` seconds."""
 
 
+class LogUnavailable(EventLogError):
+    """The log's storage does not answer (JetStream stalled or unreachable): try later."""
+
+
 class StaleWriter(EventLogError):
     """Someone else appended to a shared log since this writer last read it (JetStream)."""

@@ -355,8 +355,16 @@ class FileLog:
 
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
         """Verified records after `after`, in batches (one await per batch, not per record)."""
-        for batch in LogReader(self.path).batches(after):
+        reader = LogReader(self.path)
+        for batch in reader.batches(after):
             yield batch
+        torn = reader.torn
+        if torn is not None and torn.seq <= self.last_seq:  # the writer knows it was whole
+            raise LogCorrupted(
+                f"event log corrupted in {torn.segment} at offset {torn.offset} "
+                f"(seq {torn.seq}): {torn.problem}",
+                segment=torn.segment.name, offset=torn.offset, seq=torn.seq,
+            )
 
     @property
     def failure(self) -> BaseException | None:

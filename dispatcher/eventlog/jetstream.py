@@ -60,6 +60,7 @@ from dispatcher.eventlog.errors import (
     EventLogError,
     LogClosed,
     LogCorrupted,
+    LogUnavailable,
     StaleWriter,
     StreamConfigError,
     UnsupportedFormat,
@@ -427,6 +428,17 @@ class JetStreamLog:
             f"event log stream {self.stream} refused event {item.seq}: {text} (error {code})"
         )
 
+    async def _stored_or_unknown(self, seq: int) -> bool:
+        """Does message `seq` exist? True also when the server cannot say right now: only
+        a definite "not found" is evidence of a gap."""
+        try:
+            await self._js.get_msg(self.stream, seq)
+        except NotFoundError:
+            return False
+        except Exception:
+            return True
+        return True
+
     async def _stored_hash(self, seq: int) -> bytes | None:
         try:
             raw = await self._js.get_msg(self.stream, seq)
@@ -494,7 +506,7 @@ class JetStreamLog:
             config=api.ConsumerConfig(opt_start_seq=after + 1),
         )
         try:
-            expected, prev = after + 1, None
+            expected, prev, stalls = after + 1, None, 0
             while expected <= last:
                 if not buffer:
                     arrived.clear()
@@ -508,13 +520,21 @@ class JetStreamLog:
                             f"event log stream {self.stream}: appends failed, so message "
                             f"{expected} was never stored: {self._failure}"
                         ) from self._failure
+                    if await self._stored_or_unknown(expected):
+                        stalls += 1  # it exists (or cannot be asked about): a slow server
+                        if stalls * self.timeout < self.retry_for:
+                            continue
+                        raise LogUnavailable(
+                            f"event log stream {self.stream}: message {expected} exists but "
+                            f"was not delivered within {self.retry_for} s"
+                        )
                     raise LogCorrupted(
                         f"event log stream {self.stream} corrupted: message {expected} "
                         f"missing (nothing arrived within {self.timeout} s; the log should "
                         f"end at seq {last})",
                         segment=self.stream, offset=expected, seq=expected,
                     )
-                batch = []
+                batch, stalls = [], 0
                 for _ in range(min(len(buffer), READ_BATCH, last - expected + 1)):
                     msg = buffer.popleft()
                     seq = msg.metadata.sequence.stream
