@@ -5,7 +5,9 @@ variable IMDISPATCH_PURE_PYTHON=1 to run the pure-Python reference instead. A mi
 build is an error, never a silent 25x slowdown.
 """
 
+import importlib
 import os
+from types import ModuleType
 
 from core_ext._rules import MAX_COUNT, MAX_WEIGHT, overloaded_after
 from core_ext._rules import watermarks as watermarks_ppm
@@ -21,19 +23,26 @@ from core_ext.errors import (
 PURE_PYTHON = os.environ.get("IMDISPATCH_PURE_PYTHON", "") not in ("", "0")
 """True when IMDISPATCH_PURE_PYTHON asks every compiled module to use its Python twin."""
 
-if PURE_PYTHON:
-    from core_ext.reference import Selector
 
-    IMPLEMENTATION = "reference"
-else:
+def compiled_or_twin(compiled: str, twin: str) -> ModuleType:
+    """The compiled module, or its pure-Python twin under IMDISPATCH_PURE_PYTHON=1.
+
+    A missing build is an error with instructions, never a silent fallback to the slower
+    twin.
+    """
+    if PURE_PYTHON:
+        return importlib.import_module(twin)
     try:
-        from core_ext._selector import Selector
+        return importlib.import_module(compiled)
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise ImportError(
-            "core_ext's compiled extension is not built: run `pip install -e .` (or "
-            "`make test`), or set IMDISPATCH_PURE_PYTHON=1 to use the pure-Python reference"
+            f"{compiled} is not built: run `pip install -e .` (or `make test`), or set "
+            f"IMDISPATCH_PURE_PYTHON=1 to use its pure-Python twin {twin}"
         ) from exc
-    IMPLEMENTATION = "compiled"
+
+
+Selector = compiled_or_twin("core_ext._selector", "core_ext.reference").Selector
+IMPLEMENTATION = "reference" if PURE_PYTHON else "compiled"
 
 __all__ = [
     "IMPLEMENTATION",
@@ -47,6 +56,7 @@ __all__ = [
     "Selector",
     "SelectorError",
     "UnknownNode",
+    "compiled_or_twin",
     "overloaded_after",
     "watermarks_ppm",
 ]

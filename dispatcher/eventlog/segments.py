@@ -22,17 +22,6 @@ from pathlib import Path
 
 import core_ext
 from dispatcher.eventlog import records
-
-if core_ext.PURE_PYTHON:
-    from dispatcher.eventlog._scan_py import scan_batch
-else:
-    try:
-        from dispatcher.eventlog._scan import scan_batch
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "the compiled record scanner is not built: run `pip install -e .` (or `make "
-            "test`), or set IMDISPATCH_PURE_PYTHON=1 to use the pure-Python twin"
-        ) from exc
 from dispatcher.eventlog.errors import LogCorrupted, UnsupportedFormat
 
 FORMAT_VERSION = 1
@@ -40,6 +29,10 @@ SEGMENT_MAGIC = b"IMDLOG"
 SEGMENT_HEADER = struct.Struct(">6sHQ32sI")
 SUFFIX = ".seg"
 SCAN_BATCH = 1024
+
+scan_batch = core_ext.compiled_or_twin(
+    "dispatcher.eventlog._scan", "dispatcher.eventlog._scan_py"
+).scan_batch
 
 
 def segment_name(first_seq: int) -> str:

@@ -3,7 +3,6 @@
 import asyncio
 import itertools
 
-import nats
 import orjson
 import pytest
 from nats.js import api
@@ -20,7 +19,7 @@ from dispatcher.eventlog.errors import (
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.journal import Journal
 from tests.eventlog.helpers import stamped_events
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, run_with_client
 
 _names = itertools.count(1)
 
@@ -43,14 +42,7 @@ def run(server):
     """Run `body(nc)` in a fresh event loop with a client connected to the server."""
 
     def runner(body, url=None, **options):
-        async def main():
-            nc = await nats.connect(url or server.url, **options)
-            try:
-                return await body(nc)
-            finally:
-                await nc.close()
-
-        return asyncio.run(main())
+        return run_with_client(url or server.url, body, **options)
 
     return runner
 

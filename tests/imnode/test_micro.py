@@ -27,7 +27,7 @@ from imnode.micro import (
     Service,
     ServiceError,
 )
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, run_with_client
 
 SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "nats-micro-schemas"
 VERBS = ("PING", "INFO", "STATS")
@@ -109,17 +109,7 @@ def endpoint_stats(stats: dict, name: str) -> dict:
 def run(nats_server):
     """Run `body(nc)` in a fresh event loop with a client of the session server."""
 
-    def runner(body):
-        async def main():
-            nc = await nats.connect(nats_server.url)
-            try:
-                return await body(nc)
-            finally:
-                await nc.close()
-
-        return asyncio.run(main())
-
-    return runner
+    return lambda body: run_with_client(nats_server.url, body)
 
 
 def test_control_replies_validate_on_all_three_subject_forms(run):
