@@ -41,6 +41,8 @@ class NatsLink:
         self.service: Service | None = None
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
+        self.duplicate = False
+        self._draining: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._connect())
@@ -62,6 +64,12 @@ class NatsLink:
                             ",".join(self.servers), exc, self.retry_every)
                 await asyncio.sleep(self.retry_every)
         self.nc = nc
+        if await self._id_taken(nc):
+            log.error("another node already answers imnode.%s.status: not registering this "
+                      "one (two nodes with one id would share status and deliveries)",
+                      config.node_id)
+            self.duplicate = True
+            return
         service = Service(nc, SERVICE_NAME, config.version, DESCRIPTION,
                           metadata={"node_id": config.node_id})
         await service.add_endpoint("status", f"imnode.{config.node_id}.status", self._status)
@@ -72,11 +80,18 @@ class NatsLink:
         self.connected.set()
         log.info("NATS connected; micro service %s instance %s", SERVICE_NAME, service.id)
 
+    async def _id_taken(self, nc: Any) -> bool:
+        try:
+            await nc.request(f"imnode.{self.node.config.node_id}.status", b"", timeout=1)
+        except Exception:  # no responders (the normal case) or no answer in time
+            return False
+        return True
+
     async def _status(self, request: Any) -> bytes:
         return orjson.dumps(self.node.status())
 
     async def _drain(self, request: Any) -> bytes:
-        asyncio.get_running_loop().create_task(self.node.drain())
+        self._draining = asyncio.get_running_loop().create_task(self.node.drain())
         return orjson.dumps({"node_id": self.node.config.node_id, "draining": True})
 
     async def _error(self, exc: Exception) -> None:
@@ -86,7 +101,8 @@ class NatsLink:
         log.warning("NATS disconnected; clients stay connected, status resumes on reconnect")
 
     async def _reconnected(self) -> None:
-        log.info("NATS reconnected")
+        log.info("NATS reconnected; resubscribing and announcing sessions")
+        await self.node.resync()
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
@@ -108,8 +124,13 @@ async def run(config: NodeConfig, servers: Sequence[str],
     link = NatsLink(node, servers, nats_options)
     link.start()
     loop = asyncio.get_running_loop()
+    signals = []
+
+    def on_signal() -> None:  # the first signal drains; a second one stops at once
+        signals.append(loop.create_task(node.stop() if signals else node.drain()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(node.drain()))
+        loop.add_signal_handler(sig, on_signal)
     host, port = node.address
     log.info("imnode %s listening on %s:%d (capacity %d)", config.node_id,
              config.host, config.port, config.capacity)
@@ -119,5 +140,5 @@ async def run(config: NodeConfig, servers: Sequence[str],
         await node.drained()
         log.info("imnode %s drained", config.node_id)
     finally:
+        await node.stop()  # first: its unsubscribes still find NATS
         await link.close()
-        await node.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -33,8 +34,13 @@ class ClientError(Exception):
 
 
 class ImClient:
+    """One client. After a drain's `goaway` it stops sending, waits the delay it was given
+    (acks still arrive meanwhile), then asks `locate` where to go and reconnects, retrying
+    with backoff `reconnect_attempts` times before it gives up (`gave_up`)."""
+
     def __init__(
-        self, uid: str, *, locate: Locate | None = None, heartbeat_interval: float | None = None
+        self, uid: str, *, locate: Locate | None = None, heartbeat_interval: float | None = None,
+        reconnect_attempts: int = 8,
     ) -> None:
         self.uid = protocol.require_uid(uid)
         self.locate = locate
@@ -51,17 +57,24 @@ class ImClient:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self._leaving: asyncio.Task | None = None
+        self.reconnect_attempts = reconnect_attempts
+        self.gave_up: BaseException | None = None
         self.connected = asyncio.Event()
 
-    async def connect(self, address: Address | None = None) -> str:
+    async def connect(self, address: Address | None = None, *, timeout: float = 10.0) -> str:
         """Connect (to `address`, or where `locate` says) and say hello; return the node id."""
         if address is None:
             if self.locate is None:
                 raise ValueError("no address and no way to locate a node")
             address = await self.locate(())
-        reader, writer = await asyncio.open_connection(*address)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
         writer.write(protocol.encode({"type": "hello", "uid": self.uid}))
-        welcome = await _read_frame(reader)
+        try:
+            welcome = await asyncio.wait_for(_read_frame(reader), timeout)
+        except BaseException:
+            writer.close()
+            raise
         if welcome["type"] == "error":
             writer.close()
             raise ClientError(welcome.get("code", "?"), welcome.get("message", ""))
@@ -70,7 +83,8 @@ class ImClient:
             raise ClientError("protocol", f"expected welcome, got {welcome['type']}")
         self._reader, self._writer, self.address = reader, writer, address
         self.node_id = welcome["node_id"]
-        interval = self.heartbeat_interval or welcome.get("heartbeat_ms", 30_000) / 1000
+        # Ping a little more often than the node asks, so a late timer never costs the link.
+        interval = self.heartbeat_interval or 0.8 * welcome.get("heartbeat_ms", 30_000) / 1000
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_loop(reader)),
                        loop.create_task(self._heartbeat(writer, interval))]
@@ -97,11 +111,13 @@ class ImClient:
 
     async def close(self) -> None:
         self._closing = True
+        if self._leaving is not None and self._leaving is not asyncio.current_task():
+            self._leaving.cancel()
         await self._disconnect()
 
     def _write(self, frame: dict[str, Any]) -> None:
-        if self._writer is None or self._writer.is_closing():
-            raise ConnectionError(f"{self.uid} is not connected")
+        if self._writer is None or self._writer.is_closing() or self._leaving is not None:
+            raise ConnectionError(f"{self.uid} is not connected (or is leaving its node)")
         self._writer.write(protocol.encode(frame))
 
     async def _disconnect(self) -> None:
@@ -142,10 +158,9 @@ class ImClient:
                 elif kind == "error":
                     self.closed_by_server = ClientError(frame.get("code", "?"),
                                                         frame.get("message", ""))
-                elif kind == "goaway":
+                elif kind == "goaway" and self._leaving is None:
                     self.goaways.append(frame)
-                    await self._go_away(frame)
-                    return
+                    self._leaving = asyncio.get_running_loop().create_task(self._go_away(frame))
         except protocol.ProtocolError as exc:  # the server broke the protocol: hang up
             self.closed_by_server = ClientError(exc.code, exc.message)
             await self._disconnect()
@@ -156,13 +171,26 @@ class ImClient:
     async def _go_away(self, frame: dict[str, Any]) -> None:
         """Leave this node; after a drain, reconnect where the dispatcher says, later."""
         leaving = self.node_id
+        drain = frame.get("reason") == "drain" and self.locate is not None
+        if drain:  # stay until the given time: acks of messages in flight still arrive
+            await asyncio.sleep(frame.get("reconnect_after_ms", 0) / 1000)
         await self._disconnect()
-        if frame.get("reason") != "drain" or self.locate is None or self._closing:
+        if not drain or self._closing:
+            self._leaving = None
             return  # replaced by a newer login of the same uid: stay away
-        await asyncio.sleep(frame.get("reconnect_after_ms", 0) / 1000)
-        address = await self.locate([leaving] if leaving else [])
-        await self.connect(address)
-        self.reconnects += 1
+        delay = 0.25
+        for attempt in range(self.reconnect_attempts):
+            try:
+                address = await self.locate([leaving] if leaving else [])
+                self._leaving = None
+                await self.connect(address)
+                self.reconnects += 1
+                return
+            except (OSError, ClientError, TimeoutError, ValueError) as exc:
+                self.gave_up = exc if attempt == self.reconnect_attempts - 1 else None
+                await asyncio.sleep(delay * (0.5 + random.random()))  # jitter: no herd
+                delay = min(delay * 2, 10.0)
+        self._leaving = None
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:

@@ -11,11 +11,16 @@ import time
 
 
 class LoadMonitor:
-    """Every `interval` seconds: CPU share since the last sample, and how late the loop
-    woke up (the event loop's lag, in milliseconds: what every client waits on)."""
+    """CPU share over the last `interval`, and the event loop's worst lag in it.
 
-    def __init__(self, interval: float = 1.0) -> None:
+    The loop is probed every `probe` seconds (how late the wake-up came is what every
+    client waited at that moment); the figure is the worst probe of the interval, so a
+    stall shows up however briefly it lasted.
+    """
+
+    def __init__(self, interval: float = 1.0, probe: float = 0.05) -> None:
         self.interval = interval
+        self.probe = probe
         self.cpu = 0.0  # this process's CPU seconds per wall second (1.0 = one core busy)
         self.loop_lag_ms = 0.0
         self._task: asyncio.Task | None = None
@@ -25,13 +30,17 @@ class LoadMonitor:
 
     async def _run(self) -> None:
         wall, cpu = time.monotonic(), time.process_time()
+        worst = 0.0
         while True:
-            await asyncio.sleep(self.interval)
-            now_wall, now_cpu = time.monotonic(), time.process_time()
-            elapsed = now_wall - wall
-            self.loop_lag_ms = max(0.0, (elapsed - self.interval) * 1000)
-            self.cpu = (now_cpu - cpu) / elapsed if elapsed > 0 else 0.0
-            wall, cpu = now_wall, now_cpu
+            before = time.monotonic()
+            await asyncio.sleep(self.probe)
+            now = time.monotonic()
+            worst = max(worst, now - before - self.probe)
+            if now - wall >= self.interval:
+                now_cpu = time.process_time()
+                self.cpu = (now_cpu - cpu) / (now - wall)
+                self.loop_lag_ms = worst * 1000
+                wall, cpu, worst = now, now_cpu, 0.0
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -36,7 +36,10 @@ class ProtocolError(Exception):
 
 
 def encode(frame: dict[str, Any]) -> bytes:
-    payload = orjson.dumps(frame)
+    try:
+        payload = orjson.dumps(frame)
+    except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes
+        raise ProtocolError("bad_body", f"cannot be forwarded: {exc}") from None
     if len(payload) > MAX_FRAME:
         raise ProtocolError("frame_too_large", f"frame of {len(payload)} bytes is over {MAX_FRAME}")
     return len(payload).to_bytes(LENGTH_BYTES, "big") + payload
@@ -45,10 +48,11 @@ def encode(frame: dict[str, Any]) -> bytes:
 class FrameReader:
     """Splits a byte stream into decoded frames; keeps an incomplete frame for later."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "max_frame")
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buffer = bytearray()
+        self.max_frame = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add received bytes; return the complete frames. Raises `ProtocolError`."""
@@ -58,9 +62,10 @@ class FrameReader:
         start = 0
         while len(buffer) - start >= LENGTH_BYTES:
             length = int.from_bytes(buffer[start:start + LENGTH_BYTES], "big")
-            if length > MAX_FRAME:
+            if length > self.max_frame:
                 raise ProtocolError(
-                    "frame_too_large", f"frame of {length} bytes is over the {MAX_FRAME} limit"
+                    "frame_too_large",
+                    f"frame of {length} bytes is over the {self.max_frame} limit",
                 )
             stop = start + LENGTH_BYTES + length
             if len(buffer) < stop:

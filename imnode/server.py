@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Coroutine
@@ -32,7 +33,13 @@ except ImportError:  # pragma: no cover - nats-py is a dependency
     NoRespondersError = NatsTimeoutError = Exception  # type: ignore[misc,assignment]
 
 PONG = protocol.encode({"type": "pong"})
-USER_SUBJECT = "im.user.{uid}.{action}"
+USER_SUBJECT = "im.user.{uid}.msg"
+LOGIN_SUBJECT = "im.login"
+HELLO_MAX_FRAME = 4096  # before hello, nothing bigger is needed: a stranger gets no more
+CONNECTION_INFLIGHT = 64  # cross-node messages one client may have in flight...
+CONNECTION_RESUME = 32  # ...before the node stops reading from it, until this many remain
+
+log = logging.getLogger("imnode")
 
 
 @dataclass(slots=True)
@@ -48,22 +55,30 @@ class NodeConfig:
     drain_window: float = 10.0  # goaway's reconnect_after_ms is spread over this window
     drain_timeout: float = 60.0  # then the remaining clients are closed
     delivery_timeout: float = 2.0  # for a message to reach a uid on another node
-    max_write_buffer: int = 1 << 20  # a client that reads slower than this is dropped
+    recipient_buffer: int = 256 * 1024  # a recipient with more unread: messages refused
+    max_write_buffer: int = 1 << 20  # a client with more unread than this is dropped
+    max_inflight: int = 10_000  # cross-node messages in flight, all clients together
+    close_grace: float = 2.0  # a closing client gets this long to take its last frames
     version: str = "0.1.0"
 
 
 class Connection(asyncio.Protocol):
     """One client's TCP connection."""
 
-    __slots__ = ("logged_in_at", "node", "opened", "reader", "seen", "transport", "uid")
+    __slots__ = ("backlog", "closed", "inflight", "logged_in_at", "node", "opened", "paused",
+                 "reader", "seen", "transport", "uid")
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.reader = protocol.FrameReader()
+        self.reader = protocol.FrameReader(HELLO_MAX_FRAME)
         self.transport: asyncio.Transport | None = None
         self.uid: str | None = None
         self.opened = self.seen = time.monotonic()
         self.logged_in_at = 0.0
+        self.inflight = 0  # its messages on their way to other nodes
+        self.paused = False
+        self.closed = False
+        self.backlog: list[dict[str, Any]] | None = None  # read, not handled: while paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -77,16 +92,31 @@ class Connection(asyncio.Protocol):
             return
         if frames:
             self.seen = time.monotonic()  # only whole frames count as a sign of life
-        for frame in frames:
-            if self.transport.is_closing():
+            if self.backlog is not None:  # paused: these wait behind the others
+                self.backlog += frames
+            else:
+                self._handle(frames)
+
+    def _handle(self, frames: list[dict[str, Any]]) -> None:
+        """Handle frames in order until done or closed. If the connection gets paused
+        (too much in flight), the rest waits in `backlog` and reading stops, so TCP slows
+        the sender down; no list is kept otherwise (an idle connection stays small)."""
+        for index, frame in enumerate(frames):
+            if self.closed:
                 return
             try:
                 self.node.handle(self, frame)
             except ProtocolError as exc:
                 self.fail(exc)
+            except Exception as exc:  # a frame the node cannot handle must not escape
+                log.warning("closing %s: unexpected %r", self.uid or "a client", exc)
+                self.fail(ProtocolError("bad_frame", "the node could not handle this frame"))
+            if self.paused and not self.closed:
+                self.backlog = frames[index + 1:]
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self.node.forget(self)
 
     def send(self, frame: dict[str, Any]) -> None:
@@ -94,22 +124,61 @@ class Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if self.closed or transport is None:
             return
         transport.write(data)
         if transport.get_write_buffer_size() > self.node.config.max_write_buffer:
             self.node.stats["slow_consumers"] += 1
-            transport.abort()  # it cannot keep up; nothing more can reach it anyway
+            self.close(grace=0)  # it cannot keep up; nothing more can reach it anyway
+
+    def deliver(self, data: bytes) -> bool:
+        """Write a message unless this client already has too much unread (then False)."""
+        if self.closed or self.transport.get_write_buffer_size() > (
+            self.node.config.recipient_buffer
+        ):
+            return False
+        self.write(data)
+        return True
 
     def fail(self, exc: ProtocolError) -> None:
-        """Tell the client what was wrong, then close (after the error is written)."""
+        """Tell the client what was wrong, then close."""
         self.node.stats["protocol_errors"] += 1
         self.send({"type": "error", "code": exc.code, "message": exc.message})
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
+
+    def close(self, grace: float | None = None) -> None:
+        """Close now as far as the node is concerned (no session, no capacity slot); give
+        the client `grace` seconds to take what is still buffered, then cut it off."""
+        if self.closed:
+            return
+        self.closed = True
+        self.node.forget(self)
+        transport = self.transport
+        if grace == 0:
+            transport.abort()
+            return
+        transport.close()
+        asyncio.get_running_loop().call_later(
+            self.node.config.close_grace if grace is None else grace, transport.abort
+        )
 
     def goaway(self, reconnect_after_ms: int, reason: str) -> None:
         self.send({"type": "goaway", "reconnect_after_ms": reconnect_after_ms, "reason": reason})
+
+    def flight_started(self) -> None:
+        self.inflight += 1
+        if self.inflight >= CONNECTION_INFLIGHT and not self.paused and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()  # backpressure: TCP slows the sender down
+
+    def flight_ended(self) -> None:
+        self.inflight -= 1
+        if self.paused and self.inflight <= CONNECTION_RESUME and not self.closed:
+            self.paused = False
+            backlog, self.backlog = self.backlog or [], None
+            self._handle(backlog)
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
 
 
 class Node:
@@ -124,11 +193,13 @@ class Node:
         self.started = time.monotonic()
         self.load = LoadMonitor()
         self.stats = dict.fromkeys(
-            ("messages_in", "messages_delivered", "messages_offline", "heartbeats",
-             "heartbeats_timed_out", "hello_timeouts", "refused_busy", "protocol_errors",
-             "slow_consumers", "replaced"), 0)
+            ("messages_in", "messages_delivered", "messages_offline", "messages_refused",
+             "heartbeats", "heartbeats_timed_out", "hello_timeouts", "refused_busy",
+             "protocol_errors", "slow_consumers", "replaced"), 0)
+        self.inflight = 0  # cross-node messages in flight, all connections
         self._server: asyncio.Server | None = None
         self._subscriptions: dict[str, Any] = {}  # uid -> its NATS subscription
+        self._login_subscription: Any = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._empty = asyncio.Event()
@@ -148,10 +219,22 @@ class Node:
         self._drained = loop.create_future()
 
     async def attach(self, nc: Any) -> None:
-        """Start carrying cross-node traffic over `nc` (connected after the node started)."""
+        """Start carrying cross-node traffic over `nc` (connected after the node started):
+        listen for logins elsewhere, subscribe the uids held here and announce them."""
         self.nc = nc
-        for uid in list(self.sessions):
-            await self._subscribe(uid)
+        self._login_subscription = await nc.subscribe(LOGIN_SUBJECT, cb=self._on_login)
+        await self.resync()
+
+    async def resync(self) -> None:
+        """After attaching or a NATS reconnect: subscribe every uid held here that lacks a
+        subscription, and announce every session again, so that a login elsewhere that
+        happened meanwhile is settled (newest wins) and nothing waits on a lost notice."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        for uid, connection in list(self.sessions.items()):
+            if uid not in self._subscriptions:
+                await self._subscribe(uid)
+            self._announce(connection)
 
     async def drained(self) -> None:
         """Return once a drain has finished (or the node was stopped)."""
@@ -172,14 +255,14 @@ class Node:
         if self._server is not None:
             self._server.close()
         window = int(self.config.drain_window * 1000)
-        for connection in list(self.connections):
+        for connection in list(self.sessions.values()):
             connection.goaway(random.randint(0, window), "drain")
         self._empty.clear()
         if self.connections:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._empty.wait(), self.config.drain_timeout)
         for connection in list(self.connections):
-            connection.transport.close()
+            connection.close(grace=0)
         if not self._drained.done():
             self._drained.set_result(None)
 
@@ -188,16 +271,16 @@ class Node:
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            connection.transport.abort()
-        for task in (self._sweeper, *self._tasks):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._sweeper, *self._tasks) if t),
-                             return_exceptions=True)
+            connection.close(grace=0)
+        tasks = [t for t in (self._sweeper, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.load.stop()
-        for subscription in self._subscriptions.values():
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+        for subscription in (*self._subscriptions.values(), self._login_subscription):
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
         self._subscriptions.clear()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -209,7 +292,7 @@ class Node:
             self.stats["refused_busy"] += 1
             connection.send({"type": "error", "code": "busy",
                              "message": f"node {self.config.node_id} is full or draining"})
-            connection.transport.close()
+            connection.close()
             return
         self.connections.add(connection)
 
@@ -225,7 +308,8 @@ class Node:
             self._empty.set()
 
     async def _sweep(self) -> None:
-        """Once a second: close clients silent past their heartbeat or hello deadline."""
+        """Several times a second: close clients silent past their hello or heartbeat
+        deadline (each is closed once: closing takes it out of `connections`)."""
         config = self.config
         silence = config.heartbeat_interval * config.missed_heartbeats
         while True:
@@ -261,17 +345,17 @@ class Node:
 
     def _hello(self, connection: Connection, frame: dict[str, Any]) -> None:
         uid = protocol.require_uid(frame.get("uid"))
+        if self.draining:
+            raise ProtocolError("busy", f"node {self.config.node_id} is draining")
         previous = self.sessions.get(uid)
         connection.uid, connection.logged_in_at = uid, time.time()
+        connection.reader.max_frame = protocol.MAX_FRAME
         self.sessions[uid] = connection
         if previous is not None:  # the newer connection wins
             self._replace(previous)
-        elif self.nc is not None:
+        elif self._connected():
             self._spawn(self._subscribe(uid))
-        if self.nc is not None:
-            notice = {"node": self.config.node_id, "at": connection.logged_in_at}
-            self._spawn(self.nc.publish(USER_SUBJECT.format(uid=uid, action="login"),
-                                        orjson.dumps(notice)))
+        self._announce(connection)
         connection.send({
             "type": "welcome",
             "node_id": self.config.node_id,
@@ -281,78 +365,123 @@ class Node:
     def _replace(self, connection: Connection) -> None:
         self.stats["replaced"] += 1
         connection.goaway(0, "replaced")
-        connection.transport.close()
+        connection.close()
 
     def _message(self, connection: Connection, frame: dict[str, Any]) -> None:
         to = protocol.require_uid(frame.get("to"))
         msg_id = protocol.require_msg_id(frame)
         self.stats["messages_in"] += 1
-        out = protocol.encode({"type": "msg", "from": connection.uid,
-                               "body": frame.get("body"), "id": msg_id})
+        try:
+            out = protocol.encode({"type": "msg", "from": connection.uid,
+                                   "body": frame.get("body"), "id": msg_id})
+        except ProtocolError as exc:  # e.g. grown past 64 KiB by `from`: refuse this one only
+            self._refuse(connection, msg_id, exc.code, exc.message)
+            return
         local = self.sessions.get(to)
         if local is not None:
-            local.write(out)
-            self.stats["messages_delivered"] += 1
-            connection.send({"type": "ack", "id": msg_id})
-        elif self.nc is not None and self.nc.is_connected:
-            payload = out[protocol.LENGTH_BYTES:]  # the node holding `to` frames it again
-            self._spawn(self._deliver_elsewhere(connection, to, msg_id, payload))
+            if local.deliver(out):
+                self.stats["messages_delivered"] += 1
+                connection.send({"type": "ack", "id": msg_id})
+            else:
+                self._refuse(connection, msg_id, "recipient_busy",
+                             f"{to} has too much unread; try again later")
+        elif not self._connected():
+            self._refuse(connection, msg_id, "offline", f"{to} is not connected")
+        elif self.inflight >= self.config.max_inflight:
+            self._refuse(connection, msg_id, "busy", "too many messages in flight; try later")
         else:
-            self._offline(connection, to, msg_id)
+            payload = out[protocol.LENGTH_BYTES:]  # the node holding `to` frames it again
+            self.inflight += 1
+            connection.flight_started()
+            self._spawn(self._deliver_elsewhere(connection, to, msg_id, payload))
 
-    def _offline(self, connection: Connection, to: str, msg_id: Any,
-                 code: str = "offline") -> None:
-        self.stats["messages_offline"] += 1
-        connection.send({"type": "error", "code": code, "id": msg_id,
-                         "message": f"{to} is not connected" if code == "offline"
-                         else f"could not reach {to} in time"})
+    def _refuse(self, connection: Connection, msg_id: Any, code: str, message: str) -> None:
+        """An error about one message; the connection stays."""
+        self.stats["messages_offline" if code == "offline" else "messages_refused"] += 1
+        connection.send({"type": "error", "code": code, "id": msg_id, "message": message})
 
     # -- across nodes -----------------------------------------------------------------
+
+    def _connected(self) -> bool:
+        # While NATS is away, nothing is subscribed or published: nats-py would buffer a
+        # SUB and send it after the reconnect even if we unsubscribed meanwhile, leaving a
+        # subscription nobody owns. `resync` catches up after the reconnect instead.
+        return self.nc is not None and self.nc.is_connected
 
     async def _deliver_elsewhere(self, sender: Connection, to: str, msg_id: Any,
                                  payload: bytes) -> None:
         try:
-            reply = await self.nc.request(USER_SUBJECT.format(uid=to, action="msg"),
+            reply = await self.nc.request(USER_SUBJECT.format(uid=to),
                                           payload, timeout=self.config.delivery_timeout)
         except NoRespondersError:
-            self._offline(sender, to, msg_id)
+            self._refuse(sender, msg_id, "offline", f"{to} is not connected")
             return
         except NatsTimeoutError:
-            self._offline(sender, to, msg_id, code="timeout")
+            self._refuse(sender, msg_id, "timeout", f"could not reach {to} in time")
             return
-        if reply.data != b"ok":
-            self._offline(sender, to, msg_id)
+        except Exception as exc:  # closed, draining, buffer full: NATS cannot take it now
+            self._refuse(sender, msg_id, "unavailable", f"could not reach {to}: {exc}")
             return
-        self.stats["messages_delivered"] += 1
-        sender.send({"type": "ack", "id": msg_id})
+        finally:
+            self.inflight -= 1
+            sender.flight_ended()
+        if reply.data == b"ok":
+            self.stats["messages_delivered"] += 1
+            sender.send({"type": "ack", "id": msg_id})
+        elif reply.data == b"busy":
+            self._refuse(sender, msg_id, "recipient_busy",
+                         f"{to} has too much unread; try again later")
+        else:
+            self._refuse(sender, msg_id, "offline", f"{to} is not connected")
 
     async def _subscribe(self, uid: str) -> None:
-        subscription = await self.nc.subscribe(USER_SUBJECT.format(uid=uid, action="*"),
-                                               cb=self._on_user_subject)
+        subscription = await self.nc.subscribe(USER_SUBJECT.format(uid=uid),
+                                               cb=self._on_user_message)
         if self.sessions.get(uid) is None or uid in self._subscriptions:
             await subscription.unsubscribe()  # gone (or subscribed again) meanwhile
         else:
             self._subscriptions[uid] = subscription
 
-    async def _on_user_subject(self, msg: Any) -> None:
-        _, _, uid, action = msg.subject.split(".")
+    async def _on_user_message(self, msg: Any) -> None:
+        uid = msg.subject.split(".")[2]
         local = self.sessions.get(uid)
-        if action == "msg":
-            if local is None or len(msg.data) > protocol.MAX_FRAME:
-                await msg.respond(b"offline")
-                return
-            local.write(len(msg.data).to_bytes(protocol.LENGTH_BYTES, "big") + msg.data)
+        if local is None or len(msg.data) > protocol.MAX_FRAME:
+            await msg.respond(b"offline")
+        elif local.deliver(len(msg.data).to_bytes(protocol.LENGTH_BYTES, "big") + msg.data):
             await msg.respond(b"ok")
-        elif action == "login" and local is not None:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                notice = orjson.loads(msg.data)
-                if notice["node"] != self.config.node_id and notice["at"] > local.logged_in_at:
-                    self._replace(local)
+        else:
+            await msg.respond(b"busy")
+
+    def _announce(self, connection: Connection) -> None:
+        """Tell the other nodes: this uid logged in here, at this time."""
+        if self._connected():
+            notice = {"uid": connection.uid, "node": self.config.node_id,
+                      "at": connection.logged_in_at}
+            self._spawn(self.nc.publish(LOGIN_SUBJECT, orjson.dumps(notice)))
+
+    async def _on_login(self, msg: Any) -> None:
+        """Another node's login of a uid held here: the newer one stays. Ties (the same
+        time on two clocks) go to the larger node id, the same decision on both nodes."""
+        try:
+            notice = orjson.loads(msg.data)
+            uid, node, at = notice["uid"], notice["node"], float(notice["at"])
+        except (ValueError, KeyError, TypeError):
+            return
+        local = self.sessions.get(uid)
+        if node != self.config.node_id and local is not None and (
+            (local.logged_in_at, self.config.node_id) < (at, node)
+        ):
+            self._replace(local)
 
     def _spawn(self, coroutine: Coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
 
     # -- status -----------------------------------------------------------------------
 
@@ -373,5 +502,6 @@ class Node:
             "version": self.config.version,
             "ts": time.time(),
             "sessions": len(self.sessions),
+            "inflight": self.inflight,
             **self.stats,
         }
