@@ -3,13 +3,11 @@ and a NATS outage that clients never notice."""
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jsonschema
 import nats
@@ -20,8 +18,8 @@ from imnode.app import NatsLink
 from imnode.client import ClientError, ImClient
 from tests.imnode.helpers import running_node
 from tests.nats_server import NatsServer
+from tests.schemas import schema
 
-SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "nats-micro-schemas"
 STATUS_FIELDS = ("node_id", "ip", "port", "connections", "capacity", "accepting", "draining",
                  "cpu", "loop_lag_ms", "uptime_s", "version", "ts")
 
@@ -112,8 +110,7 @@ def test_status_over_nats_and_micro_service_discovery(nats_server):
             assert (status["node_id"], status["ip"], status["port"]) == ("c1", *n1.address)
             assert (status["connections"], status["capacity"]) == (1, 50)
             assert status["accepting"] is True and status["draining"] is False
-            schemas = {verb: json.loads((SCHEMAS / f"{verb}_response.json").read_text())
-                       for verb in ("ping", "info", "stats")}
+            schemas = {verb: schema(verb) for verb in ("ping", "info", "stats")}
             infos = [i for i in await gather(nc, "$SRV.INFO.imnode")
                      if i["metadata"]["node_id"] in ("c1", "c2")]
             assert sorted(i["metadata"]["node_id"] for i in infos) == ["c1", "c2"]

@@ -12,7 +12,6 @@ import itertools
 import json
 import re
 from datetime import datetime
-from pathlib import Path
 
 import nats
 import pytest
@@ -28,14 +27,11 @@ from imnode.micro import (
     ServiceError,
 )
 from tests.nats_server import NatsServer, run_with_client
+from tests.schemas import schema
 
-SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "nats-micro-schemas"
 VERBS = ("PING", "INFO", "STATS")
 VALIDATORS = {
-    verb: Draft7Validator(
-        json.loads((SCHEMAS / f"{verb.lower()}_response.json").read_text()),
-        format_checker=Draft7Validator.FORMAT_CHECKER,
-    )
+    verb: Draft7Validator(schema(verb.lower()), format_checker=Draft7Validator.FORMAT_CHECKER)
     for verb in VERBS
 }
 SEMVER = re.compile(r"^\d+\.\d+\.\d+")
