@@ -129,6 +129,39 @@ def mark_down(
     return [ev.NodeDown(node=node, cause=cause, detail=detail, actor=actor)]
 
 
+def reconcile_config(
+    state: RoutingState, recorded: dict[str, Any], source: str, *, actor: str = "config"
+) -> list[ev.Event]:
+    """The events that apply a (re)loaded configuration file.
+
+    The file is diffed against the last configuration recorded in the log, not against
+    the current state: a node the file added, removed or changed since then is added,
+    removed or changed; what the file did not touch stays as admin commands left it (a
+    weight an operator set survives a restart). The new configuration is recorded last,
+    also setting the watermarks. `recorded` is `Config.recorded()`.
+    """
+    before = {node["id"]: node for node in (state.config or {}).get("nodes", [])}
+    after = {node["id"]: node for node in recorded["nodes"]}
+    events: list[ev.Event] = []
+    for node_id, node in after.items():
+        if before.get(node_id) == node:
+            continue  # unchanged in the file: whatever the state says now stands
+        if node_id not in state.nodes:
+            events += add_node(state, node_id, node["ip"], node["port"], node["weight"],
+                               actor=actor, reason=f"in {source}")
+            continue
+        events += change_address(state, node_id, node["ip"], node["port"], actor=actor,
+                                 reason=f"changed in {source}")
+        events += set_weight(state, node_id, node["weight"], actor=actor,
+                             reason=f"changed in {source}")
+    for node_id in before:
+        if node_id not in after and node_id in state.nodes:
+            events += remove_node(state, node_id, actor=actor, reason=f"not in {source}")
+    if recorded != state.config:
+        events.append(ev.ConfigReloaded(source=source, config=recorded, actor=actor))
+    return events
+
+
 def observe_load(
     state: RoutingState, node: Any, connections: Any, capacity: Any, *,
     load_step: float = DEFAULT_LOAD_STEP, actor: str = "poller",

@@ -1,0 +1,319 @@
+"""The dispatcher's TOML configuration (`imdispatch serve --config dispatcher.toml`).
+
+    [http]     host, port, workers
+    [nats]     servers, user, password, token, creds, nkey_seed, tls_ca, tls_cert, tls_key
+    [poll]     interval, timeout, rise, fall
+    [balance]  high_watermark, low_watermark, slow_start, panic_threshold, load_step
+    [eventlog] path, fsync, snapshot_every, segment_bytes
+    [[nodes]]  id, ip, port, weight
+
+Every table and key is optional except each node's `id`, `ip` and `port`; an unknown
+table or key, a wrong type or an out-of-range value is a `ConfigError` naming the file,
+the line and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import core_ext
+
+NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+class ConfigError(ValueError):
+    """A configuration the dispatcher refuses; the message names file, line and key."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None  # a .creds file (JWT + nkey seed)
+    nkey_seed: str | None = None  # a file with an nkey seed
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    interval: float = 1.0  # seconds between status requests to every node
+    timeout: float = 0.5  # for one status reply
+    rise: int = 2  # successes in a row before a node is up
+    fall: int = 2  # failures in a row before it is down ("no responders" counts as all)
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+    slow_start: float = 30.0  # seconds a node that came up ramps to its full weight; 0: off
+    panic_threshold: float = 0.5  # share of nodes up below which health is ignored
+    load_step: float = 0.01  # a load report is recorded when it moved this share of capacity
+
+
+@dataclass(frozen=True)
+class EventLogConfig:
+    path: str = "imdispatch-events"
+    fsync: str = "batch"
+    snapshot_every: int = 10_000
+    segment_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    id: str
+    ip: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    http: HttpConfig = field(default_factory=HttpConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    eventlog: EventLogConfig = field(default_factory=EventLogConfig)
+    nodes: tuple[NodeEntry, ...] = ()
+    source: str = "<defaults>"
+
+    def recorded(self) -> dict[str, Any]:
+        """What a `config_reloaded` event keeps: the parts that decide routing (no
+        secrets), the base that the next reload is diffed against."""
+        return {
+            "balance": asdict(self.balance),
+            "nodes": [asdict(node) for node in self.nodes],
+        }
+
+
+# -- checks ----------------------------------------------------------------------------
+
+Check = Callable[[Any], Any]  # returns the value (normalised) or raises ValueError
+
+
+def _number(low: float, high: float = math.inf, *, low_open: bool = False) -> Check:
+    def check(value: Any) -> float:
+        if type(value) not in (int, float):
+            raise ValueError(f"must be a number, got {value!r}")
+        if not math.isfinite(value) or value > high or value < low or (
+            low_open and value == low
+        ):
+            bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+            raise ValueError(f"must be in {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _integer(low: int, high: int) -> Check:
+    def check(value: Any) -> int:
+        if type(value) is not int:
+            raise ValueError(f"must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be in {low}..{high}, got {value}")
+        return value
+
+    return check
+
+
+def _string(value: Any) -> str:
+    if type(value) is not str or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(map(repr, options))}, got {value!r}")
+        return value
+
+    return check
+
+
+def _servers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be a list of nats:// URLs, got {value!r}")
+    for url in value:
+        if not isinstance(url, str) or not re.match(r"(nats|tls|ws|wss)://[^\s]+\Z", url):
+            raise ValueError(f"must be nats://HOST:PORT URLs, got {url!r}")
+    return tuple(value)
+
+
+def _ip(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"must be an IP address (clients get no DNS lookup), got {value!r}"
+        ) from None
+
+
+def _node_id(value: Any) -> str:
+    if not isinstance(value, str) or not NODE_ID.match(value):
+        raise ValueError(
+            f"must be 1-64 letters, digits, '-' or '_' (a NATS subject token), got {value!r}"
+        )
+    return value
+
+
+PORT = _integer(1, 65535)
+SECONDS = _number(0.0, 86_400.0, low_open=True)
+RATIO = _number(0.0, 1.0, low_open=True)
+
+TABLES: dict[str, tuple[type, dict[str, Check]]] = {
+    "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64)}),
+    "nats": (NatsConfig, {
+        "servers": _servers, "user": _string, "password": _string, "token": _string,
+        "creds": _string, "nkey_seed": _string, "tls_ca": _string, "tls_cert": _string,
+        "tls_key": _string,
+    }),
+    "poll": (PollConfig, {
+        "interval": _number(0.05, 3600.0), "timeout": _number(0.01, 60.0),
+        "rise": _integer(1, 100), "fall": _integer(1, 100),
+    }),
+    "balance": (BalanceConfig, {
+        "high_watermark": RATIO, "low_watermark": RATIO,
+        "slow_start": _number(0.0, 3600.0), "panic_threshold": _number(0.0, 1.0),
+        "load_step": _number(0.0, 0.5, low_open=True),
+    }),
+    "eventlog": (EventLogConfig, {
+        "path": _string, "fsync": _choice("always", "batch", "never"),
+        "snapshot_every": _integer(1, 10**9), "segment_bytes": _integer(4096, 1 << 30),
+    }),
+}
+NODE_KEYS: dict[str, Check] = {
+    "id": _node_id, "ip": _ip, "port": PORT, "weight": _integer(0, core_ext.MAX_WEIGHT),
+}
+
+
+# -- locating keys in the file ---------------------------------------------------------
+
+_HEADER = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+_KEY = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=")
+
+
+class _Lines:
+    """Line numbers of tables and keys, found by a plain scan of the text (tomllib keeps
+    none): `[table]`, `[[table]]` by occurrence, and `key =` inside them."""
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, int], int] = {}
+        self.keys: dict[tuple[str, int, str], int] = {}
+        current, counts = ("", 0), {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            header = _HEADER.match(line)
+            if header:
+                name = header.group(2)
+                index = counts.get(name, 0) if header.group(1) == "[[" else 0
+                counts[name] = index + 1
+                current = (name, index)
+                self.tables.setdefault(current, number)
+                continue
+            key = _KEY.match(line)
+            if key:
+                self.keys.setdefault((*current, key.group(1)), number)
+
+    def of(self, table: str, index: int = 0, key: str | None = None) -> int | None:
+        if key is not None and (table, index, key) in self.keys:
+            return self.keys[table, index, key]
+        return self.tables.get((table, index))
+
+
+# -- loading ---------------------------------------------------------------------------
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    lines = _Lines(text)
+
+    def error(table: str, index: int, key: str | None, problem: str) -> ConfigError:
+        line = lines.of(table, index, key)
+        where = f"{source}:{line}" if line else source
+        name = f"[{table}]" if table != "nodes" else f"[[nodes]] #{index + 1}"
+        return ConfigError(f"{where}: {name}{' ' + key if key else ''}: {problem}")
+
+    sections: dict[str, Any] = {}
+    for table, value in raw.items():
+        if table == "nodes":
+            continue
+        if table not in TABLES:
+            known = ", ".join(f"[{name}]" for name in (*TABLES, "[nodes]"))
+            raise error(table, 0, None, f"unknown table (known: {known})")
+        if not isinstance(value, dict):
+            raise error(table, 0, None, "must be a table")
+        cls, checks = TABLES[table]
+        sections[table] = cls(**_checked(value, checks, lambda k, p, t=table: error(t, 0, k, p)))
+
+    nodes = raw.get("nodes", [])
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) for n in nodes):
+        raise error("nodes", 0, None, "must be an array of tables: [[nodes]]")
+    entries, seen = [], {}
+    for index, node in enumerate(nodes):
+        where = lambda k, p, i=index: error("nodes", i, k, p)  # noqa: E731
+        values = _checked(node, NODE_KEYS, where)
+        for required in ("id", "ip", "port"):
+            if required not in values:
+                raise where(None, f"`{required}` is required")
+        if values["id"] in seen:
+            raise where("id", f"duplicate node id {values['id']!r} "
+                              f"(also [[nodes]] #{seen[values['id']] + 1})")
+        seen[values["id"]] = index
+        entries.append(NodeEntry(**values))
+
+    config = Config(**sections, nodes=tuple(entries), source=source)
+    balance = config.balance
+    if balance.low_watermark > balance.high_watermark:
+        raise error("balance", 0, "low_watermark",
+                    f"must not be above high_watermark ({balance.high_watermark})")
+    if config.poll.timeout >= config.poll.interval:
+        raise error("poll", 0, "timeout",
+                    f"must be shorter than interval ({config.poll.interval})")
+    return config
+
+
+def _checked(values: dict[str, Any], checks: dict[str, Check],
+             error: Callable[[str | None, str], ConfigError]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if key not in checks:
+            raise error(key, f"unknown key (known: {', '.join(checks)})")
+        try:
+            out[key] = checks[key](value)
+        except ValueError as exc:
+            raise error(key, str(exc)) from None
+    return out
+

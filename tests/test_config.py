@@ -1,0 +1,136 @@
+"""The TOML configuration: defaults, every error naming file, line and key, and reloads
+applied as a difference against the last recorded configuration."""
+
+import asyncio
+
+import pytest
+
+from dispatcher import config as cfg
+from dispatcher.domain import decisions
+from dispatcher.eventlog.filelog import FileLog
+from dispatcher.journal import Journal
+
+GOOD = """
+[http]
+host = "127.0.0.1"
+port = 8080
+workers = 2
+
+[nats]
+servers = ["nats://127.0.0.1:4222"]
+
+[poll]
+interval = 1.0
+timeout = 0.5
+rise = 2
+fall = 3
+
+[balance]
+high_watermark = 0.9
+low_watermark = 0.8
+slow_start = 0
+panic_threshold = 0.5
+
+[eventlog]
+path = "/var/lib/imdispatch/events"
+fsync = "always"
+
+[[nodes]]
+id = "n1"
+ip = "10.0.0.1"
+port = 9001
+weight = 5
+
+[[nodes]]
+id = "n2"
+ip = "10.0.0.2"
+port = 9001
+"""
+
+
+def test_a_full_config_parses():
+    config = cfg.parse(GOOD, "dispatcher.toml")
+    assert config.http.workers == 2 and config.poll.fall == 3
+    assert config.balance.slow_start == 0.0  # 0 turns slow start off
+    assert config.eventlog.fsync == "always"
+    assert [(n.id, n.weight) for n in config.nodes] == [("n1", 5), ("n2", 1)]
+    assert config.recorded()["nodes"][1] == {"id": "n2", "ip": "10.0.0.2", "port": 9001,
+                                             "weight": 1}
+
+
+def test_empty_config_is_all_defaults():
+    config = cfg.parse("", "empty.toml")
+    assert config.http.port == 8080 and config.nodes == ()
+    assert config.nats.servers == ("nats://127.0.0.1:4222",)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("workers = 2", "workerz = 2"), r"dispatcher.toml:5: \[http\] workerz: unknown key"),
+        (("fall = 3", "fall = -3"), r"dispatcher.toml:14: \[poll\] fall: must be in 1..100"),
+        (("fall = 3", 'fall = "3"'), r":14: \[poll\] fall: must be an integer"),
+        (("timeout = 0.5", "timeout = 2.0"), r":12: \[poll\] timeout: must be shorter"),
+        (("low_watermark = 0.8", "low_watermark = 0.95"),
+         r":18: \[balance\] low_watermark: must not be above high_watermark"),
+        (("high_watermark = 0.9", "high_watermark = 1.5"), r":17: \[balance\] high_watermark"),
+        (('fsync = "always"', 'fsync = "sometimes"'), r":24: \[eventlog\] fsync: must be one"),
+        (('ip = "10.0.0.2"', 'ip = "im2.example.com"'),
+         r":34: \[\[nodes\]\] #2 ip: must be an IP address"),
+        (('id = "n2"', 'id = "n1"'), r":33: \[\[nodes\]\] #2 id: duplicate node id 'n1'"),
+        (('id = "n2"', 'id = "n.2"'), r"\[\[nodes\]\] #2 id: .*NATS subject token"),
+        (("weight = 5", "weight = 5.5"), r":30: \[\[nodes\]\] #1 weight: must be an integer"),
+        (("port = 9001\nweight", "weight"), r"\[\[nodes\]\] #1: `port` is required"),
+        (("[poll]", "[pol]"), r":10: \[pol\]: unknown table"),
+        (('servers = ["nats://127.0.0.1:4222"]', 'servers = ["127.0.0.1:4222"]'),
+         r":8: \[nats\] servers: must be nats://"),
+        (("port = 8080", "port = 8080\nport = 8081"), r"not valid TOML"),
+    ],
+)
+def test_errors_name_file_line_and_key(edit, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.parse(GOOD.replace(*edit, 1), "dispatcher.toml")
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load(tmp_path / "missing.toml")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(cfg.ConfigError, match="not UTF-8"):
+        cfg.load(tmp_path / "binary.toml")
+
+
+def test_reload_is_a_difference_against_the_last_recorded_config(tmp_path):
+    async def run():
+        journal = Journal(FileLog(tmp_path))
+        await journal.open()
+        state = journal.state
+        first = cfg.parse(GOOD, "dispatcher.toml")
+        events = decisions.reconcile_config(state, first.recorded(), "dispatcher.toml")
+        assert [e.type for e in events] == ["node_added", "node_added", "config_reloaded"]
+        await journal.record(events)
+        # An operator sets n1's weight; the file still says 5.
+        await journal.record(decisions.set_weight(state, "n1", 2, actor="admin:ops"))
+        same = decisions.reconcile_config(state, first.recorded(), "dispatcher.toml")
+        assert same == []  # nothing changed in the file: the admin's weight stands
+        # The file changes n2's weight, moves n1 and adds n3; balance changes too.
+        edited = GOOD.replace('ip = "10.0.0.1"', 'ip = "10.0.0.9"')
+        edited += "weight = 4\n"  # in n2's table, the last one
+        edited = edited.replace("high_watermark = 0.9", "high_watermark = 0.95")
+        edited += '\n[[nodes]]\nid = "n3"\nip = "10.0.0.3"\nport = 9001\n'
+        second = cfg.parse(edited, "dispatcher.toml")
+        events = decisions.reconcile_config(state, second.recorded(), "dispatcher.toml")
+        assert [(e.type, e.node_id) for e in events] == [
+            ("node_address_changed", "n1"), ("node_weight_set", "n1"),
+            ("node_weight_set", "n2"), ("node_added", "n3"), ("config_reloaded", None)]
+        await journal.record(events)
+        assert state.nodes["n1"].ip == "10.0.0.9" and state.high_watermark == 0.95
+        # Removing a node from the file removes it.
+        third = cfg.parse(edited.replace('id = "n3"\nip = "10.0.0.3"', 'id = "n4"\n'
+                                                                        'ip = "10.0.0.4"'))
+        kinds = [(e.type, e.node_id) for e in decisions.reconcile_config(
+            state, third.recorded(), "dispatcher.toml")]
+        assert ("node_removed", "n3") in kinds and ("node_added", "n4") in kinds
+        await journal.close()
+
+    asyncio.run(run())
