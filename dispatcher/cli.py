@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('imdispatch')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the dispatcher")
+    serve.add_argument("--config", required=True, metavar="PATH", help="dispatcher.toml")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
     commands.add_parser(
         "selfcheck",
         help="check that the compiled selection core is installed and agrees with the reference",
@@ -161,6 +165,31 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from dispatcher import config as cfg
+    from dispatcher.runtime import Runtime
+    from dispatcher.web import create_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = cfg.load(args.config)
+    except cfg.ConfigError as exc:
+        print(f"imdispatch serve: {exc}", file=sys.stderr)
+        return 2
+    if config.http.workers > 1:
+        print("imdispatch serve: [http] workers > 1 is not supported yet; use workers = 1",
+              file=sys.stderr)
+        return 2
+    app = create_app(Runtime(config, args.config))
+    print(f"imdispatch serving http://{config.http.host}:{config.http.port}", flush=True)
+    app.run(host=config.http.host, port=config.http.port, single_process=True,
+            access_log=False, motd=False)
+    return 0
+
+
 def _note_torn(torn: Any) -> None:
     if torn is not None:
         print(f"note: {torn.describe()}; the dispatcher truncates it when it opens the log "
@@ -172,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     from dispatcher.eventlog.errors import EventLogError, LogCorrupted
 
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "selfcheck":
         from core_ext import selfcheck
 

@@ -1,8 +1,8 @@
 """The dispatcher's TOML configuration (`imdispatch serve --config dispatcher.toml`).
 
-    [http]     host, port, workers
+    [http]     host, port, workers, retry_after
     [nats]     servers, user, password, token, creds, nkey_seed, tls_ca, tls_cert, tls_key
-    [poll]     interval, timeout, rise, fall
+    [poll]     interval, timeout, rise, fall, stale_after
     [balance]  high_watermark, low_watermark, slow_start, panic_threshold, load_step
     [eventlog] path, fsync, snapshot_every, segment_bytes
     [[nodes]]  id, ip, port, weight
@@ -37,6 +37,7 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    retry_after: int = 5  # seconds a refused client waits (Retry-After: this to twice this)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class PollConfig:
     timeout: float = 0.5  # for one status reply
     rise: int = 2  # successes in a row before a node is up
     fall: int = 2  # failures in a row before it is down ("no responders" counts as all)
+    stale_after: float = 10.0  # no full poll cycle for this long: /readyz says not ready
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,8 @@ SECONDS = _number(0.0, 86_400.0, low_open=True)
 RATIO = _number(0.0, 1.0, low_open=True)
 
 TABLES: dict[str, tuple[type, dict[str, Check]]] = {
-    "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64)}),
+    "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64),
+                          "retry_after": _integer(1, 3600)}),
     "nats": (NatsConfig, {
         "servers": _servers, "user": _string, "password": _string, "token": _string,
         "creds": _string, "nkey_seed": _string, "tls_ca": _string, "tls_cert": _string,
@@ -191,6 +194,7 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
     "poll": (PollConfig, {
         "interval": _number(0.05, 3600.0), "timeout": _number(0.01, 60.0),
         "rise": _integer(1, 100), "fall": _integer(1, 100),
+        "stale_after": _number(0.1, 86_400.0),
     }),
     "balance": (BalanceConfig, {
         "high_watermark": RATIO, "low_watermark": RATIO,

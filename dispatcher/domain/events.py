@@ -17,10 +17,10 @@ from typing import Any
 
 from dispatcher.domain.errors import MalformedEvent, UnknownEventType
 
-HEALTH_CAUSES = ("timeout", "no_responders", "bad_reply", "identity_mismatch")
+HEALTH_CAUSES = ("timeout", "no_responders", "bad_reply", "identity_mismatch", "draining")
 """Why a node was marked down: its status request timed out, nobody is subscribed to its
-subject (the process is gone), the reply was malformed or out of range, or the reply came
-from another node."""
+subject (the process is gone), the reply was malformed or out of range, the reply came
+from another node, or the node says it is draining."""
 
 
 @dataclass(kw_only=True)

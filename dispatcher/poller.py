@@ -1,0 +1,100 @@
+"""The poller: every interval, ask every node for its status over NATS, all at once, and
+turn what it learns into events (health changes, load reports, overload)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from dispatcher.config import BalanceConfig, PollConfig
+from dispatcher.domain import decisions
+from dispatcher.domain.health import Failure, HealthTracker, NodeStatus, parse_status
+from dispatcher.journal import Journal
+
+log = logging.getLogger("imdispatch.poller")
+
+
+class Poller:
+    def __init__(self, nc: Any, journal: Journal, poll: PollConfig,
+                 balance: BalanceConfig) -> None:
+        self.nc = nc
+        self.journal = journal
+        self.poll = poll
+        self.balance = balance
+        self.health = HealthTracker(poll.rise, poll.fall)
+        self.cycles = 0
+        self.last_cycle: float | None = None  # monotonic time the last full cycle ended
+        self.last_duration = 0.0
+        self.failures: dict[str, int] = {}  # poll failures by cause, since start
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad cycle must not end polling
+                log.exception("poll cycle failed")
+            await asyncio.sleep(max(0.0, self.poll.interval - (time.monotonic() - started)))
+
+    async def cycle(self) -> bool:
+        """Poll every node once and record what changed; False if NATS is unavailable
+        (then nothing is concluded: an unreachable broker says nothing about the nodes)."""
+        if not self.nc.is_connected:
+            return False
+        started = time.monotonic()
+        state = self.journal.state
+        node_ids = list(state.nodes)
+        results = await asyncio.gather(*(self._ask(node_id) for node_id in node_ids))
+        if not self.nc.is_connected:
+            return False  # lost NATS during the cycle: its failures prove nothing
+        events = []
+        for node_id, result in zip(node_ids, results, strict=True):
+            record = state.nodes.get(node_id)
+            if record is None or result is None:
+                continue  # removed meanwhile, or a NATS error rather than a node's
+            if isinstance(result, Failure):
+                self.failures[result.cause] = self.failures.get(result.cause, 0) + 1
+            change = self.health.observe(node_id, result, record.health)
+            if change == "down":
+                events += decisions.mark_down(state, node_id, result.cause, result.detail)
+            elif change == "up":
+                events += decisions.mark_up(state, node_id)
+            if isinstance(result, NodeStatus):
+                events += decisions.observe_load(state, node_id, result.connections,
+                                                 result.capacity,
+                                                 load_step=self.balance.load_step)
+        if events:
+            await self.journal.record(events)
+        self.cycles += 1
+        self.last_cycle = time.monotonic()
+        self.last_duration = self.last_cycle - started
+        return True
+
+    async def _ask(self, node_id: str) -> NodeStatus | Failure | None:
+        try:
+            reply = await self.nc.request(f"imnode.{node_id}.status", b"",
+                                          timeout=self.poll.timeout)
+        except NoRespondersError:
+            return Failure("no_responders", f"nobody answers imnode.{node_id}.status")
+        except (TimeoutError, NatsTimeoutError):
+            return Failure("timeout", f"no status reply within {self.poll.timeout:g} s")
+        except Exception as exc:  # connection closed, reconnecting, ...: not the node
+            log.debug("status request to %s failed: %r", node_id, exc)
+            return None
+        return parse_status(node_id, reply.data)

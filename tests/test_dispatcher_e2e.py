@@ -1,0 +1,171 @@
+"""The dispatcher end to end: a real nats-server, three real imnode processes and
+`imdispatch serve` as a real HTTP server, driven as operators and clients drive them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from tests.nats_server import free_port
+
+TOKEN = "ops:e2e-secret"
+WEIGHTS = {"e2e1": 3, "e2e2": 2, "e2e3": 1}
+
+
+def http(method, url, body=None, token=None):
+    request = urllib.request.Request(url, method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+class Cluster:
+    def __init__(self, tmp_path, nats_url):
+        self.tmp, self.nats_url = tmp_path, nats_url
+        self.node_ports = {node: free_port() for node in WEIGHTS}
+        self.nodes = {node: self.start_node(node) for node in WEIGHTS}
+        self.http_port = free_port()
+        self.config = tmp_path / "dispatcher.toml"
+        self.config.write_text(
+            f"[http]\nport = {self.http_port}\nretry_after = 2\n"
+            f'[nats]\nservers = ["{nats_url}"]\n'
+            "[poll]\ninterval = 0.2\ntimeout = 0.15\nrise = 1\nfall = 2\nstale_after = 2.0\n"
+            "[balance]\nslow_start = 0\n"
+            f'[eventlog]\npath = "{tmp_path / "events"}"\nfsync = "always"\n'
+            + "".join(f'[[nodes]]\nid = "{node}"\nip = "127.0.0.1"\nport = {port}\n'
+                      f"weight = {WEIGHTS[node]}\n" for node, port in self.node_ports.items())
+        )
+        self.dispatcher = None
+        self.start_dispatcher()
+
+    def start_node(self, node):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imnode", "serve", "--id", node, "--listen",
+             f"127.0.0.1:{self.node_ports[node]}", "--nats", self.nats_url, "--capacity",
+             "10000", "--log-level", "warning", "--drain-timeout", "1", "--drain-window", "0.5"],
+            stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().startswith(f"imnode {node} listening")
+        return process
+
+    def start_dispatcher(self):
+        env = {**os.environ, "IMDISPATCH_ADMIN_TOKEN": TOKEN}
+        self.dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "serve", "--config", str(self.config),
+             "--log-level", "warning"], stdout=subprocess.PIPE, text=True, env=env)
+        assert self.dispatcher.stdout.readline().startswith("imdispatch serving")
+        self.wait(lambda: self.get("/readyz")[0] == 200, "the dispatcher is ready")
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path, token=None):
+        return http("GET", self.url(path), token=token)
+
+    def admin(self, method, path, body=None):
+        return http(method, self.url(path), body, token=TOKEN.split(":")[1])
+
+    def health(self):
+        return {n["id"]: n["health"] for n in self.admin("GET", "/admin/nodes")[2]}
+
+    def wait(self, condition, what, timeout=15):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting until {what}"
+            time.sleep(0.05)
+
+    def stop(self):
+        for process in (self.dispatcher, *self.nodes.values()):
+            if process is not None and process.poll() is None:
+                process.terminate()
+        for process in (self.dispatcher, *self.nodes.values()):
+            if process is not None:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url)
+    running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+    yield running
+    running.stop()
+
+
+def shares(cluster, count):
+    picks = Counter()
+    for _ in range(count):
+        status, _, body = cluster.get("/get-tcp-ip?uid=u1")
+        assert status == 200, body
+        picks[body["node"]] += 1
+    return picks
+
+
+def test_shares_follow_weights_and_bad_input_is_a_clear_error(cluster):
+    picks = shares(cluster, 600)
+    for node, weight in WEIGHTS.items():
+        assert abs(picks[node] / 600 - weight / 6) < 0.03, picks
+    status, _, body = cluster.get("/get-tcp-ip?count=3")
+    assert status == 200 and len({body["node"], *(b["node"] for b in body["backups"])}) == 3
+    assert body["port"] == cluster.node_ports[body["node"]] and body["ip"] == "127.0.0.1"
+    for query in ("count=0", "count=abc", "exclude=a.b", "uid=a%20b", "count=1&count=2"):
+        status, _headers, body = cluster.get(f"/get-tcp-ip?{query}")
+        assert status == 400 and "error" in body, (query, body)
+    assert cluster.get("/admin/nodes")[0] == 401
+    assert cluster.get("/admin/nodes", token="wrong")[0] == 401
+    assert cluster.get("/healthz") == (200, cluster.get("/healthz")[1], {"status": "alive"})
+
+
+def test_killed_node_is_out_at_once_and_all_drained_gives_503(cluster):
+    victim = cluster.nodes["e2e1"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = time.monotonic()
+    cluster.wait(lambda: cluster.health()["e2e1"] == "down", "the killed node is down")
+    detected = time.monotonic() - killed
+    assert detected < 2.0  # no responders: down at the next poll, not after `fall` timeouts
+    assert "e2e1" not in shares(cluster, 30)
+    for node in ("e2e2", "e2e3"):
+        status, _, _ = cluster.admin("PUT", f"/admin/nodes/{node}",
+                                     {"draining": True, "reason": "maintenance"})
+        assert status == 200
+    status, headers, body = cluster.get("/get-tcp-ip")
+    assert status == 503 and 2 <= int(headers["Retry-After"]) <= 4
+    assert body["retry_after"] == int(headers["Retry-After"])
+    status, _, events = cluster.admin("GET", "/admin/events?after=0&limit=1000")
+    drained = [e for e in events if e["type"] == "node_drained"]
+    assert [(e["actor"], e["reason"]) for e in drained] == [("admin:ops", "maintenance")] * 2
+    down = [e for e in events if e["type"] == "node_down"]
+    assert down[-1]["node"] == "e2e1" and down[-1]["cause"] == "no_responders"
+
+
+def test_restart_rebuilds_the_same_state_and_replay_agrees(cluster, tmp_path):
+    assert cluster.admin("PUT", "/admin/nodes/e2e2", {"weight": 7})[0] == 200
+    status, _, added = cluster.admin("POST", "/admin/nodes",
+                                     {"id": "e2e9", "ip": "127.0.0.9", "port": 9999})
+    assert status == 201 and added["health"] == "unknown"
+    routing = ("id", "ip", "port", "weight", "draining")
+    before = [{k: n[k] for k in routing} for n in cluster.admin("GET", "/admin/nodes")[2]]
+    cluster.dispatcher.send_signal(signal.SIGTERM)
+    assert cluster.dispatcher.wait(timeout=10) == 0
+    replayed = subprocess.run(
+        [sys.executable, "-m", "dispatcher", "replay", "--log", str(tmp_path / "events"),
+         "--json"], capture_output=True, text=True, timeout=60, check=True)
+    assert [{k: n[k] for k in routing} for n in json.loads(replayed.stdout)] == before
+    cluster.start_dispatcher()  # the config file still says weight 2: the admin's 7 stays
+    after = [{k: n[k] for k in routing} for n in cluster.admin("GET", "/admin/nodes")[2]]
+    assert after == before
