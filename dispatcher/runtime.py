@@ -10,10 +10,12 @@ import random
 import ssl
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
@@ -21,9 +23,11 @@ from dispatcher.eventlog.filelog import FileLog
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.journal import Journal
 from dispatcher.poller import Poller
-from dispatcher.query import PickRequest
+from dispatcher.query import PickRequest, QueryError, from_json
+from imnode.micro import Service, ServiceError
 
 log = logging.getLogger("imdispatch")
+DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per new client"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Runtime:
         )
         self.nc: Any = None
         self.poller: Poller | None = None
+        self.service: Service | None = None
         self.opened_at: float | None = None
         self._connecting: asyncio.Task | None = None
 
@@ -102,7 +107,30 @@ class Runtime:
                 await asyncio.sleep(1.0)
         self.poller = Poller(self.nc, self.journal, self.config.poll, self.config.balance)
         self.poller.start()
-        log.info("NATS connected; polling %d nodes", len(self.state.nodes))
+        self.service = Service(self.nc, "imdispatch", version("imdispatch"), DESCRIPTION)
+        await self.service.add_endpoint("pick", "imdispatch.pick", self._pick_endpoint)
+        await self.service.add_endpoint("nodes", "imdispatch.nodes", self._nodes_endpoint)
+        await self.service.start()
+        log.info("NATS connected; polling %d nodes; micro service imdispatch %s",
+                 len(self.state.nodes), self.service.id)
+
+    async def _pick_endpoint(self, request: Any) -> bytes:
+        """`imdispatch.pick`: the get-tcp-ip answer for a JSON body with its parameters."""
+        try:
+            pick = from_json(orjson.loads(request.data) if request.data else {})
+        except (QueryError, orjson.JSONDecodeError) as exc:
+            raise ServiceError(400, str(exc)) from None
+        chosen = self.choose(pick)
+        if not chosen:
+            raise ServiceError(503, "no IM node can take a client now")
+        answer = chosen[0].as_dict()
+        if pick.count > 1:
+            answer["backups"] = [choice.as_dict() for choice in chosen[1:]]
+        return orjson.dumps(answer)
+
+    async def _nodes_endpoint(self, request: Any) -> bytes:
+        """`imdispatch.nodes`: the node list of `GET /admin/nodes`, read-only."""
+        return orjson.dumps(self.state.node_views())
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("NATS: %s", exc or type(exc).__name__)
@@ -137,6 +165,9 @@ class Runtime:
             await asyncio.gather(self._connecting, return_exceptions=True)
         if self.poller is not None:
             await self.poller.stop()
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                await self.service.stop()
         await self.journal.close()
         if self.nc is not None:
             with contextlib.suppress(Exception):

@@ -169,3 +169,33 @@ def test_restart_rebuilds_the_same_state_and_replay_agrees(cluster, tmp_path):
     cluster.start_dispatcher()  # the config file still says weight 2: the admin's 7 stays
     after = [{k: n[k] for k in routing} for n in cluster.admin("GET", "/admin/nodes")[2]]
     assert after == before
+
+
+def test_micro_service_answers_pick_and_nodes(cluster):
+    import asyncio
+
+    import jsonschema
+    import nats
+
+    from tests.schemas import schema
+
+    async def ask():
+        nc = await nats.connect(cluster.nats_url)
+        try:
+            pick = json.loads((await nc.request("imdispatch.pick",
+                                                b'{"count": 2, "exclude": ["e2e1"]}',
+                                                timeout=2)).data)
+            nodes = json.loads((await nc.request("imdispatch.nodes", b"", timeout=2)).data)
+            bad = await nc.request("imdispatch.pick", b'{"count": 9}', timeout=2)
+            info = json.loads((await nc.request("$SRV.INFO.imdispatch", b"", timeout=2)).data)
+            return pick, nodes, bad, info
+        finally:
+            await nc.close()
+
+    pick, nodes, bad, info = asyncio.run(ask())
+    assert pick["node"] != "e2e1" and len(pick["backups"]) == 1
+    assert sorted(n["id"] for n in nodes) == sorted(WEIGHTS)
+    assert bad.headers["Nats-Service-Error-Code"] == "400"
+    jsonschema.validate(info, schema("info"))
+    assert {e["name"]: e["subject"] for e in info["endpoints"]} == {
+        "pick": "imdispatch.pick", "nodes": "imdispatch.nodes"}
