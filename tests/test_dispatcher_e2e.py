@@ -199,3 +199,24 @@ def test_micro_service_answers_pick_and_nodes(cluster):
     jsonschema.validate(info, schema("info"))
     assert {e["name"]: e["subject"] for e in info["endpoints"]} == {
         "pick": "imdispatch.pick", "nodes": "imdispatch.nodes"}
+
+
+def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path):
+    from tests.nats_server import NatsServer
+
+    with NatsServer(tmp_path / "js") as server:
+        running = Cluster(tmp_path, server.url)
+        try:
+            running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
+            server.stop()
+            outage = time.monotonic()
+            while time.monotonic() - outage < 3.0:  # past stale_after (2 s)
+                assert running.get("/get-tcp-ip")[0] == 200
+                time.sleep(0.1)
+            status, _, ready = running.get("/readyz")
+            assert status == 503 and "old" in ready["reason"] and not ready["nats_connected"]
+            assert set(running.health().values()) == {"up"}  # nobody marked down for it
+            server.start()
+            running.wait(lambda: running.get("/readyz")[0] == 200, "fresh state again")
+        finally:
+            running.stop()
