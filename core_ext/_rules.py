@@ -62,6 +62,20 @@ def count(nid: str, name: str, value: Any, minimum: int) -> int:
     return value
 
 
+RAMP_FULL = 1000
+"""`set_ramp` is in thousandths of the node's weight: 1000 = full weight (slow start)."""
+
+
+def ramp(nid: str, value: Any) -> int:
+    if type(value) is not int:
+        raise InvalidArgumentType(
+            f"node {nid!r}: ramp must be an int in 0..{RAMP_FULL}, got {_describe(value)}"
+        )
+    if not 0 <= value <= RAMP_FULL:
+        raise InvalidArgument(f"node {nid!r}: ramp must be in 0..{RAMP_FULL}, got {value}")
+    return value
+
+
 def flag(nid: str, name: str, value: Any) -> bool:
     # Only real bools: set_up("n1", "false") must not mean True.
     if type(value) is not bool:

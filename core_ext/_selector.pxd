@@ -14,6 +14,7 @@ cdef class Selector:
     cdef int64_t *connections    # last reported connections
     cdef int64_t *capacity       # last reported capacity; 0 = nothing reported yet
     cdef int64_t *pending        # picks since the last report
+    cdef int64_t *ramp           # thousandths of the weight (slow start); 1000 = full
     cdef uint8_t *up
     cdef uint8_t *draining
     cdef uint8_t *overloaded

@@ -13,17 +13,20 @@ from libc.string cimport memmove, memset
 from core_ext import _rules, _snapshot
 from core_ext._rules import MAX_COUNT as _MAX_COUNT_PY
 from core_ext._rules import PPM as _PPM_PY
+from core_ext._rules import RAMP_FULL as _RAMP_FULL_PY
 from core_ext._rules import WEIGHT_SCALE as _WEIGHT_SCALE_PY
 
 # One source of truth for the constants: read once from the shared rules module.
 cdef int64_t MAX_COUNT = _MAX_COUNT_PY
 cdef int64_t PPM = _PPM_PY
 cdef int64_t WEIGHT_SCALE = _WEIGHT_SCALE_PY
+cdef int64_t RAMP_FULL = _RAMP_FULL_PY
 
 cdef object _check_id = _rules.node_id
 cdef object _check_weight = _rules.weight
 cdef object _check_count = _rules.count
 cdef object _check_flag = _rules.flag
+cdef object _check_ramp = _rules.ramp
 cdef object _check_exclusion = _rules.exclusion
 cdef object _unknown_node = _rules.unknown_node
 cdef object _duplicate_node = _rules.duplicate_node
@@ -81,6 +84,7 @@ cdef class Selector:
         PyMem_Free(self.connections)
         PyMem_Free(self.capacity)
         PyMem_Free(self.pending)
+        PyMem_Free(self.ramp)
         PyMem_Free(self.up)
         PyMem_Free(self.draining)
         PyMem_Free(self.overloaded)
@@ -102,6 +106,7 @@ cdef class Selector:
         self.connections[i] = 0
         self.capacity[i] = 0
         self.pending[i] = 0
+        self.ramp[i] = RAMP_FULL
         self.up[i] = 1
         self.draining[i] = 0
         self.overloaded[i] = 0
@@ -122,6 +127,7 @@ cdef class Selector:
             memmove(&self.connections[i], &self.connections[i + 1], tail * sizeof(int64_t))
             memmove(&self.capacity[i], &self.capacity[i + 1], tail * sizeof(int64_t))
             memmove(&self.pending[i], &self.pending[i + 1], tail * sizeof(int64_t))
+            memmove(&self.ramp[i], &self.ramp[i + 1], tail * sizeof(int64_t))
             memmove(&self.up[i], &self.up[i + 1], tail)
             memmove(&self.draining[i], &self.draining[i + 1], tail)
             memmove(&self.overloaded[i], &self.overloaded[i + 1], tail)
@@ -158,6 +164,12 @@ cdef class Selector:
         cdef Py_ssize_t i = self._slot(node_id)
         self.draining[i] = _check_flag(self.node_ids[i], "draining", draining)
         self._refresh(i)
+
+    def set_ramp(self, node_id, ramp):
+        """Scale the node's weight by ramp/1000 (slow start); 1000 is its full weight."""
+        cdef Py_ssize_t i = self._slot(node_id)
+        self.ramp[i] = _check_ramp(self.node_ids[i], ramp)
+        self._reweigh(i)
 
     def report(self, node_id, connections, capacity):
         """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
@@ -233,6 +245,7 @@ cdef class Selector:
             self.connections[i] if reported else None,
             self.capacity[i] if reported else None,
             self.pending[i],
+            self.ramp[i],
         )
 
     def state(self):
@@ -245,7 +258,7 @@ cdef class Selector:
         high, low, rows = _snapshot.parse(state)
         cdef Selector selector = cls(high, low)
         cdef Py_ssize_t i
-        for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
+        for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
             i = selector.index[nid]
             selector.current[i] = current
@@ -255,6 +268,7 @@ cdef class Selector:
             selector.connections[i] = conns or 0
             selector.capacity[i] = cap or 0
             selector.pending[i] = pending
+            selector.ramp[i] = ramp
             selector._reweigh(i)
         return selector
 
@@ -288,6 +302,7 @@ cdef class Selector:
         self.connections = <int64_t *>_resized(self.connections, size, sizeof(int64_t))
         self.capacity = <int64_t *>_resized(self.capacity, size, sizeof(int64_t))
         self.pending = <int64_t *>_resized(self.pending, size, sizeof(int64_t))
+        self.ramp = <int64_t *>_resized(self.ramp, size, sizeof(int64_t))
         self.up = <uint8_t *>_resized(self.up, size, 1)
         self.draining = <uint8_t *>_resized(self.draining, size, 1)
         self.overloaded = <uint8_t *>_resized(self.overloaded, size, 1)
@@ -303,15 +318,16 @@ cdef class Selector:
         return slot
 
     cdef void _reweigh(self, Py_ssize_t i) noexcept nogil:
-        cdef int64_t utilisation, headroom
+        cdef int64_t utilisation, headroom, effective
         if self.capacity[i] == 0:
-            self.effective[i] = self.weight[i] * WEIGHT_SCALE
+            effective = self.weight[i] * WEIGHT_SCALE
         else:
             utilisation = self.connections[i] * PPM // self.capacity[i]
             headroom = self.high_ppm - utilisation
             if headroom < 0:
                 headroom = 0
-            self.effective[i] = self.weight[i] * WEIGHT_SCALE * headroom // self.high_ppm
+            effective = self.weight[i] * WEIGHT_SCALE * headroom // self.high_ppm
+        self.effective[i] = effective * self.ramp[i] // RAMP_FULL
         self._refresh(i)
 
     cdef void _refresh(self, Py_ssize_t i) noexcept nogil:

@@ -14,20 +14,20 @@ FORMAT_VERSION = 1
 
 SAVED_FIELDS = (
     "id", "weight", "current_weight", "up", "draining", "overloaded",
-    "connections", "capacity", "pending",
+    "connections", "capacity", "pending", "ramp",
 )
 """What `state()` keeps per node; effective weight and eligibility are derived from these."""
 
 MAX_CURRENT = 10**15
 """Bound on a saved current weight (real ones stay below nodes * max effective weight)."""
 
-NodeRow = tuple[str, int, int, bool, bool, bool, int | None, int | None, int]
+NodeRow = tuple[str, int, int, bool, bool, bool, int | None, int | None, int, int]
 
 
 def node_view(
     nid: str, weight: int, effective: int, current: int, up: bool, draining: bool,
     overloaded: bool, eligible: bool, connections: int | None, capacity: int | None,
-    pending: int,
+    pending: int, ramp: int,
 ) -> dict[str, Any]:
     """One node as `Selector.node()` returns it; effective_weight in static-weight units."""
     return {
@@ -42,6 +42,7 @@ def node_view(
         "connections": connections,
         "capacity": capacity,
         "pending": pending,
+        "ramp": ramp,
     }
 
 
@@ -89,6 +90,7 @@ def _row(index: int, raw: Any) -> NodeRow:
         connections,
         capacity,
         _rules.count(nid, "pending", node["pending"], 0),
+        _rules.ramp(nid, node["ramp"]),
     )
 
 

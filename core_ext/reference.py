@@ -17,11 +17,13 @@ Rules, in the order a pick applies them:
    watermark: once (connections + pending) / capacity reaches the high watermark, the node
    is overloaded and gets no picks until a report shows it below the low watermark.
 
-Dynamic weight (recomputed by `report()` and `set_weight()`, never by a pick, so pick
-sequences stay deterministic between reports)::
+Dynamic weight (recomputed by `report()`, `set_weight()` and `set_ramp()`, never by a
+pick, so pick sequences stay deterministic between them)::
 
     utilisation = connections / capacity
-    effective   = weight * max(0, high_watermark - utilisation) / high_watermark
+    effective   = weight * max(0, high_watermark - utilisation) / high_watermark * ramp
+
+where `ramp` (1 unless slow start lowers it) is a fraction given in thousandths.
 
 A node's share of new clients is proportional to its static weight times its headroom
 below the overload threshold: an empty node gets its full static weight, a node halfway to
@@ -39,13 +41,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from core_ext import _rules, _snapshot
-from core_ext._rules import MAX_COUNT, PPM, WEIGHT_SCALE
+from core_ext._rules import MAX_COUNT, PPM, RAMP_FULL, WEIGHT_SCALE
 
 
 class _Node:
     __slots__ = (
         "capacity", "connections", "current", "draining", "effective", "id",
-        "overloaded", "pending", "up", "weight",
+        "overloaded", "pending", "ramp", "up", "weight",
     )
 
     def __init__(self, nid: str, weight: int) -> None:
@@ -59,6 +61,7 @@ class _Node:
         self.connections: int | None = None  # None until the first report
         self.capacity: int | None = None
         self.pending = 0
+        self.ramp = RAMP_FULL  # thousandths of the weight while slowly starting
 
     @property
     def eligible(self) -> bool:
@@ -114,6 +117,13 @@ class Selector:
         node = self._node(node_id)
         node.draining = _rules.flag(node.id, "draining", draining)
 
+    def set_ramp(self, node_id: str, ramp: int) -> None:
+        """Scale the node's weight by ramp/1000 (slow start: a node that just came up gets
+        a growing share); 1000 is its full weight."""
+        node = self._node(node_id)
+        node.ramp = _rules.ramp(node.id, ramp)
+        self._reweigh(node)
+
     def report(self, node_id: str, connections: int, capacity: int) -> None:
         """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
         node = self._node(node_id)
@@ -157,7 +167,7 @@ class Selector:
         n = self._node(node_id)
         return _snapshot.node_view(
             n.id, n.weight, n.effective, n.current, n.up, n.draining, n.overloaded,
-            n.eligible, n.connections, n.capacity, n.pending,
+            n.eligible, n.connections, n.capacity, n.pending, n.ramp,
         )
 
     def state(self) -> dict[str, Any]:
@@ -169,12 +179,12 @@ class Selector:
         """The inverse of `state()`: a selector whose next picks are this one's."""
         high, low, rows = _snapshot.parse(state)
         selector = cls(high, low)
-        for nid, weight, current, up, draining, overloaded, conns, cap, pending in rows:
+        for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
             node = selector._index[nid]
             node.current, node.pending = current, pending
             node.up, node.draining, node.overloaded = up, draining, overloaded
-            node.connections, node.capacity = conns, cap
+            node.connections, node.capacity, node.ramp = conns, cap, ramp
             selector._reweigh(node)
         return selector
 
@@ -209,8 +219,9 @@ class Selector:
 
     def _reweigh(self, node: _Node) -> None:
         if node.capacity is None:
-            node.effective = node.weight * WEIGHT_SCALE
-            return
-        utilisation = node.connections * PPM // node.capacity
-        headroom = max(0, self._high - utilisation)
-        node.effective = node.weight * WEIGHT_SCALE * headroom // self._high
+            effective = node.weight * WEIGHT_SCALE
+        else:
+            utilisation = node.connections * PPM // node.capacity
+            headroom = max(0, self._high - utilisation)
+            effective = node.weight * WEIGHT_SCALE * headroom // self._high
+        node.effective = effective * node.ramp // RAMP_FULL

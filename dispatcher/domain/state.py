@@ -199,6 +199,7 @@ def _selector_row(record: NodeRecord) -> dict[str, Any]:
         "connections": record.connections,
         "capacity": record.capacity,
         "pending": 0,
+        "ramp": 1000,  # slow start is applied by whoever serves picks, from the time
     }
 
 

@@ -28,6 +28,7 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("pick")),
     st.tuples(st.just("pick"), st.lists(st.one_of(IDS, st.just("ghost")), max_size=3)),
     st.tuples(st.just("pick"), st.lists(st.one_of(IDS, st.just(["unhashable"])), max_size=3)),
+    st.tuples(st.just("set_ramp"), IDS, st.one_of(st.integers(0, 1000), st.integers(-1, 1001))),
     st.tuples(st.just("restore")),
 )
 

@@ -26,6 +26,28 @@ def test_dynamic_weight_is_static_weight_times_headroom(make, connections, capac
     assert selector.node("a")["effective_weight"] == effective
 
 
+def test_ramp_scales_the_weight_for_slow_start(make):
+    selector = make({"new": 4, "old": 4})
+    selector.set_ramp("new", 250)  # a quarter of its weight while starting
+    assert selector.node("new")["effective_weight"] == 1.0
+    assert Counter(selector.pick() for _ in range(50)) == {"old": 40, "new": 10}
+    selector.report("new", connections=450, capacity=1000)  # half the headroom, a quarter
+    assert selector.node("new")["effective_weight"] == 0.5
+    selector.set_ramp("new", 0)
+    assert not selector.node("new")["eligible"]
+    selector.set_ramp("new", 1000)
+    assert selector.node("new")["effective_weight"] == 2.0
+
+
+@pytest.mark.parametrize(("value", "error"), [(1001, ValueError), (-1, ValueError),
+                                              (0.5, TypeError), (True, TypeError)])
+def test_bad_ramp(make, value, error):
+    selector = make({"a": 1})
+    with pytest.raises(error, match="ramp must be"):
+        selector.set_ramp("a", value)
+    assert selector.node("a")["ramp"] == 1000
+
+
 def test_set_weight_rescales_by_the_last_report(make):
     selector = make({"a": 10})
     selector.report("a", connections=450, capacity=1000)
