@@ -3,7 +3,8 @@
     [http]     host, port, workers, retry_after
     [nats]     servers, user, password, token, creds, nkey_seed, tls_ca, tls_cert, tls_key
     [poll]     interval, timeout, rise, fall, stale_after
-    [balance]  high_watermark, low_watermark, slow_start, panic_threshold, load_step
+    [balance]  high_watermark, low_watermark, slow_start, panic_threshold, load_step,
+               assign_rate
     [eventlog] path, fsync, snapshot_every, segment_bytes
     [[nodes]]  id, ip, port, weight
 
@@ -69,6 +70,7 @@ class BalanceConfig:
     slow_start: float = 30.0  # seconds a node that came up ramps to its full weight; 0: off
     panic_threshold: float = 0.5  # share of nodes up below which health is ignored
     load_step: float = 0.01  # a load report is recorded when it moved this share of capacity
+    assign_rate: float = 0.0  # most new clients per node per second; 0: capacity / 10
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
         "high_watermark": RATIO, "low_watermark": RATIO,
         "slow_start": _number(0.0, 3600.0), "panic_threshold": _number(0.0, 1.0),
         "load_step": _number(0.0, 0.5, low_open=True),
+        "assign_rate": _number(0.0, 1e9),
     }),
     "eventlog": (EventLogConfig, {
         "path": _string, "fsync": _choice("always", "batch", "never"),

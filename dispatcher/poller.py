@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -20,8 +21,8 @@ log = logging.getLogger("imdispatch.poller")
 
 
 class Poller:
-    def __init__(self, nc: Any, journal: Journal, poll: PollConfig,
-                 balance: BalanceConfig) -> None:
+    def __init__(self, nc: Any, journal: Journal, poll: PollConfig, balance: BalanceConfig,
+                 after_cycle: Callable[[], None] | None = None) -> None:
         self.nc = nc
         self.journal = journal
         self.poll = poll
@@ -31,6 +32,7 @@ class Poller:
         self.last_cycle: float | None = None  # monotonic time the last full cycle ended
         self.last_duration = 0.0
         self.failures: dict[str, int] = {}  # poll failures by cause, since start
+        self.after_cycle = after_cycle
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -81,6 +83,8 @@ class Poller:
                                                  load_step=self.balance.load_step)
         if events:
             await self.journal.record(events)
+            if self.after_cycle is not None:
+                self.after_cycle()
         self.cycles += 1
         self.last_cycle = time.monotonic()
         self.last_duration = self.last_cycle - started

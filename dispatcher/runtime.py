@@ -18,6 +18,7 @@ import nats
 import orjson
 
 from dispatcher import config as cfg
+from dispatcher import pacing
 from dispatcher.domain import decisions
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.eventlog.snapshots import SnapshotStore
@@ -73,6 +74,9 @@ class Runtime:
         self.nc: Any = None
         self.poller: Poller | None = None
         self.service: Service | None = None
+        self.limiter = pacing.AssignmentLimiter()
+        self._ramping: set[str] = set()
+        self._pacing: asyncio.Task | None = None
         self.opened_at: float | None = None
         self._connecting: asyncio.Task | None = None
 
@@ -90,7 +94,9 @@ class Runtime:
             log.info("event log: %s", line)
         await self._apply_config(self.config)
         self.opened_at = time.monotonic()
-        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        loop = asyncio.get_running_loop()
+        self._connecting = loop.create_task(self._connect())
+        self._pacing = loop.create_task(self._slow_start())
 
     async def _connect(self) -> None:
         while True:
@@ -105,7 +111,8 @@ class Runtime:
             except Exception as exc:
                 log.warning("NATS unreachable (%s); serving the last known state", exc)
                 await asyncio.sleep(1.0)
-        self.poller = Poller(self.nc, self.journal, self.config.poll, self.config.balance)
+        self.poller = Poller(self.nc, self.journal, self.config.poll, self.config.balance,
+                             after_cycle=self.update_ramps)
         self.poller.start()
         self.service = Service(self.nc, "imdispatch", version("imdispatch"), DESCRIPTION)
         await self.service.add_endpoint("pick", "imdispatch.pick", self._pick_endpoint)
@@ -160,9 +167,10 @@ class Runtime:
         return events
 
     async def stop(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
-            await asyncio.gather(self._connecting, return_exceptions=True)
+        for task in (self._connecting, self._pacing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.poller is not None:
             await self.poller.stop()
         if self.service is not None:
@@ -176,9 +184,16 @@ class Runtime:
     # -- serving ----------------------------------------------------------------------
 
     def choose(self, request: PickRequest) -> list[Choice]:
-        """The node for one new client, then distinct backups; [] when none can take one."""
-        selector, nodes = self.state.selector, self.state.nodes
-        excluded = list(request.exclude)
+        """The node for one new client, then distinct backups; [] when none can take one.
+
+        Nodes that used up their assignments for this second are skipped (pacing)."""
+        selector, nodes, limiter = self.state.selector, self.state.nodes, self.limiter
+        now = time.monotonic()
+        configured = self.config.balance.assign_rate
+        if limiter.blocked:
+            limiter.refill({n: pacing.assign_rate(nodes[n], configured)
+                            for n in limiter.blocked if n in nodes}, now)
+        excluded = [*request.exclude, *limiter.blocked]
         chosen: list[Choice] = []
         while len(chosen) < request.count:
             node_id = selector.pick(excluded)
@@ -186,8 +201,30 @@ class Runtime:
                 break
             record = nodes[node_id]
             chosen.append(Choice(node_id, record.ip, record.port))
+            limiter.took(node_id, pacing.assign_rate(record, configured), now)
             excluded.append(node_id)
         return chosen
+
+    def update_ramps(self) -> None:
+        """Give nodes that came up recently their growing share (slow start). Run after
+        every poll cycle, so a node that just came up starts small at once, and four
+        times a second, so its share grows smoothly."""
+        now = time.time()
+        slow_start = self.config.balance.slow_start
+        for node_id, record in self.state.nodes.items():
+            ramp = pacing.slow_start_ramp(record, now, slow_start)
+            if ramp < pacing.RAMP_FULL or node_id in self._ramping:
+                self.state.selector.set_ramp(node_id, ramp)
+                if ramp < pacing.RAMP_FULL:
+                    self._ramping.add(node_id)
+                else:
+                    self._ramping.discard(node_id)
+        self._ramping &= set(self.state.nodes)
+
+    async def _slow_start(self) -> None:
+        while True:
+            self.update_ramps()
+            await asyncio.sleep(0.25)
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait, with jitter so they do not return at once."""

@@ -32,7 +32,7 @@ def http(method, url, body=None, token=None):
 
 
 class Cluster:
-    def __init__(self, tmp_path, nats_url):
+    def __init__(self, tmp_path, nats_url, slow_start=0):
         self.tmp, self.nats_url = tmp_path, nats_url
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes = {node: self.start_node(node) for node in WEIGHTS}
@@ -42,7 +42,7 @@ class Cluster:
             f"[http]\nport = {self.http_port}\nretry_after = 2\n"
             f'[nats]\nservers = ["{nats_url}"]\n'
             "[poll]\ninterval = 0.2\ntimeout = 0.15\nrise = 1\nfall = 2\nstale_after = 2.0\n"
-            "[balance]\nslow_start = 0\n"
+            f"[balance]\nslow_start = {slow_start}\n"
             f'[eventlog]\npath = "{tmp_path / "events"}"\nfsync = "always"\n'
             + "".join(f'[[nodes]]\nid = "{node}"\nip = "127.0.0.1"\nport = {port}\n'
                       f"weight = {WEIGHTS[node]}\n" for node, port in self.node_ports.items())
@@ -199,6 +199,25 @@ def test_micro_service_answers_pick_and_nodes(cluster):
     jsonschema.validate(info, schema("info"))
     assert {e["name"]: e["subject"] for e in info["endpoints"]} == {
         "pick": "imdispatch.pick", "nodes": "imdispatch.nodes"}
+
+
+def test_a_node_back_from_down_comes_back_through_slow_start(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url, slow_start=3)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
+        time.sleep(3.2)  # past the first slow start
+        victim = running.nodes["e2e1"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        running.wait(lambda: running.health()["e2e1"] == "down", "e2e1 is down")
+        running.nodes["e2e1"] = running.start_node("e2e1")
+        running.wait(lambda: running.health()["e2e1"] == "up", "e2e1 is back")
+        early = shares(running, 200)["e2e1"] / 200
+        time.sleep(3.2)
+        late = shares(running, 600)["e2e1"] / 600
+        assert early < 0.3 and abs(late - 0.5) < 0.05, (early, late)  # its weight is 3 of 6
+    finally:
+        running.stop()
 
 
 def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path):

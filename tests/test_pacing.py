@@ -1,0 +1,42 @@
+"""Slow start ramps and the per-node assignment cap (pure)."""
+
+from dispatcher import pacing
+from dispatcher.domain.state import NodeRecord
+
+
+def record(health="up", since=100.0, capacity=None):
+    node = NodeRecord("n1", "10.0.0.1", 9000, 5, health=health, health_since=since)
+    node.capacity = capacity
+    return node
+
+
+def test_slow_start_ramps_linearly_from_five_percent():
+    up = record(since=100.0)
+    assert pacing.slow_start_ramp(up, 100.0, 30) == 50
+    assert pacing.slow_start_ramp(up, 115.0, 30) == 500
+    assert pacing.slow_start_ramp(up, 130.0, 30) == 1000
+    assert pacing.slow_start_ramp(up, 1000.0, 30) == 1000
+    assert pacing.slow_start_ramp(up, 100.5, 0) == 1000  # slow_start = 0: off
+    assert pacing.slow_start_ramp(record(health="down"), 100.5, 30) == 1000
+
+
+def test_assign_rate_defaults_to_a_tenth_of_capacity():
+    assert pacing.assign_rate(record(capacity=5000), 0) == 500
+    assert pacing.assign_rate(record(capacity=5), 0) == 1.0
+    assert pacing.assign_rate(record(capacity=5000), 42) == 42
+    assert pacing.assign_rate(record(), 0) is None  # capacity unknown: no cap
+
+
+def test_limiter_blocks_a_node_for_the_rest_of_its_second():
+    limiter = pacing.AssignmentLimiter()
+    for _ in range(9):
+        limiter.took("n1", 10.0, now=0.0)
+    assert "n1" not in limiter.blocked
+    limiter.took("n1", 10.0, now=0.0)
+    assert limiter.blocked == {"n1"}
+    limiter.refill({"n1": 10.0}, now=0.05)  # half a token back: still blocked
+    assert limiter.blocked == {"n1"}
+    limiter.refill({"n1": 10.0}, now=0.2)
+    assert limiter.blocked == set()
+    limiter.took("n2", None, now=0.0)  # no rate: never blocked
+    assert "n2" not in limiter.blocked
