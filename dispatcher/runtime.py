@@ -17,8 +17,8 @@ from typing import Any
 import nats
 import orjson
 
+from dispatcher import admin, pacing
 from dispatcher import config as cfg
-from dispatcher import pacing
 from dispatcher.domain import decisions
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.eventlog.snapshots import SnapshotStore
@@ -147,6 +147,10 @@ class Runtime:
 
     async def _reconnected(self) -> None:
         log.info("NATS reconnected: polling resumes")
+
+    async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
+        """Run an admin command (this runtime writes the event log)."""
+        return await admin.execute(self, op, args, actor)
 
     async def reload(self) -> list[str]:
         """Apply the config file again (SIGHUP, POST /admin/reload); the changes it

@@ -6,7 +6,6 @@ orjson. `GET /get-tcp-ip` does no I/O: it picks from the in-memory routing state
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import itertools
 import logging
@@ -21,9 +20,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
-from dispatcher.domain import decisions
 from dispatcher.domain.errors import DomainError
-from dispatcher.eventlog.filelog import LogReader
 from dispatcher.query import QueryError, from_query
 from dispatcher.runtime import Runtime
 
@@ -118,16 +115,6 @@ def create_app(runtime: Runtime, tokens: list[tuple[str, bytes]] | None = None) 
     return app
 
 
-def _read_events(path: str, after: int, limit: int) -> list[orjson.Fragment]:
-    """Stored events after `after` (read in a thread: the log is on disk)."""
-    events = []
-    for record in LogReader(path).records(after):
-        events.append(orjson.Fragment(record.payload))
-        if len(events) == limit:
-            break
-    return events
-
-
 async def _reload(runtime: Runtime) -> None:
     try:
         changes = await runtime.reload()
@@ -140,24 +127,34 @@ Handler = Callable[..., Awaitable[HTTPResponse]]
 
 
 def _admin_routes(app: Sanic, runtime: Runtime, tokens: list[tuple[str, bytes]]) -> None:
-    def authorised(handler: Handler) -> Handler:
-        async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
-            header = request.headers.get("authorization", "")
-            scheme, _, offered = header.partition(" ")
-            actor = None
-            if scheme.lower() == "bearer" and offered:
-                for name, secret in tokens:  # constant time for each token
-                    if hmac.compare_digest(offered.strip().encode(), secret):
-                        actor = name
-            if actor is None:
-                return respond({"error": "a valid admin bearer token is required"}, 401,
-                               {"WWW-Authenticate": "Bearer"})
-            return await handler(request, actor, *args, **kwargs)
+    def authorised(op: str) -> Callable[[Handler], Handler]:
+        """Check the bearer token, then run admin operation `op` with the body's fields."""
 
-        wrapper.__name__ = handler.__name__
-        return wrapper
+        def decorate(handler: Handler) -> Handler:
+            async def wrapper(request: Request, **path: Any) -> HTTPResponse:
+                header = request.headers.get("authorization", "")
+                scheme, _, offered = header.partition(" ")
+                actor = None
+                if scheme.lower() == "bearer" and offered:
+                    for name, secret in tokens:  # constant time for each token
+                        if hmac.compare_digest(offered.strip().encode(), secret):
+                            actor = name
+                if actor is None:
+                    return respond({"error": "a valid admin bearer token is required"}, 401,
+                                   {"WWW-Authenticate": "Bearer"})
+                try:
+                    args = {**handler(request), **path}
+                except QueryError as exc:
+                    return error(400, str(exc))
+                status, body = await runtime.admin(op, args, actor)
+                return respond(body, status)
 
-    def body_of(request: Request) -> dict[str, Any]:
+            wrapper.__name__ = f"admin_{op}"
+            return wrapper
+
+        return decorate
+
+    def json_body(request: Request) -> dict[str, Any]:
         if not request.body:
             return {}
         try:
@@ -168,96 +165,31 @@ def _admin_routes(app: Sanic, runtime: Runtime, tokens: list[tuple[str, bytes]])
             raise QueryError("the body must be a JSON object")
         return body
 
-    def reason_of(body: dict[str, Any]) -> str | None:
-        reason = body.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
-            raise QueryError("`reason` must be a string of at most 500 characters")
-        return reason
+    def no_body(request: Request) -> dict[str, Any]:
+        return {}
 
-    async def change(events: list, status: int, answer: Any) -> HTTPResponse:
-        await runtime.journal.record(events)
-        return respond(answer() if callable(answer) else answer, status)
-
-    def failed(exc: Exception) -> HTTPResponse:
-        if isinstance(exc, decisions.InvalidCommand) and str(exc).startswith("unknown node"):
-            return error(404, str(exc))
-        return error(400, str(exc))
-
-    @app.get("/admin/nodes")
-    @authorised
-    async def list_nodes(request: Request, actor: str) -> HTTPResponse:
-        return respond(runtime.state.node_views())
-
-    @app.post("/admin/nodes")
-    @authorised
-    async def add_node(request: Request, actor: str) -> HTTPResponse:
+    def query_numbers(request: Request) -> dict[str, Any]:
         try:
-            body = body_of(request)
-            unknown = set(body) - {"id", "ip", "port", "weight", "reason"}
-            if unknown:
-                raise QueryError(f"unknown fields: {', '.join(sorted(unknown))}")
-            events = decisions.add_node(runtime.state, body.get("id"), body.get("ip"),
-                                        body.get("port"), body.get("weight", 1), actor=actor,
-                                        reason=reason_of(body))
-        except (QueryError, DomainError) as exc:
-            return failed(exc)
-        return await change(events, 201, lambda: runtime.state.node_view(body["id"]))
-
-    @app.put("/admin/nodes/<node_id>")
-    @authorised
-    async def update_node(request: Request, actor: str, node_id: str) -> HTTPResponse:
-        state = runtime.state
-        try:
-            body = body_of(request)
-            unknown = set(body) - {"ip", "port", "weight", "draining", "reason"}
-            if unknown:
-                raise QueryError(f"unknown fields: {', '.join(sorted(unknown))}")
-            if node_id not in state.nodes:
-                return error(404, f"unknown node {node_id!r}")
-            reason, record, events = reason_of(body), state.nodes[node_id], []
-            if "ip" in body or "port" in body:
-                events += decisions.change_address(state, node_id, body.get("ip", record.ip),
-                                                   body.get("port", record.port),
-                                                   actor=actor, reason=reason)
-            if "weight" in body:
-                events += decisions.set_weight(state, node_id, body["weight"], actor=actor,
-                                               reason=reason)
-            if "draining" in body:
-                events += decisions.set_draining(state, node_id, body["draining"],
-                                                 actor=actor, reason=reason)
-        except (QueryError, DomainError) as exc:
-            return failed(exc)
-        return await change(events, 200, lambda: state.node_view(node_id))
-
-    @app.delete("/admin/nodes/<node_id>")
-    @authorised
-    async def remove_node(request: Request, actor: str, node_id: str) -> HTTPResponse:
-        try:
-            body = body_of(request)
-            reason = reason_of(body) or request.args.get("reason")
-            events = decisions.remove_node(runtime.state, node_id, actor=actor, reason=reason)
-        except (QueryError, DomainError) as exc:
-            return failed(exc)
-        return await change(events, 200, {"removed": node_id})
-
-    @app.get("/admin/events")
-    @authorised
-    async def list_events(request: Request, actor: str) -> HTTPResponse:
-        try:
-            after = int(request.args.get("after", "0"))
-            limit = int(request.args.get("limit", "100"))
+            return {name: int(request.args.get(name)) for name in ("after", "limit")
+                    if name in request.args}
         except ValueError:
-            return error(400, "`after` and `limit` must be integers")
-        if after < 0 or not 1 <= limit <= 1000:
-            return error(400, "`after` must be >= 0 and `limit` in 1..1000")
-        events = await asyncio.to_thread(_read_events, runtime.config.eventlog.path, after, limit)
-        return respond(events)
+            raise QueryError("`after` and `limit` must be integers") from None
 
-    @app.post("/admin/reload")
-    @authorised
-    async def reload(request: Request, actor: str) -> HTTPResponse:
-        try:
-            changes = await runtime.reload()
-        except (cfg.ConfigError, DomainError) as exc:
-            return error(400, str(exc))
-        return respond({"reloaded": True, "changes": changes})
+    def reason_in_query(request: Request) -> dict[str, Any]:
+        body = json_body(request)
+        if "reason" in request.args:
+            body.setdefault("reason", request.args.get("reason"))
+        return body
+
+    app.add_route(authorised("nodes")(no_body), "/admin/nodes", methods=["GET"],
+                  name="admin_nodes")
+    app.add_route(authorised("add")(json_body), "/admin/nodes", methods=["POST"],
+                  name="admin_add")
+    app.add_route(authorised("update")(json_body), "/admin/nodes/<node_id>", methods=["PUT"],
+                  name="admin_update")
+    app.add_route(authorised("remove")(reason_in_query), "/admin/nodes/<node_id>",
+                  methods=["DELETE"], name="admin_remove")
+    app.add_route(authorised("events")(query_numbers), "/admin/events", methods=["GET"],
+                  name="admin_events")
+    app.add_route(authorised("reload")(no_body), "/admin/reload", methods=["POST"],
+                  name="admin_reload")

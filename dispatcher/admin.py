@@ -1,0 +1,125 @@
+"""Admin commands: what `/admin/*` does, whichever worker received the request.
+
+Each command is an operation name, its arguments (the decoded JSON body, plus the node id
+from the path) and the actor (the token's name). The worker that writes the event log
+runs them with `execute`; other workers send them to it (see `dispatcher.leader`).
+Every change is an event recording the actor and the optional `reason`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from dispatcher import config as cfg
+from dispatcher.domain import decisions
+from dispatcher.domain.errors import DomainError
+from dispatcher.eventlog.filelog import LogReader
+
+Reply = tuple[int, Any]
+FIELDS = {
+    "add": {"id", "ip", "port", "weight", "reason"},
+    "update": {"node_id", "ip", "port", "weight", "draining", "reason"},
+    "remove": {"node_id", "reason"},
+    "events": {"after", "limit"},
+    "nodes": set(),
+    "reload": set(),
+}
+
+
+class AdminError(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reason(args: dict[str, Any]) -> str | None:
+    reason = args.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+        raise AdminError(400, "`reason` must be a string of at most 500 characters")
+    return reason
+
+
+async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Reply:
+    """Run one admin command on the runtime that owns the journal."""
+    if op not in FIELDS:
+        return 400, {"error": f"unknown admin operation {op!r}"}
+    unknown = set(args) - FIELDS[op]
+    if unknown:
+        return 400, {"error": f"unknown fields: {', '.join(sorted(unknown))}"}
+    try:
+        return await _OPERATIONS[op](runtime, args, actor)
+    except AdminError as exc:
+        return exc.status, {"error": str(exc)}
+    except (DomainError, cfg.ConfigError) as exc:
+        if isinstance(exc, decisions.InvalidCommand) and str(exc).startswith("unknown node"):
+            return 404, {"error": str(exc)}
+        return 400, {"error": str(exc)}
+
+
+async def _nodes(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    return 200, runtime.state.node_views()
+
+
+async def _add(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    state = runtime.state
+    events = decisions.add_node(state, args.get("id"), args.get("ip"), args.get("port"),
+                                args.get("weight", 1), actor=actor, reason=_reason(args))
+    await runtime.journal.record(events)
+    return 201, state.node_view(args["id"])
+
+
+async def _update(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    state, node_id, reason = runtime.state, args.get("node_id"), _reason(args)
+    if node_id not in state.nodes:
+        raise AdminError(404, f"unknown node {node_id!r}")
+    record, events = state.nodes[node_id], []
+    if "ip" in args or "port" in args:
+        events += decisions.change_address(state, node_id, args.get("ip", record.ip),
+                                           args.get("port", record.port), actor=actor,
+                                           reason=reason)
+    if "weight" in args:
+        events += decisions.set_weight(state, node_id, args["weight"], actor=actor,
+                                       reason=reason)
+    if "draining" in args:
+        events += decisions.set_draining(state, node_id, args["draining"], actor=actor,
+                                         reason=reason)
+    await runtime.journal.record(events)
+    return 200, state.node_view(node_id)
+
+
+async def _remove(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    node_id = args.get("node_id")
+    events = decisions.remove_node(runtime.state, node_id, actor=actor, reason=_reason(args))
+    await runtime.journal.record(events)
+    return 200, {"removed": node_id}
+
+
+async def _events(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    after, limit = args.get("after", 0), args.get("limit", 100)
+    if type(after) is not int or type(limit) is not int or after < 0 or not 1 <= limit <= 1000:
+        raise AdminError(400, "`after` must be an integer >= 0 and `limit` one in 1..1000")
+    events = await asyncio.to_thread(_read_events, runtime.config.eventlog.path, after, limit)
+    return 200, events
+
+
+def _read_events(path: str, after: int, limit: int) -> list[Any]:
+    """Stored events after `after` (read in a thread: the log is on disk)."""
+    events = []
+    for record in LogReader(path).records(after):
+        events.append(orjson.loads(record.payload))
+        if len(events) == limit:
+            break
+    return events
+
+
+async def _reload(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    return 200, {"reloaded": True, "changes": await runtime.reload()}
+
+
+_OPERATIONS = {
+    "nodes": _nodes, "add": _add, "update": _update, "remove": _remove,
+    "events": _events, "reload": _reload,
+}
