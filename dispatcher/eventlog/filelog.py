@@ -38,6 +38,7 @@ from dispatcher.eventlog.segments import (
     TornTail,
     encode_header,
     list_segments,
+    scan_batch,
     segment_name,
 )
 
@@ -484,3 +485,61 @@ class LogReader:
     def events(self, after: int = 0) -> Iterator[ev.Event]:
         for record in self.records(after):
             yield record.event()
+
+
+class LogTail:
+    """Follows a log another process is writing: each `poll()` returns the whole records
+    appended since the last poll, reading only the new bytes (followers poll often).
+
+    Records are checked as everywhere (checksum, seq, hash chain from `after_hash`). An
+    incomplete record at the end is a write in progress: it is read again next time.
+    """
+
+    def __init__(self, path: str | os.PathLike, after_seq: int, after_hash: bytes) -> None:
+        self.path = Path(path)
+        self.seq, self.prev = after_seq + 1, after_hash  # the next record expected
+        paths = list_segments(self.path)
+        if not paths:
+            raise FileNotFoundError(f"{self.path} is not an event log: no segment files")
+        self.segment = paths[0]
+        for candidate in paths:  # the segment that holds (or will hold) seq `after + 1`
+            if int(candidate.name[:20]) <= self.seq:
+                self.segment = candidate
+        self.offset = self._offset_of(self.segment, self.seq)
+
+    @staticmethod
+    def _offset_of(path: Path, seq: int) -> int:
+        """Byte offset where record `seq` starts (or will start) in segment `path`."""
+        data = path.read_bytes()
+        offset, current = SEGMENT_HEADER.size, int(path.name[:20])
+        while current < seq and offset < len(data):
+            try:
+                _, offset = records.decode(data, offset, check=False)
+            except records.Damage:
+                break
+            current += 1
+        return offset
+
+    def poll(self) -> list[records.Record]:
+        """The new whole records, possibly across segments; [] if there are none."""
+        found: list[records.Record] = []
+        while True:
+            with open(self.segment, "rb") as handle:
+                data = os.pread(handle.fileno(), 1 << 30, self.offset)
+            batch, used, seq, prev, why = scan_batch(data, 0, self.seq, self.prev, 1 << 30)
+            found += batch
+            self.offset += used
+            self.seq, self.prev = seq, prev
+            if why in (records.WRONG_SEQ, records.BROKEN_CHAIN):
+                raise LogCorrupted(
+                    f"event log corrupted in {self.segment} at offset {self.offset} "
+                    f"(seq {self.seq}) while following it",
+                    segment=self.segment.name, offset=self.offset, seq=self.seq,
+                )
+            following = self.path / segment_name(self.seq)
+            if why == records.SCANNED and following != self.segment and following.exists() and (
+                following.stat().st_size >= SEGMENT_HEADER.size
+            ):
+                self.segment, self.offset = following, SEGMENT_HEADER.size
+                continue  # the writer rotated: go on in the next segment
+            return found
