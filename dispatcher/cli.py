@@ -166,10 +166,12 @@ def _recover(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import functools
     import logging
 
+    from sanic import Sanic
+
     from dispatcher import config as cfg
-    from dispatcher.runtime import Runtime
     from dispatcher.web import create_app
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -179,14 +181,22 @@ def _serve(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"imdispatch serve: {exc}", file=sys.stderr)
         return 2
-    if config.http.workers > 1:
-        print("imdispatch serve: [http] workers > 1 is not supported yet; use workers = 1",
-              file=sys.stderr)
-        return 2
-    app = create_app(Runtime(config, args.config))
-    print(f"imdispatch serving http://{config.http.host}:{config.http.port}", flush=True)
-    app.run(host=config.http.host, port=config.http.port, single_process=True,
-            access_log=False, motd=False)
+    print(f"imdispatch serving http://{config.http.host}:{config.http.port} with "
+          f"{config.http.workers} worker(s)", flush=True)
+    if config.http.workers == 1:
+        app = create_app(config, args.config)
+        app.run(host=config.http.host, port=config.http.port, single_process=True,
+                access_log=False, motd=False)
+        return 0
+    # Several worker processes, each building its app; the first to lock the event log
+    # leads (polls, writes), the others follow its log. One listening socket, shared.
+    from sanic.worker.loader import AppLoader
+
+    loader = AppLoader(factory=functools.partial(create_app, config, args.config))
+    app = loader.load()
+    app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,
+                access_log=False, motd=False)
+    Sanic.serve(primary=app, app_loader=loader)
     return 0
 
 

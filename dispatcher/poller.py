@@ -83,11 +83,11 @@ class Poller:
                                                  load_step=self.balance.load_step)
         if events:
             await self.journal.record(events)
-            if self.after_cycle is not None:
-                self.after_cycle()
         self.cycles += 1
         self.last_cycle = time.monotonic()
         self.last_duration = self.last_cycle - started
+        if self.after_cycle is not None:
+            self.after_cycle()
         return True
 
     async def _ask(self, node_id: str) -> NodeStatus | Failure | None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -17,28 +15,21 @@ from typing import Any
 import nats
 import orjson
 
-from dispatcher import admin, pacing
+from dispatcher import admin, leader_link
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
+from dispatcher.eventlog.errors import LogLocked
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.eventlog.snapshots import SnapshotStore
+from dispatcher.follower import Follower
 from dispatcher.journal import Journal
 from dispatcher.poller import Poller
-from dispatcher.query import PickRequest, QueryError, from_json
+from dispatcher.query import QueryError, from_json
+from dispatcher.serving import Serving
 from imnode.micro import Service, ServiceError
 
 log = logging.getLogger("imdispatch")
 DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per new client"
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    node: str
-    ip: str
-    port: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "ip": self.ip, "port": self.port}
 
 
 def nats_options(config: cfg.NatsConfig) -> dict[str, Any]:
@@ -60,9 +51,14 @@ def nats_options(config: cfg.NatsConfig) -> dict[str, Any]:
     return options
 
 
-class Runtime:
+class Leader(Serving):
+    """The worker that holds the event log: it polls, records events, answers the
+    micro service and runs admin commands (for the other workers too)."""
+
+    role = "leader"
+
     def __init__(self, config: cfg.Config, config_path: str | Path | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self.config_path = Path(config_path) if config_path else None
         path = Path(config.eventlog.path)
         self.journal = Journal(
@@ -74,11 +70,8 @@ class Runtime:
         self.nc: Any = None
         self.poller: Poller | None = None
         self.service: Service | None = None
-        self.limiter = pacing.AssignmentLimiter()
-        self._ramping: set[str] = set()
-        self._pacing: asyncio.Task | None = None
-        self.opened_at: float | None = None
         self._connecting: asyncio.Task | None = None
+        self._admin_server: asyncio.AbstractServer | None = None
 
     @property
     def state(self):
@@ -93,10 +86,9 @@ class Runtime:
         for line in report.describe():
             log.info("event log: %s", line)
         await self._apply_config(self.config)
-        self.opened_at = time.monotonic()
-        loop = asyncio.get_running_loop()
-        self._connecting = loop.create_task(self._connect())
-        self._pacing = loop.create_task(self._slow_start())
+        self._start_pacing()
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        self._admin_server = await leader_link.serve_admin(self)
 
     async def _connect(self) -> None:
         while True:
@@ -112,7 +104,7 @@ class Runtime:
                 log.warning("NATS unreachable (%s); serving the last known state", exc)
                 await asyncio.sleep(1.0)
         self.poller = Poller(self.nc, self.journal, self.config.poll, self.config.balance,
-                             after_cycle=self.update_ramps)
+                             after_cycle=self._after_cycle)
         self.poller.start()
         self.service = Service(self.nc, "imdispatch", version("imdispatch"), DESCRIPTION)
         await self.service.add_endpoint("pick", "imdispatch.pick", self._pick_endpoint)
@@ -120,6 +112,10 @@ class Runtime:
         await self.service.start()
         log.info("NATS connected; polling %d nodes; micro service imdispatch %s",
                  len(self.state.nodes), self.service.id)
+
+    def _after_cycle(self) -> None:
+        self.update_ramps()
+        leader_link.write_status(self)
 
     async def _pick_endpoint(self, request: Any) -> bytes:
         """`imdispatch.pick`: the get-tcp-ip answer for a JSON body with its parameters."""
@@ -175,6 +171,9 @@ class Runtime:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._admin_server is not None:
+            self._admin_server.close()
+            leader_link.admin_socket(self.config).unlink(missing_ok=True)
         if self.poller is not None:
             await self.poller.stop()
         if self.service is not None:
@@ -185,80 +184,23 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
 
-    # -- serving ----------------------------------------------------------------------
+    def poll_status(self) -> tuple[float | None, bool]:
+        last = self.poller.last_cycle if self.poller is not None else None
+        connected = bool(self.nc is not None and self.nc.is_connected)
+        return (None if last is None else time.monotonic() - last), connected
 
-    def choose(self, request: PickRequest) -> list[Choice]:
-        """The node for one new client, then distinct backups; [] when none can take one.
+    def log_failure(self) -> BaseException | None:
+        return self.journal.failure
 
-        Nodes that used up their assignments for this second are skipped (pacing)."""
-        selector, nodes, limiter = self.state.selector, self.state.nodes, self.limiter
-        now = time.monotonic()
-        configured = self.config.balance.assign_rate
-        if limiter.blocked:
-            limiter.refill({n: pacing.assign_rate(nodes[n], configured)
-                            for n in limiter.blocked if n in nodes}, now)
-        excluded = [*request.exclude, *limiter.blocked]
-        chosen: list[Choice] = []
-        while len(chosen) < request.count:
-            node_id = selector.pick(excluded)
-            if node_id is None:
-                break
-            record = nodes[node_id]
-            chosen.append(Choice(node_id, record.ip, record.port))
-            limiter.took(node_id, pacing.assign_rate(record, configured), now)
-            excluded.append(node_id)
-        return chosen
 
-    def update_ramps(self) -> None:
-        """Give nodes that came up recently their growing share (slow start). Run after
-        every poll cycle, so a node that just came up starts small at once, and four
-        times a second, so its share grows smoothly."""
-        now = time.time()
-        slow_start = self.config.balance.slow_start
-        for node_id, record in self.state.nodes.items():
-            ramp = pacing.slow_start_ramp(record, now, slow_start)
-            if ramp < pacing.RAMP_FULL or node_id in self._ramping:
-                self.state.selector.set_ramp(node_id, ramp)
-                if ramp < pacing.RAMP_FULL:
-                    self._ramping.add(node_id)
-                else:
-                    self._ramping.discard(node_id)
-        self._ramping &= set(self.state.nodes)
 
-    async def _slow_start(self) -> None:
-        while True:
-            self.update_ramps()
-            await asyncio.sleep(0.25)
-
-    def retry_after(self) -> int:
-        """Seconds a refused client should wait, with jitter so they do not return at once."""
-        base = self.config.http.retry_after
-        return random.randint(base, 2 * base)
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready once the state is in hand (a poll cycle done, or a replayed state with
-        nodes) and not older than `stale_after`."""
-        now = time.monotonic()
-        poller = self.poller
-        last = poller.last_cycle if poller is not None else None
-        age = None if last is None else now - last
-        stale_after = self.config.poll.stale_after
-        failure = self.journal.failure
-        details = {
-            "nats_connected": bool(self.nc is not None and self.nc.is_connected),
-            "state_seq": self.state.seq,
-            "nodes": len(self.state.nodes),
-            "last_poll_age_s": None if age is None else round(age, 3),
-            "stale_after_s": stale_after,
-            "event_log": "failed" if failure is not None else "ok",
-        }
-        if failure is not None:
-            return False, {**details, "reason": f"event log failed: {failure}"}
-        if age is None:
-            known = any(record.health != "unknown" for record in self.state.nodes.values())
-            if known and self.opened_at is not None and now - self.opened_at < stale_after:
-                return True, {**details, "reason": "replayed state, first poll pending"}
-            return False, {**details, "reason": "no poll cycle yet"}
-        if age > stale_after:
-            return False, {**details, "reason": f"state is {age:.1f} s old"}
-        return True, details
+async def open_runtime(config: cfg.Config, config_path: str | Path | None = None) -> Serving:
+    """The leader if this process gets the event log's writer lock, else a follower."""
+    leader = Leader(config, config_path)
+    try:
+        await leader.start()
+    except LogLocked:
+        follower = Follower(config)
+        await follower.start()
+        return follower
+    return leader

@@ -22,7 +22,8 @@ from sanic.response import HTTPResponse
 from dispatcher import config as cfg
 from dispatcher.domain.errors import DomainError
 from dispatcher.query import QueryError, from_query
-from dispatcher.runtime import Runtime
+from dispatcher.runtime import open_runtime
+from dispatcher.serving import Serving
 
 log = logging.getLogger("imdispatch.http")
 TOKEN_VARIABLE = "IMDISPATCH_ADMIN_TOKEN"
@@ -52,18 +53,24 @@ def admin_tokens(value: str | None) -> list[tuple[str, bytes]]:
     return tokens
 
 
-def create_app(runtime: Runtime, tokens: list[tuple[str, bytes]] | None = None) -> Sanic:
+def create_app(config: cfg.Config, config_path: str | None = None,
+               tokens: list[tuple[str, bytes]] | None = None) -> Sanic:
+    """The app of one worker. Its runtime is opened when the server starts: the leader if
+    this worker gets the event log's writer lock, else a follower of the leader's log."""
     app = Sanic(f"imdispatch_{next(_apps)}", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 64 * 1024
     app.config.REQUEST_MAX_HEADER_SIZE = 16 * 1024
     app.config.REQUEST_TIMEOUT = 10
     app.config.KEEP_ALIVE_TIMEOUT = 30
-    app.ctx.runtime = runtime
+    holder: list[Serving] = []  # the runtime, once the server has started
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
-        await runtime.start()
+        runtime = await open_runtime(config, config_path)
+        holder.append(runtime)
+        app.ctx.runtime = runtime
+        log.info("worker %d serves as %s", os.getpid(), runtime.role)
 
         def reload() -> None:
             app.add_task(_reload(runtime))
@@ -72,7 +79,8 @@ def create_app(runtime: Runtime, tokens: list[tuple[str, bytes]] | None = None) 
 
     @app.after_server_stop
     async def stop(app: Sanic) -> None:
-        await runtime.stop()
+        if holder:
+            await holder[0].stop()
 
     @app.exception(SanicException)
     async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
@@ -85,6 +93,7 @@ def create_app(runtime: Runtime, tokens: list[tuple[str, bytes]] | None = None) 
 
     @app.get("/get-tcp-ip")
     async def get_tcp_ip(request: Request) -> HTTPResponse:
+        runtime = holder[0]
         try:
             pick = from_query(dict(request.args))  # name -> list, as Sanic stores them
         except QueryError as exc:
@@ -105,17 +114,17 @@ def create_app(runtime: Runtime, tokens: list[tuple[str, bytes]] | None = None) 
 
     @app.get("/readyz")
     async def readyz(request: Request) -> HTTPResponse:
-        ready, details = runtime.readiness()
+        ready, details = holder[0].readiness()
         return respond({"ready": ready, **details}, 200 if ready else 503)
 
     if tokens is None:
         tokens = admin_tokens(os.environ.get(TOKEN_VARIABLE))
     if tokens:
-        _admin_routes(app, runtime, tokens)
+        _admin_routes(app, holder, tokens)
     return app
 
 
-async def _reload(runtime: Runtime) -> None:
+async def _reload(runtime: Serving) -> None:
     try:
         changes = await runtime.reload()
         log.info("configuration reloaded: %s", ", ".join(changes) or "no changes")
@@ -126,7 +135,7 @@ async def _reload(runtime: Runtime) -> None:
 Handler = Callable[..., Awaitable[HTTPResponse]]
 
 
-def _admin_routes(app: Sanic, runtime: Runtime, tokens: list[tuple[str, bytes]]) -> None:
+def _admin_routes(app: Sanic, holder: list[Serving], tokens: list[tuple[str, bytes]]) -> None:
     def authorised(op: str) -> Callable[[Handler], Handler]:
         """Check the bearer token, then run admin operation `op` with the body's fields."""
 
@@ -146,7 +155,7 @@ def _admin_routes(app: Sanic, runtime: Runtime, tokens: list[tuple[str, bytes]])
                     args = {**handler(request), **path}
                 except QueryError as exc:
                     return error(400, str(exc))
-                status, body = await runtime.admin(op, args, actor)
+                status, body = await holder[0].admin(op, args, actor)
                 return respond(body, status)
 
             wrapper.__name__ = f"admin_{op}"

@@ -32,14 +32,14 @@ def http(method, url, body=None, token=None):
 
 
 class Cluster:
-    def __init__(self, tmp_path, nats_url, slow_start=0):
+    def __init__(self, tmp_path, nats_url, slow_start=0, workers=1):
         self.tmp, self.nats_url = tmp_path, nats_url
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes = {node: self.start_node(node) for node in WEIGHTS}
         self.http_port = free_port()
         self.config = tmp_path / "dispatcher.toml"
         self.config.write_text(
-            f"[http]\nport = {self.http_port}\nretry_after = 2\n"
+            f"[http]\nport = {self.http_port}\nretry_after = 2\nworkers = {workers}\n"
             f'[nats]\nservers = ["{nats_url}"]\n'
             "[poll]\ninterval = 0.2\ntimeout = 0.15\nrise = 1\nfall = 2\nstale_after = 2.0\n"
             f"[balance]\nslow_start = {slow_start}\n"
@@ -81,7 +81,12 @@ class Cluster:
 
     def wait(self, condition, what, timeout=15):
         deadline = time.monotonic() + timeout
-        while not condition():
+        while True:
+            try:
+                if condition():
+                    return
+            except urllib.error.URLError:  # not listening yet
+                pass
             assert time.monotonic() < deadline, f"timed out waiting until {what}"
             time.sleep(0.05)
 
@@ -239,3 +244,23 @@ def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path):
             running.wait(lambda: running.get("/readyz")[0] == 200, "fresh state again")
         finally:
             running.stop()
+
+
+def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url, workers=2)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
+        roles = Counter(running.get("/readyz")[2]["role"] for _ in range(40))
+        assert set(roles) == {"leader", "follower"}, roles  # both workers answer
+        assert running.admin("PUT", "/admin/nodes/e2e3", {"weight": 9})[0] == 200
+        time.sleep(0.3)  # a follower applies the leader's events within its tail interval
+        weights = {n["weight"] for _ in range(20)
+                   for n in running.admin("GET", "/admin/nodes")[2] if n["id"] == "e2e3"}
+        assert weights == {9}
+        picks = shares(running, 700)
+        assert abs(picks["e2e3"] / 700 - 9 / 14) < 0.05, picks
+        running.dispatcher.terminate()
+        assert running.dispatcher.wait(timeout=15) == 0
+        assert (tmp_path / "events" / "CLEAN").exists()  # the leader closed the log cleanly
+    finally:
+        running.stop()

@@ -1,0 +1,93 @@
+"""A follower worker: it serves picks from a copy of the routing state that it keeps by
+reading the event log as the leader writes it (so its state lags the log by at most one
+tail interval), and sends admin commands to the leader."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from dispatcher import config as cfg
+from dispatcher import leader_link
+from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.filelog import LogReader, LogTail
+from dispatcher.eventlog.records import GENESIS_HASH
+from dispatcher.eventlog.snapshots import SnapshotStore
+from dispatcher.serving import Serving
+
+log = logging.getLogger("imdispatch.follower")
+TAIL_INTERVAL = 0.05
+
+
+class Follower(Serving):
+    role = "follower"
+
+    def __init__(self, config: cfg.Config) -> None:
+        super().__init__(config)
+        self._state = RoutingState()
+        self._tail: LogTail | None = None
+        self._following: asyncio.Task | None = None
+
+    @property
+    def state(self) -> RoutingState:
+        return self._state
+
+    async def start(self) -> None:
+        self._state, seq, last_hash = await asyncio.to_thread(self._rebuild)
+        self._tail = LogTail(self.config.eventlog.path, seq, last_hash)
+        self._start_pacing()
+        self._following = asyncio.get_running_loop().create_task(self._follow())
+        log.info("following the event log from seq %d", seq)
+
+    def _rebuild(self) -> tuple[RoutingState, int, bytes]:
+        """The newest snapshot that fits, plus the records after it."""
+        path = Path(self.config.eventlog.path)
+        for snapshot, _, _ in SnapshotStore(path / "snapshots").candidates(2**63):
+            if snapshot is None:
+                continue
+            try:
+                state = RoutingState.from_dict(snapshot.state)
+                return self._replay(path, state, snapshot.seq, snapshot.hash)
+            except Exception as exc:  # a snapshot that does not fit: try an older one
+                log.warning("skipped snapshot at seq %d: %s", snapshot.seq, exc)
+        return self._replay(path, RoutingState(), 0, GENESIS_HASH)
+
+    @staticmethod
+    def _replay(path: Path, state: RoutingState, seq: int,
+                last_hash: bytes) -> tuple[RoutingState, int, bytes]:
+        for batch in LogReader(path).batches(seq):
+            if batch[0].prev_hash != last_hash:
+                raise ValueError("the snapshot does not belong to this log")
+            for record in batch:
+                state.apply(record.event())
+            seq, last_hash = batch[-1].seq, batch[-1].hash
+        return state, seq, last_hash
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                for record in self._tail.poll():
+                    self._state.apply(record.event())
+            except Exception:  # keep serving the last state; say so
+                log.exception("cannot follow the event log")
+            await asyncio.sleep(TAIL_INTERVAL)
+
+    def poll_status(self) -> tuple[float | None, bool]:
+        return leader_link.read_status(self.config)
+
+    async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
+        return await leader_link.forward_admin(self.config, op, args, actor)
+
+    async def reload(self) -> list[str]:
+        status, body = await self.admin("reload", {}, "config")
+        if status != 200:
+            raise cfg.ConfigError(body.get("error", f"reload failed ({status})"))
+        return body["changes"]
+
+    async def stop(self) -> None:
+        for task in (self._following, self._pacing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

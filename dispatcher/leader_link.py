@@ -1,0 +1,80 @@
+"""How workers reach the leader (the worker that writes the event log): a Unix socket in
+the log directory for admin commands, and a status file the leader rewrites after every
+poll cycle so that followers know how fresh the state is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dispatcher import admin
+from dispatcher import config as cfg
+
+SOCKET = "admin.sock"
+STATUS = "STATUS"
+MAX_COMMAND = 1 << 20
+
+
+def admin_socket(config: cfg.Config) -> Path:
+    return Path(config.eventlog.path) / SOCKET
+
+
+def write_status(leader: Any) -> None:
+    """After a poll cycle: when it ended (wall clock) and whether NATS is connected."""
+    path = Path(leader.config.eventlog.path) / STATUS
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(orjson.dumps({
+        "last_cycle": time.time(),
+        "nats_connected": bool(leader.nc is not None and leader.nc.is_connected),
+        "pid": os.getpid(),
+    }))
+    os.replace(temporary, path)
+
+
+def read_status(config: cfg.Config) -> tuple[float | None, bool]:
+    """(seconds since the leader's last poll cycle or None, NATS connected)."""
+    try:
+        status = orjson.loads((Path(config.eventlog.path) / STATUS).read_bytes())
+        return max(0.0, time.time() - status["last_cycle"]), bool(status["nats_connected"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, False
+
+
+async def serve_admin(leader: Any) -> asyncio.AbstractServer:
+    """Run admin commands sent by the other workers: one JSON line in, one out."""
+    path = admin_socket(leader.config)
+    path.unlink(missing_ok=True)  # left by a leader that died
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            command = orjson.loads(await reader.readline())
+            status, body = await admin.execute(leader, command["op"], command["args"],
+                                               command["actor"])
+        except (ValueError, KeyError, TypeError) as exc:
+            status, body = 400, {"error": f"bad admin command: {exc}"}
+        writer.write(orjson.dumps({"status": status, "body": body}) + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_unix_server(handle, path=str(path), limit=MAX_COMMAND)
+
+
+async def forward_admin(config: cfg.Config, op: str, args: dict[str, Any],
+                        actor: str) -> tuple[int, Any]:
+    """Send an admin command to the leader; 503 if it cannot be reached."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(admin_socket(config)), limit=MAX_COMMAND), 5)
+        writer.write(orjson.dumps({"op": op, "args": args, "actor": actor}) + b"\n")
+        reply = orjson.loads(await asyncio.wait_for(reader.readline(), 30))
+        writer.close()
+        return reply["status"], reply["body"]
+    except (OSError, TimeoutError, ValueError, KeyError) as exc:
+        return 503, {"error": f"the worker that writes the event log is unavailable: {exc}"}

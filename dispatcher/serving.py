@@ -1,0 +1,130 @@
+"""What every dispatcher worker does, leader or follower: answer picks from its copy of
+the routing state, pace new clients per node, and say how fresh its state is."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dispatcher import config as cfg
+from dispatcher import pacing
+from dispatcher.domain.state import RoutingState
+from dispatcher.query import PickRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    node: str
+    ip: str
+    port: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "ip": self.ip, "port": self.port}
+
+
+class Serving:
+    """What every worker does: answer picks from its copy of the routing state, with
+    slow start and the per-node assignment cap; readiness from how fresh the state is."""
+
+    role = "serving"
+
+    def __init__(self, config: cfg.Config) -> None:
+        self.config = config
+        self.limiter = pacing.AssignmentLimiter()
+        self._ramping: set[str] = set()
+        self._pacing: asyncio.Task | None = None
+        self.opened_at: float | None = None
+
+    @property
+    def state(self) -> RoutingState:
+        raise NotImplementedError
+
+    def _start_pacing(self) -> None:
+        self.opened_at = time.monotonic()
+        self._pacing = asyncio.get_running_loop().create_task(self._slow_start())
+
+    def poll_status(self) -> tuple[float | None, bool]:
+        """(seconds since the last full poll cycle or None, NATS connected)."""
+        raise NotImplementedError
+
+    def log_failure(self) -> BaseException | None:
+        return None
+
+
+    def choose(self, request: PickRequest) -> list[Choice]:
+        """The node for one new client, then distinct backups; [] when none can take one.
+
+        Nodes that used up their assignments for this second are skipped (pacing)."""
+        selector, nodes, limiter = self.state.selector, self.state.nodes, self.limiter
+        now = time.monotonic()
+        configured = self.config.balance.assign_rate
+        if limiter.blocked:
+            limiter.refill({n: pacing.assign_rate(nodes[n], configured)
+                            for n in limiter.blocked if n in nodes}, now)
+        excluded = [*request.exclude, *limiter.blocked]
+        chosen: list[Choice] = []
+        while len(chosen) < request.count:
+            node_id = selector.pick(excluded)
+            if node_id is None:
+                break
+            record = nodes[node_id]
+            chosen.append(Choice(node_id, record.ip, record.port))
+            limiter.took(node_id, pacing.assign_rate(record, configured), now)
+            excluded.append(node_id)
+        return chosen
+
+    def update_ramps(self) -> None:
+        """Give nodes that came up recently their growing share (slow start). Run after
+        every poll cycle, so a node that just came up starts small at once, and four
+        times a second, so its share grows smoothly."""
+        now = time.time()
+        slow_start = self.config.balance.slow_start
+        for node_id, record in self.state.nodes.items():
+            ramp = pacing.slow_start_ramp(record, now, slow_start)
+            if ramp < pacing.RAMP_FULL or node_id in self._ramping:
+                self.state.selector.set_ramp(node_id, ramp)
+                if ramp < pacing.RAMP_FULL:
+                    self._ramping.add(node_id)
+                else:
+                    self._ramping.discard(node_id)
+        self._ramping &= set(self.state.nodes)
+
+    async def _slow_start(self) -> None:
+        while True:
+            self.update_ramps()
+            await asyncio.sleep(0.25)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait, with jitter so they do not return at once."""
+        base = self.config.http.retry_after
+        return random.randint(base, 2 * base)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once the state is in hand (a poll cycle done, or a replayed state with
+        nodes) and not older than `stale_after`."""
+        now = time.monotonic()
+        age, nats_connected = self.poll_status()
+        stale_after = self.config.poll.stale_after
+        failure = self.log_failure()
+        details = {
+            "role": self.role,
+            "nats_connected": nats_connected,
+            "state_seq": self.state.seq,
+            "nodes": len(self.state.nodes),
+            "last_poll_age_s": None if age is None else round(age, 3),
+            "stale_after_s": stale_after,
+            "event_log": "failed" if failure is not None else "ok",
+        }
+        if failure is not None:
+            return False, {**details, "reason": f"event log failed: {failure}"}
+        if age is None:
+            known = any(record.health != "unknown" for record in self.state.nodes.values())
+            if known and self.opened_at is not None and now - self.opened_at < stale_after:
+                return True, {**details, "reason": "replayed state, first poll pending"}
+            return False, {**details, "reason": "no poll cycle yet"}
+        if age > stale_after:
+            return False, {**details, "reason": f"state is {age:.1f} s old"}
+        return True, details
