@@ -4,6 +4,7 @@ the routing state, pace new clients per node, and say how fresh its state is."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -13,6 +14,10 @@ from dispatcher import config as cfg
 from dispatcher import pacing
 from dispatcher.domain.state import RoutingState
 from dispatcher.query import PickRequest
+
+log = logging.getLogger("imdispatch")
+UNCERTAIN = ("timeout", "bad_reply")
+"""Down causes that panic mode doubts (see `Serving.update_panic`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,7 @@ class Serving:
         self._ramping: set[str] = set()
         self._pacing: asyncio.Task | None = None
         self.opened_at: float | None = None
+        self.panic = False
 
     @property
     def state(self) -> RoutingState:
@@ -91,6 +97,27 @@ class Serving:
                 else:
                     self._ramping.discard(node_id)
         self._ramping &= set(self.state.nodes)
+        self.update_panic()
+
+    def update_panic(self) -> None:
+        """Panic mode, after Envoy's panic threshold: when fewer than `panic_threshold` of
+        the nodes that are not drained are up, health checks are more likely wrong than
+        that many nodes dead (the dispatcher's own link may be the broken one), so nodes
+        down for an uncertain cause (timeout, bad reply) take clients again. Nodes whose
+        process is gone (no responders), that are draining, that answer with another
+        identity or were never seen up stay out: those signals are sure."""
+        nodes = [r for r in self.state.nodes.values() if not r.draining]
+        up = sum(record.health == "up" for record in nodes)
+        panic = bool(nodes) and up / len(nodes) < self.config.balance.panic_threshold
+        if panic != self.panic:
+            log.warning("panic mode %s: %d of %d nodes up (panic_threshold %s)",
+                        "entered" if panic else "left", up, len(nodes),
+                        self.config.balance.panic_threshold)
+            self.panic = panic
+        selector = self.state.selector
+        for record in nodes:
+            if record.health == "down":
+                selector.set_up(record.id, panic and record.health_cause in UNCERTAIN)
 
     async def _slow_start(self) -> None:
         while True:
@@ -111,6 +138,7 @@ class Serving:
         failure = self.log_failure()
         details = {
             "role": self.role,
+            "panic": self.panic,
             "nats_connected": nats_connected,
             "state_seq": self.state.seq,
             "nodes": len(self.state.nodes),

@@ -40,3 +40,51 @@ def test_limiter_blocks_a_node_for_the_rest_of_its_second():
     assert limiter.blocked == set()
     limiter.took("n2", None, now=0.0)  # no rate: never blocked
     assert "n2" not in limiter.blocked
+
+
+def test_panic_mode_doubts_uncertain_failures_only():
+    import asyncio
+
+    from dispatcher import config as cfg
+    from dispatcher.domain import decisions
+    from dispatcher.eventlog.filelog import FileLog
+    from dispatcher.journal import Journal
+    from dispatcher.serving import Serving
+
+    class Worker(Serving):
+        def __init__(self, journal, config):
+            super().__init__(config)
+            self.journal = journal
+
+        @property
+        def state(self):
+            return self.journal.state
+
+    async def run(tmp):
+        config = cfg.parse("[balance]\npanic_threshold = 0.5\n")
+        journal = Journal(FileLog(tmp))
+        await journal.open()
+        worker, state = Worker(journal, config), journal.state
+        for node in ("a", "b", "c", "d"):
+            await journal.record(decisions.add_node(state, node, "10.0.0.1", 9000, 1,
+                                                    actor="t"))
+            await journal.record(decisions.mark_up(state, node))
+        await journal.record(decisions.mark_down(state, "a", "timeout", "slow"))
+        worker.update_panic()
+        assert not worker.panic and state.selector.node("a")["up"] is False
+        await journal.record(decisions.mark_down(state, "b", "timeout", "slow"))
+        await journal.record(decisions.mark_down(state, "c", "no_responders", "gone"))
+        worker.update_panic()  # 1 of 4 up: below half
+        assert worker.panic
+        picked = {state.selector.pick() for _ in range(12)}
+        assert picked == {"a", "b", "d"}  # c's process is gone: never doubted
+        await journal.record(decisions.mark_up(state, "c"))
+        await journal.record(decisions.mark_up(state, "a"))
+        worker.update_panic()  # 3 of 4 up: normal again
+        assert not worker.panic and state.selector.node("b")["up"] is False
+        await journal.close()
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(tmp))
