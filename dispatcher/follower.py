@@ -66,12 +66,17 @@ class Follower(Serving):
         return state, seq, last_hash
 
     async def _follow(self) -> None:
+        last_cycle = None
         while True:
             try:
                 for record in self._tail.poll():
                     self._state.apply(record.event())
             except Exception:  # keep serving the last state; say so
                 log.exception("cannot follow the event log")
+            cycle = leader_link.last_cycle(self.config)
+            if cycle != last_cycle:  # the leader polled: its figures are fresh
+                last_cycle = cycle
+                self.poll_happened()
             await asyncio.sleep(TAIL_INTERVAL)
 
     def poll_status(self) -> tuple[float | None, bool]:

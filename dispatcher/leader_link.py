@@ -37,12 +37,26 @@ def write_status(leader: Any) -> None:
     os.replace(temporary, path)
 
 
-def read_status(config: cfg.Config) -> tuple[float | None, bool]:
-    """(seconds since the leader's last poll cycle or None, NATS connected)."""
+def _status(config: cfg.Config) -> dict[str, Any] | None:
     try:
         status = orjson.loads((Path(config.eventlog.path) / STATUS).read_bytes())
+        return status if isinstance(status, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def last_cycle(config: cfg.Config) -> float | None:
+    """When (wall clock) the leader's last poll cycle ended, if it wrote one."""
+    status = _status(config)
+    return status.get("last_cycle") if status else None
+
+
+def read_status(config: cfg.Config) -> tuple[float | None, bool]:
+    """(seconds since the leader's last poll cycle or None, NATS connected)."""
+    status = _status(config)
+    try:
         return max(0.0, time.time() - status["last_cycle"]), bool(status["nats_connected"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None, False
 
 

@@ -114,7 +114,7 @@ class Leader(Serving):
                  len(self.state.nodes), self.service.id)
 
     def _after_cycle(self) -> None:
-        self.update_ramps()
+        self.poll_happened()
         leader_link.write_status(self)
 
     async def _pick_endpoint(self, request: Any) -> bytes:

@@ -99,6 +99,17 @@ class Serving:
         self._ramping &= set(self.state.nodes)
         self.update_panic()
 
+    def poll_happened(self) -> None:
+        """A poll cycle ended: every node's load is known afresh, so the picks counted as
+        pending since the last report are in it. Report the recorded figures again, which
+        clears pending, even for nodes whose load moved too little to record an event;
+        otherwise pending would pile up on a node with a steady load until it looked full."""
+        selector = self.state.selector
+        for node_id, record in self.state.nodes.items():
+            if record.capacity is not None:
+                selector.report(node_id, record.connections, record.capacity)
+        self.update_ramps()
+
     def update_panic(self) -> None:
         """Panic mode, after Envoy's panic threshold: when fewer than `panic_threshold` of
         the nodes that are not drained are up, health checks are more likely wrong than

@@ -264,3 +264,4 @@ def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
         assert (tmp_path / "events" / "CLEAN").exists()  # the leader closed the log cleanly
     finally:
         running.stop()
+

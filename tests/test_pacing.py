@@ -1,7 +1,15 @@
-"""Slow start ramps and the per-node assignment cap (pure)."""
+"""Slow start ramps, the per-node assignment cap, pending picks and panic mode."""
 
+import asyncio
+import tempfile
+
+from dispatcher import config as cfg
 from dispatcher import pacing
+from dispatcher.domain import decisions
 from dispatcher.domain.state import NodeRecord
+from dispatcher.eventlog.filelog import FileLog
+from dispatcher.journal import Journal
+from dispatcher.serving import Serving
 
 
 def record(health="up", since=100.0, capacity=None):
@@ -42,24 +50,39 @@ def test_limiter_blocks_a_node_for_the_rest_of_its_second():
     assert "n2" not in limiter.blocked
 
 
+class Worker(Serving):
+    """A serving worker on a journal of the test's own (no NATS, no HTTP)."""
+
+    def __init__(self, journal, config):
+        super().__init__(config)
+        self.journal = journal
+
+    @property
+    def state(self):
+        return self.journal.state
+
+
+def test_each_poll_clears_pending_picks_even_without_a_load_event(tmp_path):
+    async def run():
+        journal = Journal(FileLog(tmp_path))
+        await journal.open()
+        worker, state = Worker(journal, cfg.parse("")), journal.state
+        await journal.record(decisions.add_node(state, "a", "10.0.0.1", 9000, 1, actor="t"))
+        await journal.record(decisions.mark_up(state, "a"))
+        await journal.record(decisions.observe_load(state, "a", 0, 100))
+        for _ in range(85):
+            assert state.selector.pick() == "a"
+        assert decisions.observe_load(state, "a", 0, 100) == []  # nothing moved: no event
+        assert state.selector.node("a")["pending"] == 85
+        worker.poll_happened()  # the poll cycle that saw it still empty
+        assert state.selector.node("a")["pending"] == 0
+        assert sum(state.selector.pick() == "a" for _ in range(85)) == 85  # not "full"
+        await journal.close()
+
+    asyncio.run(run())
+
+
 def test_panic_mode_doubts_uncertain_failures_only():
-    import asyncio
-
-    from dispatcher import config as cfg
-    from dispatcher.domain import decisions
-    from dispatcher.eventlog.filelog import FileLog
-    from dispatcher.journal import Journal
-    from dispatcher.serving import Serving
-
-    class Worker(Serving):
-        def __init__(self, journal, config):
-            super().__init__(config)
-            self.journal = journal
-
-        @property
-        def state(self):
-            return self.journal.state
-
     async def run(tmp):
         config = cfg.parse("[balance]\npanic_threshold = 0.5\n")
         journal = Journal(FileLog(tmp))
@@ -83,8 +106,6 @@ def test_panic_mode_doubts_uncertain_failures_only():
         worker.update_panic()  # 3 of 4 up: normal again
         assert not worker.panic and state.selector.node("b")["up"] is False
         await journal.close()
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(tmp))
