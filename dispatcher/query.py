@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from dispatcher.config import NODE_ID
 
@@ -24,6 +25,24 @@ class PickRequest:
     uid: str | None = None
     exclude: tuple[str, ...] = ()
     count: int = 1
+
+
+def from_query_string(query: str) -> PickRequest:
+    """From a raw query string (`uid=u1&exclude=n1,n2&count=2`).
+
+    Split here rather than by the framework: this is the hot path, and the usual parser
+    costs more than the whole pick. Percent-decoding is done only where there is any.
+    """
+    args: dict[str, list[str]] = {}
+    if query:
+        for pair in query.split("&"):
+            name, _, value = pair.partition("=")
+            if "%" in value or "+" in value:
+                value = unquote_plus(value)
+            if "%" in name or "+" in name:
+                name = unquote_plus(name)
+            args.setdefault(name, []).append(value)
+    return from_query(args)
 
 
 def from_query(args: Mapping[str, list[str]]) -> PickRequest:

@@ -126,10 +126,7 @@ class Leader(Serving):
         chosen = self.choose(pick)
         if not chosen:
             raise ServiceError(503, "no IM node can take a client now")
-        answer = chosen[0].as_dict()
-        if pick.count > 1:
-            answer["backups"] = [choice.as_dict() for choice in chosen[1:]]
-        return orjson.dumps(answer)
+        return self.answer(chosen, pick.count > 1)
 
     async def _nodes_endpoint(self, request: Any) -> bytes:
         """`imdispatch.nodes`: the node list of `GET /admin/nodes`, read-only."""

@@ -7,27 +7,18 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from dispatcher import config as cfg
 from dispatcher import pacing
-from dispatcher.domain.state import RoutingState
+from dispatcher.domain.state import NodeRecord, RoutingState
 from dispatcher.query import PickRequest
 
 log = logging.getLogger("imdispatch")
 UNCERTAIN = ("timeout", "bad_reply")
 """Down causes that panic mode doubts (see `Serving.update_panic`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    node: str
-    ip: str
-    port: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "ip": self.ip, "port": self.port}
 
 
 class Serving:
@@ -43,6 +34,7 @@ class Serving:
         self._pacing: asyncio.Task | None = None
         self.opened_at: float | None = None
         self.panic = False
+        self._encoded: dict[tuple[str, str, int], bytes] = {}
 
     @property
     def state(self) -> RoutingState:
@@ -60,7 +52,7 @@ class Serving:
         return None
 
 
-    def choose(self, request: PickRequest) -> list[Choice]:
+    def choose(self, request: PickRequest) -> list[NodeRecord]:
         """The node for one new client, then distinct backups; [] when none can take one.
 
         Nodes that used up their assignments for this second are skipped (pacing)."""
@@ -70,17 +62,37 @@ class Serving:
         if limiter.blocked:
             limiter.refill({n: pacing.assign_rate(nodes[n], configured)
                             for n in limiter.blocked if n in nodes}, now)
-        excluded = [*request.exclude, *limiter.blocked]
-        chosen: list[Choice] = []
+        excluded = [*request.exclude, *limiter.blocked] if limiter.blocked else request.exclude
+        chosen: list[NodeRecord] = []
         while len(chosen) < request.count:
             node_id = selector.pick(excluded)
             if node_id is None:
                 break
             record = nodes[node_id]
-            chosen.append(Choice(node_id, record.ip, record.port))
+            chosen.append(record)
             limiter.took(node_id, pacing.assign_rate(record, configured), now)
-            excluded.append(node_id)
+            excluded = [*excluded, node_id]
         return chosen
+
+    def answer(self, chosen: list[NodeRecord], backups: bool) -> bytes:
+        """The get-tcp-ip JSON body: {"node","ip","port"} and, if asked, "backups".
+
+        Each node's part is encoded once and kept (keyed by its address, so a change of
+        address makes a new one): the hot path only joins bytes."""
+        parts = self._encoded
+        pieces = []
+        for record in chosen:
+            key = (record.id, record.ip, record.port)
+            piece = parts.get(key)
+            if piece is None:
+                if len(parts) > 4 * len(self.state.nodes) + 16:
+                    parts.clear()  # addresses changed many times: start afresh
+                piece = parts[key] = orjson.dumps(
+                    {"node": record.id, "ip": record.ip, "port": record.port})
+            pieces.append(piece)
+        if not backups:
+            return pieces[0]
+        return pieces[0][:-1] + b',"backups":[' + b",".join(pieces[1:]) + b"]}"
 
     def update_ramps(self) -> None:
         """Give nodes that came up recently their growing share (slow start). Run after

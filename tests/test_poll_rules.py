@@ -63,6 +63,18 @@ def test_sure_failures_take_a_node_out_at_once(cause):
     assert tracker.observe("n1", Failure(cause, "gone"), "up") == "down"
 
 
+def test_raw_query_strings():
+    from dispatcher.query import from_query_string
+
+    pick = from_query_string("uid=a%40b&exclude=n1%2Cn2&count=2&extra=1&count_typo")
+    assert (pick.uid, pick.exclude, pick.count) == ("a@b", ("n1", "n2"), 2)
+    assert from_query_string("") == from_query({})
+    with pytest.raises(QueryError, match="given once"):
+        from_query_string("count=1&count=2")
+    with pytest.raises(QueryError, match="uid"):
+        from_query_string("uid=a+b")  # a space
+
+
 def test_query_parameters():
     assert from_query({}).count == 1
     pick = from_query({"uid": ["u1"], "exclude": ["n1,n2,"], "count": ["3"], "app": ["x"]})

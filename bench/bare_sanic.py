@@ -1,0 +1,32 @@
+"""A bare Sanic app returning a constant JSON body: the baseline for /get-tcp-ip.
+
+    python -m bench.bare_sanic PORT WORKERS
+"""
+
+import functools
+import sys
+
+from sanic import Sanic
+from sanic.response import HTTPResponse
+from sanic.worker.loader import AppLoader
+
+BODY = b'{"node":"n1","ip":"127.0.0.1","port":9001}'
+
+
+def create_app() -> Sanic:
+    app = Sanic("bare", configure_logging=False)
+
+    @app.get("/")
+    async def constant(request):
+        return HTTPResponse(BODY, content_type="application/json")
+
+    return app
+
+
+if __name__ == "__main__":
+    port, workers = int(sys.argv[1]), int(sys.argv[2])
+    loader = AppLoader(factory=functools.partial(create_app))
+    app = loader.load()
+    app.prepare(host="127.0.0.1", port=port, workers=workers, access_log=False, motd=False,
+                single_process=workers == 1)
+    Sanic.serve(primary=app, app_loader=loader)
