@@ -265,3 +265,23 @@ def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
     finally:
         running.stop()
 
+
+
+def test_bad_config_stops_the_start_naming_file_line_and_key(tmp_path):
+    config = tmp_path / "dispatcher.toml"
+    config.write_text("[poll]\ninterval = 1.0\nfall = -3\n")
+    result = subprocess.run([sys.executable, "-m", "dispatcher", "serve", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{config}:3: [poll] fall: must be in 1..100, got -3" in result.stderr
+
+
+def test_sighup_reloads_the_config_file(cluster):
+    text = cluster.config.read_text().replace("weight = 1\n", "weight = 4\n")
+    cluster.config.write_text(text)  # e2e3's weight: 1 -> 4
+    cluster.dispatcher.send_signal(signal.SIGHUP)
+    cluster.wait(lambda: {n["id"]: n["weight"] for n in cluster.admin("GET", "/admin/nodes")[2]}
+                 ["e2e3"] == 4, "the reload took effect")
+    events = cluster.admin("GET", "/admin/events?limit=1000")[2]
+    changed = [e for e in events if e["type"] == "node_weight_set"]
+    assert changed[-1]["actor"] == "config" and changed[-1]["node"] == "e2e3"
