@@ -126,10 +126,12 @@ class Serving:
         """Panic mode, after Envoy's panic threshold: when fewer than `panic_threshold` of
         the nodes that are not drained are up, health checks are more likely wrong than
         that many nodes dead (the dispatcher's own link may be the broken one), so nodes
-        down for an uncertain cause (timeout, bad reply) take clients again. Nodes whose
+        down for an uncertain cause (timeout, bad reply) take clients again. Nodes not
+        seen yet do not count. Nodes whose
         process is gone (no responders), that are draining, that answer with another
         identity or were never seen up stay out: those signals are sure."""
-        nodes = [r for r in self.state.nodes.values() if not r.draining]
+        nodes = [r for r in self.state.nodes.values()
+                 if not r.draining and r.health != "unknown"]  # judged nodes only
         up = sum(record.health == "up" for record in nodes)
         panic = bool(nodes) and up / len(nodes) < self.config.balance.panic_threshold
         if panic != self.panic:

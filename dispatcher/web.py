@@ -103,10 +103,7 @@ def create_app(config: cfg.Config, config_path: str | None = None,
             wait = runtime.retry_after()
             return respond({"error": "no IM node can take a client now", "retry_after": wait},
                            503, {"Retry-After": str(wait)})
-        answer = chosen[0].as_dict()
-        if pick.count > 1:
-            answer["backups"] = [choice.as_dict() for choice in chosen[1:]]
-        return respond(answer)
+        return HTTPResponse(runtime.answer(chosen, pick.count > 1), content_type=JSON)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> HTTPResponse:
