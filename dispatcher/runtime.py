@@ -18,6 +18,7 @@ import orjson
 from dispatcher import admin, leader_link
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
+from dispatcher.domain import events as ev
 from dispatcher.eventlog.errors import LogLocked
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.eventlog.snapshots import SnapshotStore
@@ -137,9 +138,19 @@ class Leader(Serving):
 
     async def _disconnected(self) -> None:
         log.warning("NATS disconnected: no polling; serving the last known state")
+        await self._record_polling(ev.PollingPaused(actor="dispatcher",
+                                                    reason="NATS connection lost"))
 
     async def _reconnected(self) -> None:
         log.info("NATS reconnected: polling resumes")
+        await self._record_polling(ev.PollingResumed(actor="dispatcher",
+                                                     reason="NATS connection back"))
+
+    async def _record_polling(self, event: Any) -> None:
+        """The outage in the log, once per change (it explains why health stood still)."""
+        if self.state.polling != isinstance(event, ev.PollingResumed):
+            with contextlib.suppress(Exception):  # e.g. the journal is closing
+                await self.journal.record([event])
 
     async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
         """Run an admin command (this runtime writes the event log)."""

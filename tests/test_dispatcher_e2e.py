@@ -242,6 +242,10 @@ def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path):
             assert set(running.health().values()) == {"up"}  # nobody marked down for it
             server.start()
             running.wait(lambda: running.get("/readyz")[0] == 200, "fresh state again")
+            running.wait(lambda: any(e["type"] == "polling_resumed" for e in running.admin(
+                "GET", "/admin/events?limit=1000")[2]), "the outage is in the log")
+            kinds = [e["type"] for e in running.admin("GET", "/admin/events?limit=1000")[2]]
+            assert kinds.index("polling_paused") < kinds.index("polling_resumed")
         finally:
             running.stop()
 

@@ -141,12 +141,25 @@ class ConfigReloaded(Event):
     config: dict[str, Any]
 
 
+@dataclass(kw_only=True)
+class PollingPaused(Event):
+    """The dispatcher lost NATS: no node is judged until it is back (none is marked down
+    for it), and clients get the last known state."""
+
+    type: str = "polling_paused"
+
+
+@dataclass(kw_only=True)
+class PollingResumed(Event):
+    type: str = "polling_resumed"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__dataclass_fields__["type"].default: cls
     for cls in (
         NodeAdded, NodeRemoved, NodeAddressChanged, NodeWeightSet, NodeDrained,
         NodeUndrained, NodeUp, NodeDown, LoadReported, NodeOverloaded, NodeRecovered,
-        ConfigReloaded,
+        ConfigReloaded, PollingPaused, PollingResumed,
     )
 }
 

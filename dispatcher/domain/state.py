@@ -52,6 +52,7 @@ class RoutingState:
         self.time = 0.0
         self.nodes: dict[str, NodeRecord] = {}  # in the order they were added
         self.config: dict[str, Any] | None = None
+        self.polling = True  # False while the dispatcher has no NATS: health is frozen
         self.high_watermark = DEFAULT_HIGH_WATERMARK
         self.low_watermark = DEFAULT_LOW_WATERMARK
         self.high_ppm, self.low_ppm = core_ext.watermarks_ppm(
@@ -131,6 +132,9 @@ class RoutingState:
         record.overloaded = isinstance(event, ev.NodeOverloaded)
         record.updated_seq = event.seq
 
+    def _polling(self, event: ev.PollingPaused | ev.PollingResumed) -> None:
+        self.polling = isinstance(event, ev.PollingResumed)
+
     def _config(self, event: ev.ConfigReloaded) -> None:
         balance = event.config.get("balance", {})
         high = balance.get("high_watermark", DEFAULT_HIGH_WATERMARK)
@@ -164,6 +168,7 @@ class RoutingState:
             "high_watermark": self.high_watermark,
             "low_watermark": self.low_watermark,
             "config": self.config,
+            "polling": self.polling,
             "nodes": [asdict(record) for record in self.nodes.values()],
         }
 
@@ -172,6 +177,7 @@ class RoutingState:
         """Rebuild a state saved by `to_dict`, the selector included."""
         state = cls(selector_class)
         state.seq, state.time, state.config = data["seq"], data["time"], data["config"]
+        state.polling = data.get("polling", True)
         state.high_watermark, state.low_watermark = data["high_watermark"], data["low_watermark"]
         state.high_ppm, state.low_ppm = core_ext.watermarks_ppm(
             state.high_watermark, state.low_watermark
@@ -216,4 +222,6 @@ _HANDLERS: dict[type, Callable[[RoutingState, Any], None]] = {
     ev.NodeOverloaded: RoutingState._overload,
     ev.NodeRecovered: RoutingState._overload,
     ev.ConfigReloaded: RoutingState._config,
+    ev.PollingPaused: RoutingState._polling,
+    ev.PollingResumed: RoutingState._polling,
 }
