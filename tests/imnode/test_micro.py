@@ -50,7 +50,7 @@ def valid(verb: str, reply: dict) -> dict:
     return reply
 
 
-async def scatter(nc, subject: str, *, first: float = 2.0, quiet: float = 0.25) -> list[dict]:
+async def scatter(nc, subject: str, *, first: float = 2.0, quiet: float = 0.5) -> list[dict]:
     """All replies to one request, as natscli gathers them: wait up to `first` for the
     first reply, then until `quiet` seconds pass without one (nats-py has no request-many)."""
     inbox = nc.new_inbox()
