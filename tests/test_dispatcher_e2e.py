@@ -32,8 +32,9 @@ def http(method, url, body=None, token=None):
 
 
 class Cluster:
-    def __init__(self, tmp_path, nats_url, slow_start=0, workers=1):
-        self.tmp, self.nats_url = tmp_path, nats_url
+    def __init__(self, tmp_path, nats_url, slow_start=0, workers=1, capacity=10000,
+                 assign_rate=0):
+        self.tmp, self.nats_url, self.capacity = tmp_path, nats_url, capacity
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes = {node: self.start_node(node) for node in WEIGHTS}
         self.http_port = free_port()
@@ -42,7 +43,7 @@ class Cluster:
             f"[http]\nport = {self.http_port}\nretry_after = 2\nworkers = {workers}\n"
             f'[nats]\nservers = ["{nats_url}"]\n'
             "[poll]\ninterval = 0.2\ntimeout = 0.15\nrise = 1\nfall = 2\nstale_after = 2.0\n"
-            f"[balance]\nslow_start = {slow_start}\n"
+            f"[balance]\nslow_start = {slow_start}\nassign_rate = {assign_rate}\n"
             f'[eventlog]\npath = "{tmp_path / "events"}"\nfsync = "always"\n'
             + "".join(f'[[nodes]]\nid = "{node}"\nip = "127.0.0.1"\nport = {port}\n'
                       f"weight = {WEIGHTS[node]}\n" for node, port in self.node_ports.items())
@@ -54,7 +55,8 @@ class Cluster:
         process = subprocess.Popen(
             [sys.executable, "-m", "imnode", "serve", "--id", node, "--listen",
              f"127.0.0.1:{self.node_ports[node]}", "--nats", self.nats_url, "--capacity",
-             "10000", "--log-level", "warning", "--drain-timeout", "1", "--drain-window", "0.5"],
+             str(self.capacity), "--log-level", "warning", "--drain-timeout", "1",
+             "--drain-window", "0.5"],
             stdout=subprocess.PIPE, text=True)
         assert process.stdout.readline().startswith(f"imnode {node} listening")
         return process
@@ -292,3 +294,54 @@ def test_sighup_reloads_the_config_file(cluster):
     events = cluster.admin("GET", "/admin/events?limit=1000")[2]
     changed = [e for e in events if e["type"] == "node_weight_set"]
     assert changed[-1]["actor"] == "config" and changed[-1]["node"] == "e2e3"
+
+
+def test_nodes_filled_by_real_clients_get_none_then_503(tmp_path, nats_server):
+    import asyncio
+
+    from imnode.client import ImClient
+
+    running = Cluster(tmp_path, nats_server.url, capacity=10, assign_rate=1000)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
+
+        async def fill():
+            clients = []
+            for node, port in running.node_ports.items():
+                for i in range(10 if node != "e2e3" else 6):  # e2e3 stays below 0.9
+                    client = ImClient(f"{node}-user-{i}")
+                    await client.connect(("127.0.0.1", port))
+                    clients.append(client)
+            return clients
+
+        async def scenario():
+            clients = await fill()
+            def overloaded():
+                return {n["id"] for n in running.admin("GET", "/admin/nodes")[2]
+                                              if n["overloaded"]}
+            await asyncio.to_thread(running.wait, lambda: overloaded() == {"e2e1", "e2e2"},
+                                    "the two full nodes are overloaded")
+            picks = await asyncio.to_thread(shares, running, 3)
+            assert set(picks) == {"e2e3"}  # only the node with room, and only a few
+            for i in range(3):  # e2e3 reaches 0.9 with pending picks: no more clients
+                client = ImClient(f"late-{i}")
+                await client.connect(("127.0.0.1", running.node_ports["e2e3"]))
+                clients.append(client)
+            await asyncio.to_thread(running.wait, lambda: running.get("/get-tcp-ip")[0] == 503,
+                                    "every node is full")
+            status, headers, _body = running.get("/get-tcp-ip")
+            assert status == 503 and int(headers["Retry-After"]) >= 2
+            for client in clients[:4]:  # e2e1 falls to 6/10, below the low watermark
+                await client.close()
+            await asyncio.to_thread(running.wait, lambda: "e2e1" not in overloaded(),
+                                    "e2e1 recovered")
+            assert running.get("/get-tcp-ip")[2]["node"] == "e2e1"
+            kinds = [(e["type"], e.get("node")) for e in running.admin(
+                "GET", "/admin/events?limit=1000")[2]]
+            assert ("node_overloaded", "e2e1") in kinds and ("node_recovered", "e2e1") in kinds
+            for client in clients[4:]:
+                await client.close()
+
+        asyncio.run(scenario())
+    finally:
+        running.stop()
