@@ -8,6 +8,7 @@ locked by a writer, written in a newer format).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -183,8 +184,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     print(f"imdispatch serving http://{config.http.host}:{config.http.port} with "
           f"{config.http.workers} worker(s)", flush=True)
+    level = args.log_level.upper()
     if config.http.workers == 1:
-        app = create_app(config, args.config)
+        app = create_app(config, args.config, log_level=level)
         app.run(host=config.http.host, port=config.http.port, single_process=True,
                 access_log=False, motd=False)
         return 0
@@ -192,12 +194,27 @@ def _serve(args: argparse.Namespace) -> int:
     # leads (polls, writes), the others follow its log. One listening socket, shared.
     from sanic.worker.loader import AppLoader
 
-    loader = AppLoader(factory=functools.partial(create_app, config, args.config))
+    loader = AppLoader(factory=functools.partial(create_app, config, args.config,
+                                                 log_level=level))
+    signal.signal(signal.SIGHUP, lambda *_: _reload_leader(config))
     app = loader.load()
     app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,
                 access_log=False, motd=False)
     Sanic.serve(primary=app, app_loader=loader)
     return 0
+
+
+def _reload_leader(config: Any) -> None:
+    """SIGHUP to the supervisor of several workers: pass it to the leader (its pid is in
+    the event log's LOCK file), which reloads and records the changes."""
+    import os
+    from pathlib import Path
+
+    try:
+        pid = int((Path(config.eventlog.path) / "LOCK").read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError, IndexError) as exc:
+        print(f"imdispatch: cannot pass SIGHUP to the leader: {exc}", file=sys.stderr)
 
 
 def _note_torn(torn: Any) -> None:

@@ -166,6 +166,8 @@ def _servers(value: Any) -> tuple[str, ...]:
 
 def _ip(value: Any) -> str:
     try:
+        if not isinstance(value, str):
+            raise ValueError(value)
         return str(ipaddress.ip_address(value))
     except (ValueError, TypeError):
         raise ValueError(
@@ -302,6 +304,16 @@ def parse(text: str, source: str = "<config>") -> Config:
         entries.append(NodeEntry(**values))
 
     config = Config(**sections, nodes=tuple(entries), source=source)
+    for key in ("creds", "nkey_seed", "tls_ca", "tls_cert", "tls_key"):
+        file = getattr(config.nats, key)
+        if file is not None and not Path(file).is_file():
+            raise error("nats", 0, key, f"no such file: {file}")
+    log_path = Path(config.eventlog.path)
+    if log_path.exists() and not log_path.is_dir():
+        raise error("eventlog", 0, "path", f"{log_path} exists and is not a directory")
+    if config.http.workers > 1 and len(str(log_path.resolve() / "admin.sock")) > 100:
+        raise error("eventlog", 0, "path", "too long for the workers' Unix socket "
+                    "(at most about 90 characters with several workers)")
     balance = config.balance
     if balance.low_watermark > balance.high_watermark:
         raise error("balance", 0, "low_watermark",

@@ -24,8 +24,9 @@ TAIL_INTERVAL = 0.05
 class Follower(Serving):
     role = "follower"
 
-    def __init__(self, config: cfg.Config) -> None:
+    def __init__(self, config: cfg.Config, config_path: str | Path | None = None) -> None:
         super().__init__(config)
+        self.config_path = config_path
         self._state = RoutingState()
         self._tail: LogTail | None = None
         self._following: asyncio.Task | None = None
@@ -70,7 +71,10 @@ class Follower(Serving):
         while True:
             try:
                 for record in self._tail.poll():
-                    self._state.apply(record.event())
+                    event = record.event()
+                    self._state.apply(event)
+                    if event.type == "config_reloaded":
+                        self._reread_config()
             except Exception:  # keep serving the last state; say so
                 log.exception("cannot follow the event log")
             cycle = leader_link.last_cycle(self.config)
@@ -78,6 +82,16 @@ class Follower(Serving):
                 last_cycle = cycle
                 self.poll_happened()
             await asyncio.sleep(TAIL_INTERVAL)
+
+    def _reread_config(self) -> None:
+        """The leader applied the config file again: take its settings too (slow start,
+        panic threshold, assignment rate, retry and staleness bounds)."""
+        if self.config_path is None:
+            return
+        try:
+            self.config = cfg.load(self.config_path)
+        except cfg.ConfigError as exc:
+            log.warning("keeping the previous settings: %s", exc)
 
     def poll_status(self) -> tuple[float | None, bool]:
         return leader_link.read_status(self.config)

@@ -90,5 +90,7 @@ async def forward_admin(config: cfg.Config, op: str, args: dict[str, Any],
         reply = orjson.loads(await asyncio.wait_for(reader.readline(), 30))
         writer.close()
         return reply["status"], reply["body"]
+    except TypeError as exc:  # not JSON-encodable (an integer beyond 64 bits, say)
+        return 400, {"error": f"bad admin arguments: {exc}"}
     except (OSError, TimeoutError, ValueError, KeyError) as exc:
         return 503, {"error": f"the worker that writes the event log is unavailable: {exc}"}

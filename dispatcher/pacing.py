@@ -27,7 +27,8 @@ def slow_start_ramp(record: NodeRecord, now: float, slow_start: float) -> int:
 
 
 class AssignmentLimiter:
-    """A token bucket per node: at most `rate` clients a second (a second's worth at once),
+    """A token bucket per node, per worker: at most `rate` clients a second (a second's
+    worth, and at least one, at once),
     so a reconnect storm after a node dies is spread over the survivors instead of
     piling onto the emptiest. A node whose bucket is empty is excluded from picks until
     it refills."""
@@ -41,15 +42,16 @@ class AssignmentLimiter:
         for node_id in list(self.blocked):
             rate = rates.get(node_id)
             tokens, when = self._tokens.get(node_id, (0.0, now))
-            if rate is None or min(rate, tokens + (now - when) * rate) >= 1:
+            if rate is None or min(max(rate, 1.0), tokens + (now - when) * rate) >= 1:
                 self.blocked.discard(node_id)
 
     def took(self, node_id: str, rate: float | None, now: float) -> None:
         """A client was handed to `node_id`; block it if that emptied its bucket."""
         if rate is None:
             return
-        tokens, when = self._tokens.get(node_id, (rate, now))
-        tokens = min(rate, tokens + (now - when) * rate) - 1
+        burst = max(rate, 1.0)  # at least one client, however low the rate
+        tokens, when = self._tokens.get(node_id, (burst, now))
+        tokens = min(burst, tokens + (now - when) * rate) - 1
         self._tokens[node_id] = (tokens, now)
         if tokens < 1:
             self.blocked.add(node_id)

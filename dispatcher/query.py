@@ -59,7 +59,7 @@ def from_query(args: Mapping[str, list[str]]) -> PickRequest:
 
     exclude = single("exclude")
     count = single("count")
-    if count is not None and not (count.isdigit() and len(count) <= 2):
+    if count is not None and not (count.isascii() and count.isdigit() and len(count) <= 2):
         raise QueryError(f"`count` must be an integer from 1 to {MAX_COUNT}")
     return _checked(
         single("uid"),

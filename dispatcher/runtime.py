@@ -89,7 +89,8 @@ class Leader(Serving):
         await self._apply_config(self.config)
         self._start_pacing()
         self._connecting = asyncio.get_running_loop().create_task(self._connect())
-        self._admin_server = await leader_link.serve_admin(self)
+        if self.config.http.workers > 1:  # other workers send their admin commands here
+            self._admin_server = await leader_link.serve_admin(self)
 
     async def _connect(self) -> None:
         while True:
@@ -162,10 +163,18 @@ class Leader(Serving):
         if self.config_path is None:
             raise cfg.ConfigError("no config file to reload")
         config = cfg.load(self.config_path)
+        if config.eventlog.path != self.config.eventlog.path:
+            raise cfg.ConfigError(f"{config.source}: [eventlog] path cannot change while the "
+                                  "dispatcher runs; restart it to use another log")
+        for table in ("http", "nats"):
+            if getattr(config, table) != getattr(self.config, table):
+                log.warning("[%s] changed in %s: takes effect at the next restart",
+                            table, config.source)
         events = await self._apply_config(config)
         self.config = config
         if self.poller is not None:
             self.poller.poll, self.poller.balance = config.poll, config.balance
+            self.poller.health.rise, self.poller.health.fall = config.poll.rise, config.poll.fall
         return [event.type for event in events]
 
     async def _apply_config(self, config: cfg.Config) -> list:
@@ -208,7 +217,7 @@ async def open_runtime(config: cfg.Config, config_path: str | Path | None = None
     try:
         await leader.start()
     except LogLocked:
-        follower = Follower(config)
+        follower = Follower(config, config_path)
         await follower.start()
         return follower
     return leader

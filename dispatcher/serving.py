@@ -142,7 +142,8 @@ class Serving:
         selector = self.state.selector
         for record in nodes:
             if record.health == "down":
-                selector.set_up(record.id, panic and record.health_cause in UNCERTAIN)
+                doubted = panic and record.seen_up and record.health_cause in UNCERTAIN
+                selector.set_up(record.id, doubted)
 
     async def _slow_start(self) -> None:
         while True:

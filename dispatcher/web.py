@@ -21,7 +21,7 @@ from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
 from dispatcher.domain.errors import DomainError
-from dispatcher.query import QueryError, from_query
+from dispatcher.query import QueryError, from_query_string
 from dispatcher.runtime import open_runtime
 from dispatcher.serving import Serving
 
@@ -49,14 +49,20 @@ def admin_tokens(value: str | None) -> list[tuple[str, bytes]]:
             continue
         name, sep, secret = item.partition(":")
         actor = f"admin:{name}" if sep and name else "admin"
-        tokens.append((actor, (secret if sep else item).encode()))
+        secret = (secret if sep else item).strip()
+        if not secret:  # an empty secret would let an empty header in
+            log.warning("ignored an admin token with an empty secret (%s)", actor)
+            continue
+        tokens.append((actor, secret.encode()))
     return tokens
 
 
 def create_app(config: cfg.Config, config_path: str | None = None,
-               tokens: list[tuple[str, bytes]] | None = None) -> Sanic:
+               tokens: list[tuple[str, bytes]] | None = None, log_level: str = "INFO") -> Sanic:
     """The app of one worker. Its runtime is opened when the server starts: the leader if
     this worker gets the event log's writer lock, else a follower of the leader's log."""
+    logging.basicConfig(level=log_level,  # in every worker process: each logs for itself
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     app = Sanic(f"imdispatch_{next(_apps)}", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 64 * 1024
@@ -95,7 +101,7 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     async def get_tcp_ip(request: Request) -> HTTPResponse:
         runtime = holder[0]
         try:
-            pick = from_query(dict(request.args))  # name -> list, as Sanic stores them
+            pick = from_query_string(request.query_string)
         except QueryError as exc:
             return error(400, str(exc))
         chosen = runtime.choose(pick)
@@ -140,10 +146,11 @@ def _admin_routes(app: Sanic, holder: list[Serving], tokens: list[tuple[str, byt
             async def wrapper(request: Request, **path: Any) -> HTTPResponse:
                 header = request.headers.get("authorization", "")
                 scheme, _, offered = header.partition(" ")
+                offered_bytes = offered.strip().encode("utf-8", "surrogateescape")
                 actor = None
-                if scheme.lower() == "bearer" and offered:
+                if scheme.lower() == "bearer" and offered_bytes:
                     for name, secret in tokens:  # constant time for each token
-                        if hmac.compare_digest(offered.strip().encode(), secret):
+                        if hmac.compare_digest(offered_bytes, secret):
                             actor = name
                 if actor is None:
                     return respond({"error": "a valid admin bearer token is required"}, 401,

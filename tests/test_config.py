@@ -81,6 +81,7 @@ def test_empty_config_is_all_defaults():
         (('id = "n2"', 'id = "n.2"'), r"\[\[nodes\]\] #2 id: .*NATS subject token"),
         (("weight = 5", "weight = 5.5"), r":30: \[\[nodes\]\] #1 weight: must be an integer"),
         (("port = 9001\nweight", "weight"), r"\[\[nodes\]\] #1: `port` is required"),
+        (('ip = "10.0.0.1"', "ip = 16909060"), r"#1 ip: must be an IP address"),
         (("[poll]", "[pol]"), r":10: \[pol\]: unknown table"),
         (('servers = ["nats://127.0.0.1:4222"]', 'servers = ["127.0.0.1:4222"]'),
          r":8: \[nats\] servers: must be nats://"),
@@ -121,10 +122,11 @@ def test_reload_is_a_difference_against_the_last_recorded_config(tmp_path):
         second = cfg.parse(edited, "dispatcher.toml")
         events = decisions.reconcile_config(state, second.recorded(), "dispatcher.toml")
         assert [(e.type, e.node_id) for e in events] == [
-            ("node_address_changed", "n1"), ("node_weight_set", "n1"),
+            ("node_address_changed", "n1"),  # only what the file changed: n1's admin
             ("node_weight_set", "n2"), ("node_added", "n3"), ("config_reloaded", None)]
         await journal.record(events)
         assert state.nodes["n1"].ip == "10.0.0.9" and state.high_watermark == 0.95
+        assert state.nodes["n1"].weight == 2  # the admin's weight survives the ip edit
         # Removing a node from the file removes it.
         third = cfg.parse(edited.replace('id = "n3"\nip = "10.0.0.3"', 'id = "n4"\n'
                                                                         'ip = "10.0.0.4"'))

@@ -261,11 +261,23 @@ def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
             "leader", "follower"}, "both workers answered")
         assert running.admin("PUT", "/admin/nodes/e2e3", {"weight": 9})[0] == 200
 
-        def everywhere():  # whichever worker answers, the follower included
-            return {n["weight"] for _ in range(20) for n in running.admin(
-                "GET", "/admin/nodes")[2] if n["id"] == "e2e3"} == {9}
+        seqs = {}
 
-        running.wait(everywhere, "every worker has the new weight", timeout=5)
+        def caught_up():  # the follower's own state has the leader's latest event
+            answer = running.get("/readyz")[2]
+            seqs[answer["role"]] = answer["state_seq"]
+            return len(seqs) == 2 and len(set(seqs.values())) == 1
+
+        running.wait(caught_up, "the follower caught up", timeout=5)
+        running.config.write_text(running.config.read_text().replace("weight = 1\n",
+                                                                     "weight = 2\n"))
+        running.dispatcher.send_signal(signal.SIGHUP)  # to the supervisor: passed to the leader
+        running.wait(lambda: {n["id"]: n["weight"] for n in running.admin(
+            "GET", "/admin/nodes")[2]}["e2e3"] == 2, "the reload took effect")
+        assert running.dispatcher.poll() is None  # the supervisor survived its SIGHUP
+        assert running.admin("PUT", "/admin/nodes/e2e3", {"weight": 9})[0] == 200
+        seqs.clear()
+        running.wait(caught_up, "the follower caught up again", timeout=5)
         picks = shares(running, 700)
         assert abs(picks["e2e3"] / 700 - 9 / 14) < 0.05, picks
         running.dispatcher.terminate()

@@ -50,6 +50,16 @@ def test_limiter_blocks_a_node_for_the_rest_of_its_second():
     assert "n2" not in limiter.blocked
 
 
+def test_a_rate_below_one_a_second_still_lets_clients_through():
+    limiter = pacing.AssignmentLimiter()
+    limiter.took("n1", 0.5, now=0.0)
+    assert limiter.blocked == {"n1"}
+    limiter.refill({"n1": 0.5}, now=1.0)  # half a token back
+    assert limiter.blocked == {"n1"}
+    limiter.refill({"n1": 0.5}, now=2.1)  # one client every two seconds
+    assert limiter.blocked == set()
+
+
 class Worker(Serving):
     """A serving worker on a journal of the test's own (no NATS, no HTTP)."""
 
@@ -95,12 +105,14 @@ def test_panic_mode_doubts_uncertain_failures_only():
         await journal.record(decisions.mark_down(state, "a", "timeout", "slow"))
         worker.update_panic()
         assert not worker.panic and state.selector.node("a")["up"] is False
+        await journal.record(decisions.add_node(state, "e", "10.0.0.1", 9000, 1, actor="t"))
+        await journal.record(decisions.mark_down(state, "e", "timeout", "never answered"))
         await journal.record(decisions.mark_down(state, "b", "timeout", "slow"))
         await journal.record(decisions.mark_down(state, "c", "no_responders", "gone"))
         worker.update_panic()  # 1 of 4 up: below half
         assert worker.panic
         picked = {state.selector.pick() for _ in range(12)}
-        assert picked == {"a", "b", "d"}  # c's process is gone: never doubted
+        assert picked == {"a", "b", "d"}  # c's process is gone, e was never up: not doubted
         await journal.record(decisions.mark_up(state, "c"))
         await journal.record(decisions.mark_up(state, "a"))
         worker.update_panic()  # 3 of 4 up: normal again

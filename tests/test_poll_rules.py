@@ -84,6 +84,7 @@ def test_query_parameters():
 
 @pytest.mark.parametrize("args", [
     {"count": ["0"]}, {"count": ["6"]}, {"count": ["-1"]}, {"count": ["1e3"]},
+    {"count": ["\u00b2"]}, {"count": ["\u0663"]},
     {"count": ["1", "2"]}, {"uid": ["a b"]}, {"uid": ["x" * 129]},
     {"exclude": ["n.1"]}, {"exclude": [",".join(f"n{i}" for i in range(65))]},
 ])
@@ -97,3 +98,11 @@ def test_bad_query_parameters(args):
 def test_bad_json_parameters(body):
     with pytest.raises(QueryError):
         from_json(body)
+
+
+def test_admin_tokens():
+    from dispatcher.web import admin_tokens
+
+    assert admin_tokens("ops:s3cret, plain ,:, dev:") == [
+        ("admin:ops", b"s3cret"), ("admin", b"plain")]  # empty secrets are ignored
+    assert admin_tokens(None) == [] and admin_tokens("") == []

@@ -38,6 +38,8 @@ def _check_node_id(node: Any) -> str:
 
 def _check_address(node: str, ip: Any, port: Any) -> tuple[str, int]:
     try:
+        if not isinstance(ip, str):
+            raise ValueError(ip)
         address = ipaddress.ip_address(ip)
     except ValueError:
         raise InvalidCommand(f"node {node!r}: ip must be an IP address, got {ip!r}") from None
@@ -150,10 +152,13 @@ def reconcile_config(
             events += add_node(state, node_id, node["ip"], node["port"], node["weight"],
                                actor=actor, reason=f"in {source}")
             continue
-        events += change_address(state, node_id, node["ip"], node["port"], actor=actor,
+        old = before.get(node_id, {})
+        if (old.get("ip"), old.get("port")) != (node["ip"], node["port"]):
+            events += change_address(state, node_id, node["ip"], node["port"], actor=actor,
+                                     reason=f"changed in {source}")
+        if old.get("weight") != node["weight"]:
+            events += set_weight(state, node_id, node["weight"], actor=actor,
                                  reason=f"changed in {source}")
-        events += set_weight(state, node_id, node["weight"], actor=actor,
-                             reason=f"changed in {source}")
     for node_id in before:
         if node_id not in after and node_id in state.nodes:
             events += remove_node(state, node_id, actor=actor, reason=f"not in {source}")

@@ -37,6 +37,7 @@ class NodeRecord:
     health_cause: str | None = None  # why it is down
     health_detail: str = ""
     health_since: float = 0.0  # time of the last health change
+    seen_up: bool = False  # has been up at least once
     draining: bool = False
     overloaded: bool = False
     connections: int | None = None  # None until the first load report
@@ -117,6 +118,7 @@ class RoutingState:
         up = isinstance(event, ev.NodeUp)
         self.selector.set_up(event.node, up)
         record.health = "up" if up else "down"
+        record.seen_up = record.seen_up or up
         record.health_cause = None if up else event.cause  # type: ignore[union-attr]
         record.health_detail = "" if up else event.detail  # type: ignore[union-attr]
         record.health_since, record.updated_seq = event.time, event.seq
