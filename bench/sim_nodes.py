@@ -1,8 +1,11 @@
 """Lightweight simulated imnodes for the poll benchmark: one NATS connection answering
-`imnode.<id>.status` for many ids with a fixed, valid status reply."""
+`imnode.<id>.status` for many ids with a fixed, valid status reply, in a process of its
+own so that the dispatcher's measured cycle does not include the answering."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
 import nats
@@ -28,3 +31,14 @@ async def simulate(url: str, node_ids: list[str]) -> Any:
     await nc.subscribe("imnode.*.status", cb=answer)
     await nc.flush()
     return nc
+
+
+async def _serve(url: str, count: int) -> None:
+    nc = await simulate(url, [f"sim{i}" for i in range(count)])
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until EOF
+    await nc.close()
+
+
+if __name__ == "__main__":  # python -m bench.sim_nodes URL COUNT: answers in its own process
+    asyncio.run(_serve(sys.argv[1], int(sys.argv[2])))

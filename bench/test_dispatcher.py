@@ -15,7 +15,6 @@ import urllib.request
 import pytest
 
 from bench import targets
-from bench.sim_nodes import simulate
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.eventlog.filelog import FileLog
@@ -35,11 +34,15 @@ def test_poll_cycle(benchmark, tmp_path, nats_url, nodes):
     """One cycle: request every node's status concurrently, check replies, record events."""
     benchmark.group = "dispatcher poll cycle"
 
+    responder = subprocess.Popen([sys.executable, "-m", "bench.sim_nodes", nats_url,
+                                  str(nodes)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+    assert responder.stdout.readline().strip() == "ready"
+
     async def run():
         import nats
 
         ids = [f"sim{i}" for i in range(nodes)]
-        responder = await simulate(nats_url, ids)
         journal = Journal(FileLog(tmp_path / "log", fsync="never"))
         await journal.open()
         for node_id in ids:
@@ -57,11 +60,14 @@ def test_poll_cycle(benchmark, tmp_path, nats_url, nodes):
             times.append(time.perf_counter() - started)
         assert all(r.health == "up" for r in journal.state.nodes.values())
         await nc.close()
-        await responder.close()
         await journal.close()
         return sorted(times)
 
-    times = benchmark.pedantic(lambda: asyncio.run(run()), rounds=1, iterations=1)
+    try:
+        times = benchmark.pedantic(lambda: asyncio.run(run()), rounds=1, iterations=1)
+    finally:
+        responder.stdin.close()
+        responder.wait(timeout=10)
     targets.figure(f"poll cycle median, {nodes} nodes", times[len(times) // 2] * 1000, "ms",
                    benchmark)
 
