@@ -4,13 +4,13 @@ turn what it learns into events (health changes, load reports, overload)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.nuid import NUID
 
 from dispatcher.config import BalanceConfig, PollConfig
 from dispatcher.domain import decisions
@@ -18,6 +18,10 @@ from dispatcher.domain.health import Failure, HealthTracker, NodeStatus, parse_s
 from dispatcher.journal import Journal
 
 log = logging.getLogger("imdispatch.poller")
+
+
+def nats_inbox() -> str:
+    return f"_INBOX.imdispatch.{NUID().next().decode()}"
 
 
 class Poller:
@@ -33,6 +37,10 @@ class Poller:
         self.last_duration = 0.0
         self.failures: dict[str, int] = {}  # poll failures by cause, since start
         self.after_cycle = after_cycle
+        self._inbox = nats_inbox()
+        self._round = 0
+        self._subscription: Any = None
+        self._collect: tuple[str, dict[str, Any], int, asyncio.Event] | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -62,8 +70,8 @@ class Poller:
         started = time.monotonic()
         state = self.journal.state
         node_ids = list(state.nodes)
-        results = await asyncio.gather(*(self._ask(node_id) for node_id in node_ids))
-        if not self.nc.is_connected:
+        results = await self._ask_all(node_ids)
+        if results is None or not self.nc.is_connected:
             return False  # lost NATS during the cycle: its failures prove nothing
         events = []
         for node_id, result in zip(node_ids, results, strict=True):
@@ -90,15 +98,45 @@ class Poller:
             self.after_cycle()
         return True
 
-    async def _ask(self, node_id: str) -> NodeStatus | Failure | None:
+    async def _ask_all(self, node_ids: list[str]) -> list[NodeStatus | Failure] | None:
+        """Ask every node at once: one publish each with a reply subject on this poller's
+        inbox, then collect until every node answered or the timeout passed (a scatter:
+        cheaper than a request and a future per node). A node nobody subscribes for gets
+        the server's "no responders" status at once. None if NATS failed meanwhile."""
+        self._round += 1
+        prefix = f"{self._inbox}.{self._round}."
+        replies: dict[str, Any] = {}
+        complete = asyncio.Event()
+        self._collect = (prefix, replies, len(node_ids), complete)
         try:
-            reply = await self.nc.request(f"imnode.{node_id}.status", b"",
-                                          timeout=self.poll.timeout)
-        except NoRespondersError:
-            return Failure("no_responders", f"nobody answers imnode.{node_id}.status")
-        except (TimeoutError, NatsTimeoutError):
-            return Failure("timeout", f"no status reply within {self.poll.timeout:g} s")
-        except Exception as exc:  # connection closed, reconnecting, ...: not the node
-            log.debug("status request to %s failed: %r", node_id, exc)
+            if self._subscription is None:
+                self._subscription = await self.nc.subscribe(f"{self._inbox}.*.*",
+                                                             cb=self._on_reply)
+            for node_id in node_ids:
+                await self.nc.publish(f"imnode.{node_id}.status", b"", reply=prefix + node_id)
+            await self.nc.flush(timeout=self.poll.timeout)
+            if node_ids:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(complete.wait(), self.poll.timeout)
+        except Exception as exc:  # connection closed, reconnecting, ...: not the nodes
+            log.debug("status requests failed: %r", exc)
             return None
-        return parse_status(node_id, reply.data)
+        finally:
+            self._collect = None
+        return [self._verdict(node_id, replies.get(node_id)) for node_id in node_ids]
+
+    async def _on_reply(self, msg: Any) -> None:
+        collect = self._collect
+        if collect is None or not msg.subject.startswith(collect[0]):
+            return  # a late reply to an earlier cycle
+        prefix, replies, expected, complete = collect
+        replies[msg.subject[len(prefix):]] = msg
+        if len(replies) >= expected:
+            complete.set()
+
+    def _verdict(self, node_id: str, msg: Any) -> NodeStatus | Failure:
+        if msg is None:
+            return Failure("timeout", f"no status reply within {self.poll.timeout:g} s")
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            return Failure("no_responders", f"nobody answers imnode.{node_id}.status")
+        return parse_status(node_id, msg.data)
