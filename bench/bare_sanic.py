@@ -1,5 +1,8 @@
 """A bare Sanic app returning a constant JSON body: the baseline for /get-tcp-ip.
 
+Its route has the same path, so the load generator sends both the very same request and
+the difference is what the dispatcher does, not Sanic's parsing of a longer URL.
+
     python -m bench.bare_sanic PORT WORKERS
 """
 
@@ -16,7 +19,7 @@ BODY = b'{"node":"n1","ip":"127.0.0.1","port":9001}'
 def create_app() -> Sanic:
     app = Sanic("bare", configure_logging=False)
 
-    @app.get("/")
+    @app.get("/get-tcp-ip")
     async def constant(request):
         return HTTPResponse(BODY, content_type="application/json")
 

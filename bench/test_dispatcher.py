@@ -182,17 +182,18 @@ def test_get_tcp_ip_against_a_bare_sanic_route(benchmark, tmp_path, nats_url, wo
     bare_port = free_port()
     bare = start([sys.executable, "-m", "bench.bare_sanic", str(bare_port), str(workers)])
     try:
-        wait_ready(f"http://127.0.0.1:{bare_port}/")
+        wait_ready(f"http://127.0.0.1:{bare_port}/get-tcp-ip")
 
         def measure():
             """Alternate the two, three rounds each, and keep each one's median: on a
             shared 2-core machine one run of either can be 15% off."""
-            wrk(f"http://127.0.0.1:{port}/get-tcp-ip", 1)  # warm up both
-            wrk(f"http://127.0.0.1:{bare_port}/", 1)
+            request = "/get-tcp-ip?uid=bench"
+            wrk(f"http://127.0.0.1:{port}{request}", 1)  # warm up both
+            wrk(f"http://127.0.0.1:{bare_port}{request}", 1)
             ours, theirs = [], []
             for _ in range(3):
-                ours.append(wrk(f"http://127.0.0.1:{port}/get-tcp-ip?uid=bench", 3))
-                theirs.append(wrk(f"http://127.0.0.1:{bare_port}/", 3))
+                ours.append(wrk(f"http://127.0.0.1:{port}{request}", 3))
+                theirs.append(wrk(f"http://127.0.0.1:{bare_port}{request}", 3))
             return sorted(ours)[1], sorted(theirs)[1], sum(run[2] for run in ours)
 
         (rate, p99, _), (bare_rate, bare_p99, _), errors = benchmark.pedantic(

@@ -6,8 +6,6 @@ events: a restarted worker computes the same ramps from the nodes' `health_since
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from dispatcher.domain.state import NodeRecord
 
 RAMP_FULL = 1000
@@ -27,39 +25,44 @@ def slow_start_ramp(record: NodeRecord, now: float, slow_start: float) -> int:
 
 
 class AssignmentLimiter:
-    """A token bucket per node, per worker: at most `rate` clients a second (a second's
-    worth, and at least one, at once),
-    so a reconnect storm after a node dies is spread over the survivors instead of
-    piling onto the emptiest. A node whose bucket is empty is excluded from picks until
-    it refills."""
+    """At most `rate` clients a second per node, per worker (a second's worth, and at
+    least one, at once), so a reconnect storm after a node dies is spread over the
+    survivors instead of piling onto the emptiest. A node that used up its allowance is
+    excluded from picks until it may take a client again.
+
+    A token bucket kept as GCRA (one "due" time per node instead of tokens and a clock),
+    so a pick costs a dict lookup and an addition."""
 
     def __init__(self) -> None:
-        self._tokens: dict[str, tuple[float, float]] = {}  # node -> (tokens, when)
-        self.blocked: set[str] = set()
+        self._limits: dict[str, tuple[float, float]] = {}  # node -> (interval, tolerance)
+        self._due: dict[str, float] = {}  # node -> when its allowance is fully spent
+        self.blocked: dict[str, float] = {}  # node -> when it may take a client again
 
-    def refill(self, rates: dict[str, float], now: float) -> None:
-        """Unblock nodes whose bucket has a token again (call before picking)."""
-        for node_id in list(self.blocked):
-            rate = rates.get(node_id)
-            tokens, when = self._tokens.get(node_id, (0.0, now))
-            if rate is None or min(max(rate, 1.0), tokens + (now - when) * rate) >= 1:
-                self.blocked.discard(node_id)
+    def set_rates(self, rates: dict[str, float | None]) -> None:
+        """Each node's clients a second (None: no cap); nodes not named are forgotten."""
+        self._limits = {node_id: (1.0 / rate, (max(rate, 1.0) - 1.0) / rate)
+                        for node_id, rate in rates.items() if rate is not None}
+        for table in (self._due, self.blocked):
+            for node_id in [n for n in table if n not in self._limits]:
+                del table[node_id]
 
-    def took(self, node_id: str, rate: float | None, now: float) -> None:
-        """A client was handed to `node_id`; block it if that emptied its bucket."""
-        if rate is None:
+    def refill(self, now: float) -> None:
+        """Unblock nodes that may take a client again (call before picking)."""
+        for node_id, free_at in list(self.blocked.items()):
+            if free_at <= now:
+                del self.blocked[node_id]
+
+    def took(self, node_id: str, now: float) -> None:
+        """A client was handed to `node_id`; block it if that used up its allowance."""
+        limit = self._limits.get(node_id)
+        if limit is None:
             return
-        burst = max(rate, 1.0)  # at least one client, however low the rate
-        tokens, when = self._tokens.get(node_id, (burst, now))
-        tokens = min(burst, tokens + (now - when) * rate) - 1
-        self._tokens[node_id] = (tokens, now)
-        if tokens < 1:
-            self.blocked.add(node_id)
-
-    def forget(self, node_ids: Iterable[str]) -> None:
-        for node_id in node_ids:
-            self._tokens.pop(node_id, None)
-            self.blocked.discard(node_id)
+        interval, tolerance = limit
+        due = self._due.get(node_id, now)
+        due = (due if due > now else now) + interval
+        self._due[node_id] = due
+        if due - tolerance > now:
+            self.blocked[node_id] = due - tolerance
 
 
 def assign_rate(record: NodeRecord, configured: float) -> float | None:

@@ -4,14 +4,12 @@ the `imdispatch.pick` NATS endpoint, checked alike."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 from dispatcher.config import NODE_ID
 
-UID = re.compile(r"[\x21-\x7e]{1,128}\Z")  # printable ASCII without spaces: only logged
+UID = re.compile(r"[\x21-\x7e]{1,128}\Z")  # printable ASCII without spaces
 MAX_EXCLUDE = 64
 MAX_COUNT = 5
 
@@ -20,49 +18,41 @@ class QueryError(ValueError):
     """A bad parameter: answered with 400 and this message."""
 
 
-@dataclass(frozen=True, slots=True)
-class PickRequest:
-    uid: str | None = None
+class PickRequest(NamedTuple):
+    """What choosing needs. The `uid` is checked but not kept: the choice does not
+    depend on who asks, and most requests then share `DEFAULT` instead of a new object."""
+
     exclude: tuple[str, ...] = ()
     count: int = 1
 
 
+DEFAULT = PickRequest()
+PARAMETERS = frozenset(("uid", "exclude", "count"))
+
+
 def from_query_string(query: str) -> PickRequest:
-    """From a raw query string (`uid=u1&exclude=n1,n2&count=2`).
+    """From a raw query string (`uid=u1&exclude=n1,n2&count=2`); unknown parameters are
+    ignored, so a client may send more than we read.
 
     Split here rather than by the framework: this is the hot path, and the usual parser
     costs more than the whole pick. Percent-decoding is done only where there is any.
     """
-    args: dict[str, list[str]] = {}
-    if query:
-        for pair in query.split("&"):
-            name, _, value = pair.partition("=")
-            if "%" in value or "+" in value:
-                value = unquote_plus(value)
-            if "%" in name or "+" in name:
-                name = unquote_plus(name)
-            args.setdefault(name, []).append(value)
-    return from_query(args)
-
-
-def from_query(args: Mapping[str, list[str]]) -> PickRequest:
-    """From query arguments (each a list of strings); unknown ones are ignored, so a
-    client may send more than we read."""
-
-    def single(name: str) -> str | None:
-        values = args.get(name)
-        if values is None:
-            return None
-        if len(values) != 1:
+    if not query:
+        return DEFAULT
+    values: dict[str, str] = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if "%" in pair or "+" in pair:
+            name, value = unquote_plus(name), unquote_plus(value)
+        if name in values and name in PARAMETERS:
             raise QueryError(f"`{name}` must be given once")
-        return values[0]
-
-    exclude = single("exclude")
-    count = single("count")
+        values[name] = value
+    exclude = values.get("exclude")
+    count = values.get("count")
     if count is not None and not (count.isascii() and count.isdigit() and len(count) <= 2):
         raise QueryError(f"`count` must be an integer from 1 to {MAX_COUNT}")
     return _checked(
-        single("uid"),
+        values.get("uid"),
         [part for part in exclude.split(",") if part] if exclude else [],
         1 if count is None else int(count),
     )
@@ -89,6 +79,8 @@ def from_json(body: Any) -> PickRequest:
 def _checked(uid: str | None, exclude: list[str], count: int) -> PickRequest:
     if uid is not None and not UID.match(uid):
         raise QueryError("`uid` must be 1-128 printable characters without spaces")
+    if not exclude and count == 1:
+        return DEFAULT
     if len(exclude) > MAX_EXCLUDE:
         raise QueryError(f"`exclude` lists more than {MAX_EXCLUDE} nodes")
     for node_id in exclude:
@@ -96,4 +88,4 @@ def _checked(uid: str | None, exclude: list[str], count: int) -> PickRequest:
             raise QueryError(f"`exclude` must be node ids, got {node_id[:70]!r}")
     if not 1 <= count <= MAX_COUNT:
         raise QueryError(f"`count` must be an integer from 1 to {MAX_COUNT}, got {count}")
-    return PickRequest(uid, tuple(exclude), count)
+    return PickRequest(tuple(exclude), count)

@@ -55,24 +55,24 @@ class Serving:
     def choose(self, request: PickRequest) -> list[NodeRecord]:
         """The node for one new client, then distinct backups; [] when none can take one.
 
-        Nodes that used up their assignments for this second are skipped (pacing)."""
-        selector, nodes, limiter = self.state.selector, self.state.nodes, self.limiter
+        Nodes that used up their assignments for now are skipped (pacing)."""
+        selector, limiter = self.state.selector, self.limiter
         now = time.monotonic()
-        configured = self.config.balance.assign_rate
         if limiter.blocked:
-            limiter.refill({n: pacing.assign_rate(nodes[n], configured)
-                            for n in limiter.blocked if n in nodes}, now)
-        excluded = [*request.exclude, *limiter.blocked] if limiter.blocked else request.exclude
+            limiter.refill(now)
+        excluded = ([*request.exclude, *limiter.blocked] if limiter.blocked
+                    else request.exclude)
+        nodes = self.state.nodes
         chosen: list[NodeRecord] = []
-        while len(chosen) < request.count:
+        while True:
             node_id = selector.pick(excluded)
             if node_id is None:
-                break
-            record = nodes[node_id]
-            chosen.append(record)
-            limiter.took(node_id, pacing.assign_rate(record, configured), now)
+                return chosen
+            chosen.append(nodes[node_id])
+            limiter.took(node_id, now)
+            if len(chosen) == request.count:
+                return chosen
             excluded = [*excluded, node_id]
-        return chosen
 
     def answer(self, chosen: list[NodeRecord], backups: bool) -> bytes:
         """The get-tcp-ip JSON body: {"node","ip","port"} and, if asked, "backups".
@@ -94,10 +94,13 @@ class Serving:
             return pieces[0]
         return pieces[0][:-1] + b',"backups":[' + b",".join(pieces[1:]) + b"]}"
 
-    def update_ramps(self) -> None:
-        """Give nodes that came up recently their growing share (slow start). Run after
-        every poll cycle, so a node that just came up starts small at once, and four
-        times a second, so its share grows smoothly."""
+    def update_pacing(self) -> None:
+        """Give nodes that came up recently their growing share (slow start) and every
+        node its assignment cap. Run after every poll cycle, so a node that just came up
+        starts small at once, and four times a second, so its share grows smoothly."""
+        configured = self.config.balance.assign_rate
+        self.limiter.set_rates({node_id: pacing.assign_rate(record, configured)
+                                for node_id, record in self.state.nodes.items()})
         now = time.time()
         slow_start = self.config.balance.slow_start
         for node_id, record in self.state.nodes.items():
@@ -120,7 +123,7 @@ class Serving:
         for node_id, record in self.state.nodes.items():
             if record.capacity is not None:
                 selector.report(node_id, record.connections, record.capacity)
-        self.update_ramps()
+        self.update_pacing()
 
     def update_panic(self) -> None:
         """Panic mode, after Envoy's panic threshold: when fewer than `panic_threshold` of
@@ -147,7 +150,7 @@ class Serving:
 
     async def _slow_start(self) -> None:
         while True:
-            self.update_ramps()
+            self.update_pacing()
             await asyncio.sleep(0.25)
 
     def retry_after(self) -> int:

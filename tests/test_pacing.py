@@ -35,29 +35,51 @@ def test_assign_rate_defaults_to_a_tenth_of_capacity():
     assert pacing.assign_rate(record(), 0) is None  # capacity unknown: no cap
 
 
-def test_limiter_blocks_a_node_for_the_rest_of_its_second():
+def test_limiter_blocks_a_node_until_its_allowance_returns():
     limiter = pacing.AssignmentLimiter()
-    for _ in range(9):
-        limiter.took("n1", 10.0, now=0.0)
+    limiter.set_rates({"n1": 8.0, "n2": None})  # 8 a second: one every 0.125 s
+    for _ in range(7):  # a second's worth at once
+        limiter.took("n1", now=0.0)
     assert "n1" not in limiter.blocked
-    limiter.took("n1", 10.0, now=0.0)
-    assert limiter.blocked == {"n1"}
-    limiter.refill({"n1": 10.0}, now=0.05)  # half a token back: still blocked
-    assert limiter.blocked == {"n1"}
-    limiter.refill({"n1": 10.0}, now=0.2)
-    assert limiter.blocked == set()
-    limiter.took("n2", None, now=0.0)  # no rate: never blocked
+    limiter.took("n1", now=0.0)
+    assert set(limiter.blocked) == {"n1"}
+    limiter.refill(now=0.0625)  # half a client's worth back: still blocked
+    assert set(limiter.blocked) == {"n1"}
+    limiter.refill(now=0.125)
+    assert limiter.blocked == {}
+    limiter.took("n1", now=0.125)  # one back, one taken
+    assert set(limiter.blocked) == {"n1"}
+    limiter.refill(now=1.125)  # a whole second: eight again
+    for _ in range(7):
+        limiter.took("n1", now=1.125)
+    assert limiter.blocked == {}
+    limiter.took("n1", now=1.125)
+    assert set(limiter.blocked) == {"n1"}
+    for _ in range(1000):
+        limiter.took("n2", now=0.0)  # no rate: never blocked
     assert "n2" not in limiter.blocked
 
 
-def test_a_rate_below_one_a_second_still_lets_clients_through():
+def test_limiter_rates_below_one_a_second():
     limiter = pacing.AssignmentLimiter()
-    limiter.took("n1", 0.5, now=0.0)
-    assert limiter.blocked == {"n1"}
-    limiter.refill({"n1": 0.5}, now=1.0)  # half a token back
-    assert limiter.blocked == {"n1"}
-    limiter.refill({"n1": 0.5}, now=2.1)  # one client every two seconds
-    assert limiter.blocked == set()
+    limiter.set_rates({"n1": 0.5})
+    limiter.took("n1", now=0.0)
+    assert set(limiter.blocked) == {"n1"}
+    limiter.refill(now=1.0)  # half a client's worth back
+    assert set(limiter.blocked) == {"n1"}
+    limiter.refill(now=2.0)  # one client every two seconds
+    assert limiter.blocked == {}
+
+
+def test_limiter_forgets_nodes_without_a_rate():
+    limiter = pacing.AssignmentLimiter()
+    limiter.set_rates({"n1": 1.0})
+    limiter.took("n1", now=0.0)
+    assert set(limiter.blocked) == {"n1"}
+    limiter.set_rates({})  # removed, or its capacity no longer known
+    assert limiter.blocked == {}
+    limiter.took("n1", now=0.0)
+    assert limiter.blocked == {}
 
 
 class Worker(Serving):
