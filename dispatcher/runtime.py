@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
 from importlib.metadata import version
@@ -209,6 +210,30 @@ class Leader(Serving):
     def log_failure(self) -> BaseException | None:
         return self.journal.failure
 
+
+
+TAKEOVER_INTERVAL = 1.0
+
+
+async def take_over_when_leader_dies(follower: Follower) -> Leader:
+    """In a follower worker: try the event log's writer lock every second; it comes free
+    only when the leader worker is gone (killed, crashed), and then this worker becomes
+    the leader, so polling and the log outlive any one worker. Until then, and while
+    taking over, the worker keeps serving the state it has."""
+    while True:
+        await asyncio.sleep(TAKEOVER_INTERVAL)
+        leader = Leader(follower.config, follower.config_path)
+        try:
+            await leader.start()
+        except LogLocked:
+            continue
+        except asyncio.CancelledError:  # the worker is stopping: leave the log closed
+            await leader.stop()
+            raise
+        await follower.stop()
+        log.warning("worker %d took over as leader: the previous leader is gone",
+                    os.getpid())
+        return leader
 
 
 async def open_runtime(config: cfg.Config, config_path: str | Path | None = None) -> Serving:

@@ -6,6 +6,7 @@ orjson. `GET /get-tcp-ip` does no I/O: it picks from the in-memory routing state
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import logging
@@ -21,8 +22,9 @@ from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
 from dispatcher.domain.errors import DomainError
+from dispatcher.follower import Follower
 from dispatcher.query import QueryError, from_query_string
-from dispatcher.runtime import open_runtime
+from dispatcher.runtime import open_runtime, take_over_when_leader_dies
 from dispatcher.serving import Serving
 
 log = logging.getLogger("imdispatch.http")
@@ -75,13 +77,22 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     async def start(app: Sanic) -> None:
         runtime = await open_runtime(config, config_path)
         holder.append(runtime)
-        app.ctx.runtime = runtime
         log.info("worker %d serves as %s", os.getpid(), runtime.role)
+        if isinstance(runtime, Follower):
+            app.ctx.takeover = app.loop.create_task(_promote(holder, runtime))
 
         def reload() -> None:
-            app.add_task(_reload(runtime))
+            app.add_task(_reload(holder[0]))
 
         app.loop.add_signal_handler(signal.SIGHUP, reload)
+
+    @app.before_server_stop
+    async def no_takeover(app: Sanic) -> None:
+        """All workers stop together: one must not take the log over as the leader goes."""
+        takeover = getattr(app.ctx, "takeover", None)
+        if takeover is not None:
+            takeover.cancel()
+            await asyncio.gather(takeover, return_exceptions=True)
 
     @app.after_server_stop
     async def stop(app: Sanic) -> None:
@@ -125,6 +136,11 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     if tokens:
         _admin_routes(app, holder, tokens)
     return app
+
+
+async def _promote(holder: list[Serving], follower: Follower) -> None:
+    """Serve as the leader once this follower has taken over from a dead one."""
+    holder[0] = await take_over_when_leader_dies(follower)
 
 
 async def _reload(runtime: Serving) -> None:

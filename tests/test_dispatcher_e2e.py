@@ -288,6 +288,35 @@ def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
 
 
 
+def test_a_follower_takes_over_when_the_leader_worker_dies(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url, workers=2)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
+        lock = tmp_path / "events" / "LOCK"
+        leader = int(lock.read_text().split()[0])
+        os.kill(leader, signal.SIGKILL)
+        killed = time.monotonic()
+
+        def new_leader():
+            pid = int(lock.read_text().split()[0] or 0)
+            return pid != leader and running.get("/readyz")[2]["role"] == "leader"
+
+        running.wait(new_leader, "the other worker took over", timeout=10)
+        took = time.monotonic() - killed
+        assert took < 5, took
+        # it polls: a node killed now goes down; it writes: admin changes are recorded
+        running.nodes["e2e3"].kill()
+        running.wait(lambda: running.health()["e2e3"] == "down", "the poll goes on")
+        assert running.admin("PUT", "/admin/nodes/e2e1", {"weight": 4})[0] == 200
+        assert running.dispatcher.poll() is None  # the supervisor still runs
+        assert running.get("/get-tcp-ip")[0] == 200
+    finally:
+        running.stop()
+    result = subprocess.run([sys.executable, "-m", "dispatcher", "verify", "--log",
+                             str(tmp_path / "events")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_bad_config_stops_the_start_naming_file_line_and_key(tmp_path):
     config = tmp_path / "dispatcher.toml"
     config.write_text("[poll]\ninterval = 1.0\nfall = -3\n")
