@@ -3,7 +3,9 @@
 It does what a mobile client does: ask where to connect, connect, say hello, send
 heartbeats, send messages and wait for their acks, receive messages, and on `goaway`
 (the node drains) wait the time it was given, ask the dispatcher again (excluding the
-node it is leaving) and reconnect.
+node it is leaving) and reconnect. When its connection is lost (the node died), it asks
+again at once, excluding that node; a 503 from the dispatcher makes it wait the
+`Retry-After` it was given.
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ Locate = Callable[[Sequence[str]], Awaitable[Address]]
 
 
 class ClientError(Exception):
-    """The server answered with `error {code, message}`."""
+    """The server answered with `error {code, message}` (or the dispatcher with an HTTP
+    error: code `http_<status>`, and `retry_after` seconds for a 503)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: float = 0.0) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.retry_after = retry_after
 
 
 class ImClient:
     """One client. After a drain's `goaway` it stops sending, waits the delay it was given
     (acks still arrive meanwhile), then asks `locate` where to go and reconnects, retrying
-    with backoff `reconnect_attempts` times before it gives up (`gave_up`)."""
+    with backoff `reconnect_attempts` times before it gives up (`gave_up`). A lost
+    connection makes it do the same at once (with `locate`), unless the node closed it
+    with an error or a newer login of the same uid replaced it."""
 
     def __init__(
         self, uid: str, *, locate: Locate | None = None, heartbeat_interval: float | None = None,
@@ -165,12 +171,15 @@ class ImClient:
             self.closed_by_server = ClientError(exc.code, exc.message)
             await self._disconnect()
         except (asyncio.IncompleteReadError, ConnectionError):
-            if not self._closing:
-                await self._disconnect()
+            if self._closing or self._leaving is not None:
+                return
+            await self._disconnect()
+            if self.locate is not None and self.closed_by_server is None:  # the node died
+                self._leaving = asyncio.get_running_loop().create_task(
+                    self._relocate(self.node_id))
 
     async def _go_away(self, frame: dict[str, Any]) -> None:
         """Leave this node; after a drain, reconnect where the dispatcher says, later."""
-        leaving = self.node_id
         drain = frame.get("reason") == "drain" and self.locate is not None
         if drain:  # stay until the given time: acks of messages in flight still arrive
             await asyncio.sleep(frame.get("reconnect_after_ms", 0) / 1000)
@@ -178,8 +187,15 @@ class ImClient:
         if not drain or self._closing:
             self._leaving = None
             return  # replaced by a newer login of the same uid: stay away
+        await self._relocate(self.node_id)
+
+    async def _relocate(self, leaving: str | None) -> None:
+        """Ask where to go (not back to `leaving`) and reconnect, with jittered backoff;
+        a dispatcher's 503 sets the least wait."""
         delay = 0.25
         for attempt in range(self.reconnect_attempts):
+            if self._closing:
+                break
             try:
                 address = await self.locate([leaving] if leaving else [])
                 self._leaving = None
@@ -188,7 +204,8 @@ class ImClient:
                 return
             except (OSError, ClientError, TimeoutError, ValueError) as exc:
                 self.gave_up = exc if attempt == self.reconnect_attempts - 1 else None
-                await asyncio.sleep(delay * (0.5 + random.random()))  # jitter: no herd
+                wait = delay * (0.5 + random.random())  # jitter: no herd
+                await asyncio.sleep(max(wait, getattr(exc, "retry_after", 0.0)))
                 delay = min(delay * 2, 10.0)
         self._leaving = None
 
@@ -219,7 +236,8 @@ def dispatcher_locator(url: str, uid: str, *, timeout: float = 5.0) -> Locate:
         status = int(head.split(b" ", 2)[1])
         answer = orjson.loads(body)
         if status != 200:
-            raise ClientError(f"http_{status}", str(answer.get("error", answer)))
+            raise ClientError(f"http_{status}", str(answer.get("error", answer)),
+                              float(answer.get("retry_after", 0) or 0))
         return answer["ip"], answer["port"]
 
     return locate

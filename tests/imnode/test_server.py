@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from imnode import protocol
 from imnode.client import ClientError, ImClient
 from tests.imnode.helpers import RawSocket, running_node
 
@@ -236,6 +237,41 @@ def test_client_follows_goaway_to_where_the_dispatcher_says():
     run(body)
 
 
+def test_client_whose_node_dies_asks_again_and_waits_as_told():
+    async def body():
+        async def dies_after_welcome(reader, writer):  # a node that crashes
+            await reader.readexactly(protocol.LENGTH_BYTES)
+            writer.write(protocol.encode({"type": "welcome", "node_id": "dead",
+                                          "heartbeat_ms": 30_000}))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.transport.abort()
+
+        dead = await asyncio.start_server(dies_after_welcome, "127.0.0.1", 0)
+        async with running_node("n2") as new:
+            asked = []
+
+            async def locate(exclude):
+                asked.append((list(exclude), time.monotonic()))
+                if len(asked) == 1:  # every node full for a moment
+                    raise ClientError("http_503", "no IM node can take a client now", 0.4)
+                return new.address
+
+            client = ImClient("survivor", locate=locate)
+            assert await client.connect(dead.sockets[0].getsockname()) == "dead"
+            for _ in range(100):
+                if client.node_id == "n2":
+                    break
+                await asyncio.sleep(0.05)
+            assert client.node_id == "n2" and client.reconnects == 1
+            assert [exclude for exclude, _ in asked] == [["dead"], ["dead"]]
+            assert asked[1][1] - asked[0][1] >= 0.4  # the Retry-After was honoured
+            await client.close()
+        dead.close()
+
+    run(body)
+
+
 def test_dispatcher_locator_asks_get_tcp_ip_over_http():
     from imnode.client import dispatcher_locator
 
@@ -259,8 +295,9 @@ def test_dispatcher_locator_asks_get_tcp_ip_over_http():
         locate = dispatcher_locator(f"http://127.0.0.1:{port}", "alice")
         assert await locate([]) == ("127.0.0.7", 9007)
         assert await locate(["n1"]) == ("127.0.0.7", 9007)
-        with pytest.raises(ClientError, match="http_503: all full"):
+        with pytest.raises(ClientError, match="http_503: all full") as refused:
             await locate(["n1", "n2"])
+        assert refused.value.retry_after == 3
         assert requests == [
             "GET /get-tcp-ip?uid=alice HTTP/1.1",
             "GET /get-tcp-ip?uid=alice&exclude=n1 HTTP/1.1",
