@@ -18,6 +18,7 @@ $(INSTALLED): pyproject.toml setup.py $(wildcard core_ext/*.pyx core_ext/*.pxd d
 
 demo: $(INSTALLED)
 	$(VENV)/bin/imdispatch selfcheck
+	$(VENV)/bin/imdispatch demo $(DEMO_ARGS)
 
 # pytest exits 5 when it collected no test: for us that is a broken suite, so a failure.
 test: $(INSTALLED) lint

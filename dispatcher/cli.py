@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, metavar="PATH", help="dispatcher.toml")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    from dispatcher.demo import main as demo
+
+    demo.add_arguments(commands.add_parser(
+        "demo", help="run a whole cluster here with clients and a live view (Ctrl-C stops)"))
     commands.add_parser(
         "selfcheck",
         help="check that the compiled selection core is installed and agrees with the reference",
@@ -230,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "demo":
+        from dispatcher.demo import main as demo
+
+        return demo.run(args)
     if args.command == "selfcheck":
         from core_ext import selfcheck
 

@@ -5,7 +5,7 @@ heartbeats, send messages and wait for their acks, receive messages, and on `goa
 (the node drains) wait the time it was given, ask the dispatcher again (excluding the
 node it is leaving) and reconnect. When its connection is lost (the node died), it asks
 again at once, excluding that node; a 503 from the dispatcher makes it wait the
-`Retry-After` it was given.
+`Retry-After` it was given and ask again, without the exclusion this time.
 """
 
 from __future__ import annotations
@@ -190,14 +190,15 @@ class ImClient:
         await self._relocate(self.node_id)
 
     async def _relocate(self, leaving: str | None) -> None:
-        """Ask where to go (not back to `leaving`) and reconnect, with jittered backoff;
-        a dispatcher's 503 sets the least wait."""
+        """Ask where to go and reconnect, with jittered backoff; a dispatcher's 503 sets
+        the least wait. Only the first request excludes `leaving`: by the next one it may
+        be back, and the dispatcher knows whether it is."""
         delay = 0.25
         for attempt in range(self.reconnect_attempts):
             if self._closing:
                 break
             try:
-                address = await self.locate([leaving] if leaving else [])
+                address = await self.locate([leaving] if leaving and not attempt else [])
                 self._leaving = None
                 await self.connect(address)
                 self.reconnects += 1

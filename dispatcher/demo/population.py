@@ -1,0 +1,116 @@
+"""The demo's clients: reference imnode clients that ask get-tcp-ip, connect, heartbeat
+and chat, their number growing to the target over the ramp. They keep the figures the
+live view shows: where the dispatcher sent them lately, refusals, messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+
+from imnode.client import Address, ClientError, ImClient, dispatcher_locator
+
+CHAT_INTERVAL = 0.2  # one message from a random client to another this often
+
+
+class Population:
+    def __init__(self, url: str, target: int, ramp: float,
+                 node_of: dict[Address, str]) -> None:
+        self.url, self.target, self.ramp = url, target, ramp
+        self.node_of = node_of  # (ip, port) -> node id, to name where a client was sent
+        self.clients: list[ImClient] = []
+        self.assignments: deque[tuple[float, str]] = deque()
+        self.refusals: deque[float] = deque()
+        self.sent = self.delivered = self.failed = 0
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._grow()), loop.create_task(self._chat())]
+
+    @property
+    def connected(self) -> int:
+        return sum(client.connected.is_set() for client in self.clients)
+
+    def shares(self, window: float = 10.0) -> Counter[str]:
+        """Where the dispatcher sent clients in the last `window` seconds."""
+        self._forget(window)
+        return Counter(node for _, node in self.assignments)
+
+    def refused(self, window: float = 10.0) -> int:
+        self._forget(window)
+        return len(self.refusals)
+
+    def _forget(self, window: float) -> None:
+        horizon = time.monotonic() - window
+        while self.assignments and self.assignments[0][0] < horizon:
+            self.assignments.popleft()
+        while self.refusals and self.refusals[0] < horizon:
+            self.refusals.popleft()
+
+    def _locator(self, uid: str):
+        ask = dispatcher_locator(self.url, uid)
+
+        async def locate(exclude: Sequence[str]) -> Address:
+            try:
+                address = await ask(exclude)
+            except ClientError as exc:
+                if exc.code == "http_503":
+                    self.refusals.append(time.monotonic())
+                raise
+            self.assignments.append((time.monotonic(), self.node_of.get(address, "?")))
+            return address
+
+        return locate
+
+    async def _grow(self) -> None:
+        start = time.monotonic()
+        while len(self.clients) < self.target:
+            due = int(self.target * min(1.0, (time.monotonic() - start) / self.ramp)) or 1
+            while len(self.clients) < min(due, self.target):
+                uid = f"user{len(self.clients) + 1}"
+                client = ImClient(uid, locate=self._locator(uid), reconnect_attempts=1000)
+                self.clients.append(client)
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._first_connect(client)))
+            await asyncio.sleep(0.1)
+
+    @staticmethod
+    async def _first_connect(client: ImClient) -> None:
+        """Connect, as a phone would: on a refusal wait what the dispatcher said."""
+        while True:
+            try:
+                await client.connect()
+                return
+            except ClientError as exc:
+                await asyncio.sleep(max(exc.retry_after, 0.5) * random.uniform(1, 1.5))
+            except (OSError, TimeoutError, ValueError):
+                await asyncio.sleep(random.uniform(0.5, 1.5))
+
+    async def _chat(self) -> None:
+        while True:
+            await asyncio.sleep(CHAT_INTERVAL)
+            online = [c for c in self.clients if c.connected.is_set()]
+            for client in online:
+                while not client.messages.empty():
+                    client.messages.get_nowait()
+                    self.delivered += 1
+            if len(online) < 2:
+                continue
+            sender, receiver = random.sample(online, 2)
+            self.sent += 1
+            try:
+                await sender.send(receiver.uid, {"text": f"hi from {sender.uid}"}, timeout=2)
+            except (ClientError, ConnectionError, TimeoutError):
+                self.failed += 1
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(client.close() for client in self.clients),
+                                 return_exceptions=True)

@@ -1,0 +1,176 @@
+"""The demo's processes: a nats-server, the imnodes and the dispatcher, each a child
+process listening on 127.0.0.1 only, with its output in a log file in the work directory.
+
+Children run in their own process group, so a Ctrl-C reaches the demo alone and it stops
+them in order (dispatcher, nodes, broker) instead of all of them dying at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from dispatcher.demo.nats_server import NatsServer, free_port
+
+WEIGHTS = (3, 2, 1)
+CAPACITY_MARGIN = 2.0  # each node can hold this many times its share of the clients
+
+
+class DemoError(RuntimeError):
+    """Something the user can fix (a port taken, nats-server missing): said plainly."""
+
+
+@dataclass
+class DemoNode:
+    id: str
+    port: int
+    weight: int
+    capacity: int
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def plan_nodes(count: int, clients: int, base_port: int | None) -> list[DemoNode]:
+    """Weights 3, 2, 1 (repeating); capacities a margin above each node's share of the
+    clients, so that losing a node strains the others without filling them for long."""
+    weights = [WEIGHTS[i % len(WEIGHTS)] for i in range(count)]
+    total = sum(weights)
+    return [DemoNode(f"n{i + 1}", base_port + i if base_port else free_port(), weight,
+                     max(20, math.ceil(clients * weight / total * CAPACITY_MARGIN)))
+            for i, weight in enumerate(weights)]
+
+
+def check_port_free(port: int, what: str, option: str) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise DemoError(f"port {port} on 127.0.0.1 is taken ({what}): choose another "
+                            f"with {option}") from None
+
+
+class Stack:
+    """Start, break and stop the demo cluster."""
+
+    def __init__(self, workdir: Path, nodes: list[DemoNode], http_port: int,
+                 nats_port: int | None, token: str) -> None:
+        self.workdir = workdir
+        self.nodes = {node.id: node for node in nodes}
+        self.http_port = http_port
+        self.token = token
+        self.nats = NatsServer(workdir / "nats", port=nats_port)
+        self.dispatcher: subprocess.Popen | None = None
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def events_path(self) -> Path:
+        return self.workdir / "events"
+
+    def start(self) -> None:
+        check_port_free(self.http_port, "the dispatcher's HTTP port", "--http-port")
+        check_port_free(self.nats.port, "the NATS port", "--nats-port")
+        for node in self.nodes.values():
+            check_port_free(node.port, f"imnode {node.id}", "--node-base-port")
+        self.nats.start()
+        for node_id in self.nodes:
+            self.start_node(node_id)
+        self._write_config()
+        self.dispatcher = self._spawn(
+            "dispatcher", [sys.executable, "-m", "dispatcher", "serve", "--config",
+                           str(self.workdir / "dispatcher.toml")],
+            {"IMDISPATCH_ADMIN_TOKEN": f"demo:{self.token}"})
+        self._wait_ready()
+
+    def start_node(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        node.process = self._spawn(f"imnode-{node.id}", [
+            sys.executable, "-m", "imnode", "serve", "--id", node.id,
+            "--listen", f"127.0.0.1:{node.port}", "--nats", self.nats.url,
+            "--capacity", str(node.capacity)])
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL: the node's process is gone at once, as in a crash."""
+        node = self.nodes[node_id]
+        if node.running:
+            node.process.kill()
+            node.process.wait()
+
+    def stop(self) -> None:
+        """Dispatcher first (it flushes its log), then the nodes, then the broker."""
+        _terminate([self.dispatcher] if self.dispatcher else [], 20)
+        _terminate([n.process for n in self.nodes.values() if n.process], 10)
+        self.nats.stop()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def _spawn(self, name: str, argv: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 -- closed in stop()
+        self._logs.append(log)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, process_group=0,
+                                env={**os.environ, **(env or {})})
+
+    def _write_config(self) -> None:
+        nodes = "".join(f'[[nodes]]\nid = "{n.id}"\nip = "127.0.0.1"\nport = {n.port}\n'
+                        f"weight = {n.weight}\n" for n in self.nodes.values())
+        (self.workdir / "dispatcher.toml").write_text(
+            f'[http]\nhost = "127.0.0.1"\nport = {self.http_port}\nretry_after = 2\n'
+            f'[nats]\nservers = ["{self.nats.url}"]\n'
+            "[poll]\ninterval = 0.5\ntimeout = 0.25\nrise = 2\nfall = 2\nstale_after = 5\n"
+            "[balance]\nslow_start = 20\n"
+            f'[eventlog]\npath = "{self.events_path}"\n' + nodes)
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.dispatcher.poll() is not None:
+                raise DemoError("the dispatcher stopped at start-up:\n"
+                                + _tail(self.workdir / "dispatcher.log"))
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
+        raise DemoError(f"the dispatcher was not ready after {timeout:.0f} s:\n"
+                        + _tail(self.workdir / "dispatcher.log"))
+
+
+def _terminate(processes: list[subprocess.Popen], timeout: float) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

