@@ -17,6 +17,17 @@ FIGURES: dict[str, tuple[float, str]] = {}
 """name -> (value, unit) for throughput and duration scenarios."""
 
 
+SERIES: dict[str, object] = {}
+"""name -> data for the report's plots (JSON-serialisable)."""
+
+SKIPPED: list[tuple[str, str]] = []
+"""(benchmark, reason) for every scenario this run skipped."""
+
+
+def series(name: str, data: object) -> None:
+    SERIES[name] = data
+
+
 def record(case: str, implementation: str, benchmark) -> None:
     if benchmark.stats:  # absent under --benchmark-disable
         MEDIANS[case, implementation] = benchmark.stats.stats.median
@@ -77,6 +88,12 @@ TARGETS = [
     Target("get-tcp-ip throughput >= 0.9 of a bare Sanic route, 2 workers",
            lambda: measured("get-tcp-ip, 2 worker(s): throughput / bare"), "x",
            lambda v: v >= 0.9),
+    Target("reconnect storm: each survivor's share within 10% of its weight's",
+           lambda: measured("storm: largest share deviation from the weights"), "%",
+           lambda v: v <= 10),
+    Target("reconnect storm: no survivor over its high watermark",
+           lambda: measured("storm: survivors over their high watermark"), "",
+           lambda v: v == 0),
     Target("imnode status request at 10k connections < 1 ms (p50, NATS round trip included)",
            lambda: measured("imnode status request p50 at 10k connections"), "ms",
            lambda v: v < 1),

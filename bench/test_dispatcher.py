@@ -3,7 +3,6 @@ and HTTP throughput of /get-tcp-ip against a bare Sanic route (wrk, 1 and 2 work
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -11,22 +10,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from bench import targets
+from bench.processes import start, start_dispatcher, start_imnode, stop, wait_ready
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.journal import Journal
 from dispatcher.poller import Poller
-from tests.nats_server import NatsServer, free_port
-
-
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory):
-    with NatsServer(tmp_path_factory.mktemp("nats") / "js") as server:
-        yield server.url
+from tests.nats_server import free_port
 
 
 @pytest.mark.parametrize("nodes", [10, 100, 1000])
@@ -72,59 +68,13 @@ def test_poll_cycle(benchmark, tmp_path, nats_url, nodes):
                    benchmark)
 
 
-def start(argv, env=None):
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def stop(*processes):
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_ready(url, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never answered 200")
-
-
 def cluster(tmp_path, nats_url, workers, interval=0.5):
     ports = {f"b{i}": free_port() for i in range(3)}
-    nodes = []
-    for node_id, port in ports.items():
-        process = start([sys.executable, "-m", "imnode", "serve", "--id", node_id, "--listen",
-                         f"127.0.0.1:{port}", "--nats", nats_url, "--capacity", "100000",
-                         "--log-level", "warning"])
-        assert process.stdout.readline().startswith("imnode")
-        nodes.append(process)
-    http_port = free_port()
-    config = tmp_path / f"dispatcher-{workers}.toml"
-    config.write_text(
-        f"[http]\nport = {http_port}\nworkers = {workers}\n"
-        f'[nats]\nservers = ["{nats_url}"]\n'
-        f"[poll]\ninterval = {interval}\ntimeout = {interval / 2}\nrise = 1\n"
-        "[balance]\nslow_start = 0\nassign_rate = 1000000000\n"
-        f'[eventlog]\npath = "{tmp_path / f"events-{workers}"}"\n'
-        + "".join(f'[[nodes]]\nid = "{n}"\nip = "127.0.0.1"\nport = {p}\nweight = {i + 1}\n'
-                  for i, (n, p) in enumerate(ports.items())))
-    dispatcher = start([sys.executable, "-m", "dispatcher", "serve", "--config", str(config),
-                        "--log-level", "warning"], {"IMDISPATCH_ADMIN_TOKEN": "bench"})
-    assert dispatcher.stdout.readline().startswith("imdispatch serving")
-    wait_ready(f"http://127.0.0.1:{http_port}/readyz")
+    nodes = [start_imnode(node_id, port, nats_url, 100000) for node_id, port in ports.items()]
+    http_port, dispatcher = start_dispatcher(
+        tmp_path, nats_url, {n: (p, i + 1) for i, (n, p) in enumerate(ports.items())},
+        workers=workers, interval=interval,
+        balance="slow_start = 0\nassign_rate = 1000000000\n")
     return http_port, dispatcher, nodes
 
 
@@ -164,14 +114,25 @@ def test_failure_detection_after_sigkill(benchmark, tmp_path, nats_url):
 WRK = shutil.which("wrk")
 
 
-def wrk(url, seconds=5):
-    result = subprocess.run([WRK, "-t2", "-c64", f"-d{seconds}s", "--latency", url],
+PERCENTILES = Path(__file__).with_name("wrk_percentiles.lua")
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    rate: float  # requests per second
+    p99_ms: float
+    non_2xx: int
+    percentiles: list[tuple[float, float]]  # (percentile, latency in ms)
+
+
+def wrk(url, seconds=5) -> WrkRun:
+    result = subprocess.run([WRK, "-t2", "-c64", f"-d{seconds}s", "-s", str(PERCENTILES), url],
                             capture_output=True, text=True, timeout=seconds + 30, check=True)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", result.stdout)
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    points = [(float(p), int(us) / 1000) for p, us in
+              re.findall(r"^pct ([\d.]+) (\d+)$", result.stdout, re.MULTILINE)]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
-    return rate, float(p99.group(1)) * scale, int(non_2xx.group(1)) if non_2xx else 0
+    return WrkRun(rate, dict(points)[99.0], int(non_2xx.group(1)) if non_2xx else 0, points)
 
 
 @pytest.mark.skipif(WRK is None, reason="wrk not installed: apt-get install wrk")
@@ -194,15 +155,22 @@ def test_get_tcp_ip_against_a_bare_sanic_route(benchmark, tmp_path, nats_url, wo
             for _ in range(3):
                 ours.append(wrk(f"http://127.0.0.1:{port}{request}", 3))
                 theirs.append(wrk(f"http://127.0.0.1:{bare_port}{request}", 3))
-            return sorted(ours)[1], sorted(theirs)[1], sum(run[2] for run in ours)
+            def median(runs):
+                return sorted(runs, key=lambda run: run.rate)[1]
 
-        (rate, p99, _), (bare_rate, bare_p99, _), errors = benchmark.pedantic(
-            measure, rounds=1, iterations=1)
+            return median(ours), median(theirs), sum(run.non_2xx for run in ours)
+
+        mine, bare_run, errors = benchmark.pedantic(measure, rounds=1, iterations=1)
     finally:
         stop(bare, dispatcher, *nodes)
     assert errors == 0, f"{errors} non-2xx answers"
     name = f"get-tcp-ip, {workers} worker(s)"
+    rate, bare_rate = mine.rate, bare_run.rate
     targets.figure(f"{name}: requests/s", rate, "req/s", benchmark)
     targets.figure(f"bare Sanic, {workers} worker(s): requests/s", bare_rate, "req/s", benchmark)
-    targets.figure(f"{name}: p99 / bare p99", p99 / bare_p99, "x", benchmark)
+    targets.figure(f"{name}: p99", mine.p99_ms, "ms", benchmark)
+    targets.figure(f"bare Sanic, {workers} worker(s): p99", bare_run.p99_ms, "ms", benchmark)
+    targets.figure(f"{name}: p99 / bare p99", mine.p99_ms / bare_run.p99_ms, "x", benchmark)
+    targets.series(f"latency percentiles, {workers} worker(s)",
+                   {"get-tcp-ip": mine.percentiles, "bare Sanic": bare_run.percentiles})
     targets.figure(f"{name}: throughput / bare", rate / bare_rate, "x", benchmark)

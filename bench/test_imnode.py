@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from bench import targets
+from bench.processes import start_imnode, stop
 from imnode.client import ImClient
-from tests.nats_server import NatsServer, free_port
+from tests.nats_server import free_port
 
 CONNECTIONS = 10_000
 HEARTBEAT = 5.0  # seconds between pings per client: 2,000 pings/s at 10k clients
@@ -35,29 +36,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_node(node_id: str, port: int, nats_url: str, capacity: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imnode", "serve", "--id", node_id, "--listen",
-         f"127.0.0.1:{port}", "--nats", nats_url, "--capacity", str(capacity),
-         "--heartbeat-interval", str(HEARTBEAT), "--log-level", "warning"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    assert process.stdout.readline().startswith(f"imnode {node_id} listening")
-    return process
-
-
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory):
-    with NatsServer(tmp_path_factory.mktemp("nats") / "js") as server:
-        yield server.url
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return start_imnode(node_id, port, nats_url, capacity, "--heartbeat-interval",
+                        str(HEARTBEAT))
 
 
 def test_idle_connections_with_heartbeats(benchmark, nats_url):

@@ -32,7 +32,8 @@ def node_table(nodes: list[dict[str, Any]], shares: Counter[str]) -> list[str]:
         connections, capacity = node["connections"] or 0, node["capacity"]
         used = f"{connections}/{capacity if capacity is not None else '?'}"
         share = f"{100 * shares[node['id']] / total:.0f}%" if total else "-"
-        lines.append(f"{node['id']:<6} {node['weight']:>6} {node['effective_weight']:>9.2f} "
+        effective = f"{node['effective_weight']:.2f}" if node["health"] == "up" else "-"
+        lines.append(f"{node['id']:<6} {node['weight']:>6} {effective:>9} "
                      f"{health:<14} {bar(connections, capacity)} {used:<13} {share:>9}")
     return lines
 
