@@ -29,8 +29,10 @@ test: $(INSTALLED) lint
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
+# The whole suite and its report (bench/results/<time>/report.md, .json, plots).
 bench: $(INSTALLED)
-	$(PY) -m pytest bench --benchmark-autosave --benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m bench.report -- $(PYTEST_ARGS)
 
 bench-compare: $(INSTALLED)
 	$(PY) -m pytest bench --benchmark-compare --benchmark-compare-fail=median:25% --benchmark-columns=median $(PYTEST_ARGS)

@@ -6,8 +6,9 @@ Connects COUNT reference clients straight to HOST:PORT (the node that will die),
 `ready COUNT`, then waits. When the node dies each client asks the dispatcher where to go
 (as a phone does: at once, then after every 503's Retry-After) and reconnects. Once all
 have reconnected, or TIMEOUT_S after the first loss, it prints one JSON line: when each
-client was handed to which node (seconds after the first loss), the refusals, and the
-clients that never got back.
+client was handed to which node (seconds after the first loss), the refusals, how many got
+back, and the CPU time this process used meanwhile (one process plays all the phones, so
+on a small machine it can be what limits the pace).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ async def main(url: str, host: str, port: int, count: int, timeout: float) -> No
                                clients[start:start + 500]))
     print(f"ready {count}", flush=True)
     await lost.wait()
+    cpu = time.process_time()
     deadline = first_loss[0] + timeout
     while time.monotonic() < deadline and sum(c.reconnects > 0 for c in clients) < count:
         await asyncio.sleep(0.05)
@@ -62,6 +64,7 @@ async def main(url: str, host: str, port: int, count: int, timeout: float) -> No
         "reconnected": sum(client.reconnects > 0 for client in clients),
         "assignments": [[round(t - t0, 4), f"{ip}:{port}"] for t, (ip, port) in assignments],
         "refusals": [round(t - t0, 4) for t in refusals],
+        "cpu_s": time.process_time() - cpu,  # near the wall time: the swarm is the limit
     }
     print(orjson.dumps(result).decode(), flush=True)
     await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)

@@ -40,7 +40,11 @@ def figure(name: str, value: float, unit: str, benchmark=None) -> None:
 
 
 def compiled_ns(case: str) -> float | None:
-    median = MEDIANS.get((case, "compiled"))
+    return median_ns(case, "compiled")
+
+
+def median_ns(case: str, implementation: str) -> float | None:
+    median = MEDIANS.get((case, implementation))
     return None if median is None else median * 1e9
 
 
@@ -126,6 +130,25 @@ def table() -> tuple[list[str], bool]:
             f"{'met' if met else 'MISSED'}"
         )
     return lines, all_met
+
+
+def as_json() -> dict[str, object]:
+    """Everything this run measured, for the report."""
+    judged = []
+    for target in TARGETS:
+        value = target.value()
+        judged.append({"target": target.description, "value": value, "unit": target.unit,
+                       "met": None if value is None else target.met(value)})
+    return {
+        "core": [{"case": case, "compiled_ns": median_ns(case, "compiled"),
+                  "reference_ns": median_ns(case, "reference"), "ratio": speedup(case)}
+                 for case in sorted({case for case, _ in MEDIANS}, key=_case_order)],
+        "figures": [{"name": name, "value": value, "unit": unit}
+                    for name, (value, unit) in FIGURES.items()],
+        "targets": judged,
+        "skipped": [{"benchmark": nodeid, "reason": reason} for nodeid, reason in SKIPPED],
+        "series": SERIES,
+    }
 
 
 def _ns(seconds: float | None) -> str:

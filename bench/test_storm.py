@@ -69,6 +69,8 @@ def test_reconnect_storm_spreads_by_weight_without_overloading(benchmark, tmp_pa
     targets.figure("storm: half re-dispatched after", times[len(times) // 2], "s", benchmark)
     targets.figure("storm: 503 answers during the storm", len(result["refusals"]), "",
                    benchmark)
+    targets.figure("storm: CPU of the client process / wall time, until all were back",
+                   result["cpu_s"] / times[-1], "x", benchmark)
     deviation = 0.0
     for node, weight in SURVIVORS.items():
         share, expected = counts[node] / CLIENTS, weight / total

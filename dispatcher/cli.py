@@ -192,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.http.workers == 1:
         app = create_app(config, args.config, log_level=level)
         app.run(host=config.http.host, port=config.http.port, single_process=True,
-                access_log=False, motd=False)
+                backlog=config.http.backlog, access_log=False, motd=False)
         return 0
     # Several worker processes, each building its app; the first to lock the event log
     # leads (polls, writes), the others follow its log. One listening socket, shared.
@@ -203,7 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: _reload_leader(config))
     app = loader.load()
     app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,
-                access_log=False, motd=False)
+                backlog=config.http.backlog, access_log=False, motd=False)
     Sanic.serve(primary=app, app_loader=loader)
     return 0
 
