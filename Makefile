@@ -31,7 +31,6 @@ lint: $(INSTALLED)
 
 # The whole suite and its report (bench/results/<time>/report.md, .json, plots).
 bench: $(INSTALLED)
-	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench.report -- $(PYTEST_ARGS)
 
 bench-compare: $(INSTALLED)

@@ -180,7 +180,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{plot}]({plot})" for plot in plots]
     elif report.get("series"):
-        lines += ["", "No plots: install matplotlib (`pip install -e '.[bench]'`)."]
+        lines += ["", "No plots: install matplotlib (`pip install -e '.[test]'`)."]
     lines += ["", "## Skipped", ""]
     lines += [f"- `{s['benchmark']}`: {s['reason']}" for s in report["skipped"]] or ["nothing"]
     return "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ def test_markdown_says_what_was_met_missed_and_skipped():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                    reason="matplotlib not installed (the bench extra)")
+                    reason="matplotlib not installed (the test extra has it)")
 def test_plots_are_written(tmp_path):
     written = report.draw(MEASURED["series"], tmp_path)
     assert written == ["storm-assignments.png", "http-latency.png"]
@@ -55,4 +55,4 @@ def test_plots_are_written(tmp_path):
 
 
 def test_without_plots_the_report_says_how_to_get_them():
-    assert "pip install -e '.[bench]'" in report.markdown(full_report(), [])
+    assert "pip install -e '.[test]'" in report.markdown(full_report(), [])
