@@ -196,7 +196,17 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     # Several worker processes, each building its app; the first to lock the event log
     # leads (polls, writes), the others follow its log. One listening socket, shared.
+    # Their figures for /metrics meet in a directory of this run's own.
+    import os
+    import shutil
+    import tempfile
+
     from sanic.worker.loader import AppLoader
+
+    from dispatcher.stats import DIRECTORY_VARIABLE
+
+    stats_dir = tempfile.mkdtemp(prefix="imdispatch-stats-")
+    os.environ[DIRECTORY_VARIABLE] = stats_dir  # the workers inherit it
 
     loader = AppLoader(factory=functools.partial(create_app, config, args.config,
                                                  log_level=level))
@@ -204,7 +214,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = loader.load()
     app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,
                 backlog=config.http.backlog, access_log=False, motd=False)
-    Sanic.serve(primary=app, app_loader=loader)
+    try:
+        Sanic.serve(primary=app, app_loader=loader)
+    finally:
+        shutil.rmtree(stats_dir, ignore_errors=True)
     return 0
 
 

@@ -16,6 +16,7 @@ from dispatcher.eventlog.filelog import LogReader, LogTail
 from dispatcher.eventlog.records import GENESIS_HASH
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.serving import Serving
+from dispatcher.stats import WorkerStats
 
 log = logging.getLogger("imdispatch.follower")
 TAIL_INTERVAL = 0.05
@@ -24,8 +25,9 @@ TAIL_INTERVAL = 0.05
 class Follower(Serving):
     role = "follower"
 
-    def __init__(self, config: cfg.Config, config_path: str | Path | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: cfg.Config, config_path: str | Path | None = None,
+                 stats: WorkerStats | None = None) -> None:
+        super().__init__(config, stats)
         self.config_path = config_path
         self._state = RoutingState()
         self._tail: LogTail | None = None

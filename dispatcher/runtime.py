@@ -28,6 +28,7 @@ from dispatcher.journal import Journal
 from dispatcher.poller import Poller
 from dispatcher.query import QueryError, from_json
 from dispatcher.serving import Serving
+from dispatcher.stats import WorkerStats
 from imnode.micro import Service, ServiceError
 
 log = logging.getLogger("imdispatch")
@@ -59,16 +60,17 @@ class Leader(Serving):
 
     role = "leader"
 
-    def __init__(self, config: cfg.Config, config_path: str | Path | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: cfg.Config, config_path: str | Path | None = None,
+                 stats: WorkerStats | None = None) -> None:
+        super().__init__(config, stats)
         self.config_path = Path(config_path) if config_path else None
         path = Path(config.eventlog.path)
-        self.journal = Journal(
-            FileLog(path, fsync=config.eventlog.fsync,
-                    segment_bytes=config.eventlog.segment_bytes),
-            SnapshotStore(path / "snapshots"),
-            snapshot_every=config.eventlog.snapshot_every,
-        )
+        log = FileLog(path, fsync=config.eventlog.fsync,
+                      segment_bytes=config.eventlog.segment_bytes)
+        log.on_sync = self.stats.fsync.observe
+        self.stats.appended = lambda: log.appended
+        self.journal = Journal(log, SnapshotStore(path / "snapshots"),
+                               snapshot_every=config.eventlog.snapshot_every)
         self.nc: Any = None
         self.poller: Poller | None = None
         self.service: Service | None = None
@@ -117,6 +119,8 @@ class Leader(Serving):
                  len(self.state.nodes), self.service.id)
 
     def _after_cycle(self) -> None:
+        self.stats.poll_cycle.observe(self.poller.last_duration)
+        self.stats.poll_failures = dict(self.poller.failures)
         self.poll_happened()
         leader_link.write_status(self)
 
@@ -222,7 +226,7 @@ async def take_over_when_leader_dies(follower: Follower) -> Leader:
     taking over, the worker keeps serving the state it has."""
     while True:
         await asyncio.sleep(TAKEOVER_INTERVAL)
-        leader = Leader(follower.config, follower.config_path)
+        leader = Leader(follower.config, follower.config_path, follower.stats)
         try:
             await leader.start()
         except LogLocked:
@@ -236,13 +240,14 @@ async def take_over_when_leader_dies(follower: Follower) -> Leader:
         return leader
 
 
-async def open_runtime(config: cfg.Config, config_path: str | Path | None = None) -> Serving:
+async def open_runtime(config: cfg.Config, config_path: str | Path | None = None,
+                       stats: WorkerStats | None = None) -> Serving:
     """The leader if this process gets the event log's writer lock, else a follower."""
-    leader = Leader(config, config_path)
+    leader = Leader(config, config_path, stats)
     try:
         await leader.start()
     except LogLocked:
-        follower = Follower(config, config_path)
+        follower = Follower(config, config_path, stats)
         await follower.start()
         return follower
     return leader

@@ -15,6 +15,7 @@ from dispatcher import config as cfg
 from dispatcher import pacing
 from dispatcher.domain.state import NodeRecord, RoutingState
 from dispatcher.query import PickRequest
+from dispatcher.stats import WorkerStats
 
 log = logging.getLogger("imdispatch")
 UNCERTAIN = ("timeout", "bad_reply")
@@ -27,8 +28,9 @@ class Serving:
 
     role = "serving"
 
-    def __init__(self, config: cfg.Config) -> None:
+    def __init__(self, config: cfg.Config, stats: WorkerStats | None = None) -> None:
         self.config = config
+        self.stats = stats if stats is not None else WorkerStats()
         self.limiter = pacing.AssignmentLimiter()
         self._ramping: set[str] = set()
         self._pacing: asyncio.Task | None = None

@@ -13,19 +13,24 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 import orjson
-from sanic import Request, Sanic
+from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
+from dispatcher import dashboard
 from dispatcher.domain.errors import DomainError
 from dispatcher.follower import Follower
+from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dispatcher.metrics import exposition
 from dispatcher.query import QueryError, from_query_string
 from dispatcher.runtime import open_runtime, take_over_when_leader_dies
 from dispatcher.serving import Serving
+from dispatcher.stats import SharedStats
 
 log = logging.getLogger("imdispatch.http")
 TOKEN_VARIABLE = "IMDISPATCH_ADMIN_TOKEN"
@@ -72,11 +77,13 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     app.config.REQUEST_TIMEOUT = 10
     app.config.KEEP_ALIVE_TIMEOUT = 30
     holder: list[Serving] = []  # the runtime, once the server has started
+    stats = SharedStats()
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
-        runtime = await open_runtime(config, config_path)
+        runtime = await open_runtime(config, config_path, stats.own)
         holder.append(runtime)
+        stats.start()
         log.info("worker %d serves as %s", os.getpid(), runtime.role)
         if isinstance(runtime, Follower):
             app.ctx.takeover = app.loop.create_task(_promote(holder, runtime))
@@ -98,43 +105,74 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     async def stop(app: Sanic) -> None:
         if holder:
             await holder[0].stop()
+        await stats.stop()
 
     @app.exception(SanicException)
     async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
+        if request.route is None:  # no route (a 404, a request refused before routing)
+            stats.own.request("other", exc.status_code)
         return error(exc.status_code, str(exc) or exc.__class__.__name__)
 
     @app.exception(Exception)
     async def unexpected(request: Request, exc: Exception) -> HTTPResponse:
         log.exception("unexpected error in %s %s", request.method, request.path)
+        if request.route is None:
+            stats.own.request("other", 500)
         return error(500, "internal error")
 
     @app.get("/get-tcp-ip")
     async def get_tcp_ip(request: Request) -> HTTPResponse:
+        """The hot path: no middleware; it counts itself."""
+        started = perf_counter()
         runtime = holder[0]
         try:
             pick = from_query_string(request.query_string)
         except QueryError as exc:
+            stats.own.request("/get-tcp-ip", 400)
             return error(400, str(exc))
         chosen = runtime.choose(pick)
         if not chosen:
             wait = runtime.retry_after()
+            stats.own.picked(None, perf_counter() - started)
             return respond({"error": "no IM node can take a client now", "retry_after": wait},
                            503, {"Retry-After": str(wait)})
-        return HTTPResponse(runtime.answer(chosen, pick.count > 1), content_type=JSON)
+        response = HTTPResponse(runtime.answer(chosen, pick.count > 1), content_type=JSON)
+        stats.own.picked(chosen[0].id, perf_counter() - started)
+        return response
 
-    @app.get("/healthz")
+    ops = Blueprint(f"ops_{app.name}")  # every other route, counted by a middleware
+
+    @ops.on_response
+    async def count(request: Request, response: HTTPResponse) -> None:
+        stats.own.request(request.uri_template or "other", response.status)
+
+    @ops.get("/healthz")
     async def healthz(request: Request) -> HTTPResponse:
         return respond({"status": "alive"})
 
-    @app.get("/readyz")
+    @ops.get("/readyz")
     async def readyz(request: Request) -> HTTPResponse:
         ready, details = holder[0].readiness()
         return respond({"ready": ready, **details}, 200 if ready else 503)
 
+    @ops.get("/metrics")
+    async def metrics(request: Request) -> HTTPResponse:
+        body = await asyncio.to_thread(exposition, holder[0], stats)  # reads files
+        return HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
+
+    @ops.get("/dashboard")
+    async def dashboard_page(request: Request) -> HTTPResponse:
+        return HTTPResponse(dashboard.page(), content_type="text/html; charset=utf-8")
+
+    @ops.get("/dashboard/data")
+    async def dashboard_data(request: Request) -> HTTPResponse:
+        return respond(await asyncio.to_thread(dashboard.data, holder[0], stats))
+
     if tokens is None:
         tokens = admin_tokens(os.environ.get(TOKEN_VARIABLE))
     if tokens:
-        _admin_routes(app, holder, tokens)
+        _admin_routes(ops, holder, tokens)
+    app.blueprint(ops)
     return app
 
 
@@ -154,7 +192,8 @@ async def _reload(runtime: Serving) -> None:
 Handler = Callable[..., Awaitable[HTTPResponse]]
 
 
-def _admin_routes(app: Sanic, holder: list[Serving], tokens: list[tuple[str, bytes]]) -> None:
+def _admin_routes(app: Blueprint, holder: list[Serving],
+                  tokens: list[tuple[str, bytes]]) -> None:
     def authorised(op: str) -> Callable[[Handler], Handler]:
         """Check the bearer token, then run admin operation `op` with the body's fields."""
 

@@ -13,6 +13,7 @@ picks, which belong to whoever serves picks (each worker process has its own).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,6 +46,9 @@ class NodeRecord:
     updated_seq: int = 0  # the last event that changed this node
 
 
+CHANGES_KEPT = 50
+
+
 class RoutingState:
     """Nodes, watermarks and the last recorded config, folded from events."""
 
@@ -61,6 +65,9 @@ class RoutingState:
         )
         self._selector_class = selector_class or core_ext.Selector
         self.selector = self._selector_class(self.high_watermark, self.low_watermark)
+        self.changes: deque[ev.Event] = deque(maxlen=CHANGES_KEPT)
+        """The latest events but load reports, newest last: what the dashboard lists. Not
+        routing state: snapshots leave it out, so after a restart it starts afresh."""
 
     # -- the fold ---------------------------------------------------------------------
 
@@ -76,6 +83,8 @@ class RoutingState:
         handler(self, event)
         self.seq = event.seq
         self.time = event.time
+        if event.type != "load_reported":
+            self.changes.append(event)
 
     def _existing(self, event: Any) -> NodeRecord:
         record = self.nodes.get(event.node)

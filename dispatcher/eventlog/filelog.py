@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,6 +82,8 @@ class FileLog:
         self._closing = False
         self._dirty = False  # written but not yet fsynced
         self._last_sync = time.monotonic()
+        self.appended = 0  # events appended since open
+        self.on_sync: Callable[[float], None] | None = None  # seconds each fsync took
 
     # -- opening ----------------------------------------------------------------------
 
@@ -263,6 +265,7 @@ class FileLog:
             self._writer = loop.create_task(self._write_loop())
         self._queue += operations
         self.last_seq, self.last_hash, self._size = seq, prev, size
+        self.appended += len(events)
         waiter = loop.create_future()
         self._waiters.append(waiter)
         self._wakeup.set()
@@ -342,8 +345,11 @@ class FileLog:
 
     def _sync(self) -> None:
         if self._dirty:
+            started = time.perf_counter()
             os.fdatasync(self._fd)
             self._dirty = False
+            if self.on_sync is not None:
+                self.on_sync(time.perf_counter() - started)
         self._last_sync = time.monotonic()
 
     def _fail(self, exc: BaseException, waiters: list[asyncio.Future]) -> None:

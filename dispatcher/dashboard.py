@@ -1,0 +1,56 @@
+"""`GET /dashboard`: one self-contained page (no CDN, no framework) that polls
+`GET /dashboard/data` every two seconds: the nodes, where clients went lately, the latest
+routing changes and the dispatcher's own state. Read-only: admin actions stay on the
+authenticated API."""
+
+from __future__ import annotations
+
+import time
+from importlib.resources import files
+from typing import Any
+
+from dispatcher.stats import HISTORY_SECONDS, SharedStats
+
+SHARE_WINDOW = 60  # seconds of assignments behind each node's "recent share"
+EVENTS_SHOWN = 20
+
+
+def page() -> bytes:
+    return files("dispatcher").joinpath("static/dashboard.html").read_bytes()
+
+
+def data(runtime: Any, stats: SharedStats) -> dict[str, Any]:
+    """What the page shows, from this worker's state and every worker's figures."""
+    figures = stats.everyone()
+    ready, details = runtime.readiness()
+    now = int(time.time())
+    seconds = range(now - HISTORY_SECONDS, now)  # whole seconds that ended
+    history = figures["history"]
+    nodes = runtime.state.node_views()
+    ids = [node["id"] for node in nodes]
+    chart = {node: [history.get(second, {}).get(node, 0) for second in seconds]
+             for node in ids}
+    recent = {node: sum(chart[node][-SHARE_WINDOW:]) for node in ids}
+    total = sum(recent.values())
+    return {
+        "generated": time.time(),
+        "dispatcher": {
+            "ready": ready, "reason": details.get("reason"), "role": runtime.role,
+            "panic": details["panic"], "nats_connected": details["nats_connected"],
+            "state_seq": details["state_seq"], "last_poll_age_s": details["last_poll_age_s"],
+            "stale_after_s": details["stale_after_s"], "event_log": details["event_log"],
+            "workers": figures["workers"],
+        },
+        "nodes": [{
+            "id": node["id"], "address": f"{node['ip']}:{node['port']}",
+            "weight": node["weight"], "effective_weight": node["effective_weight"],
+            "health": node["health"], "health_cause": node["health_cause"],
+            "draining": node["draining"], "overloaded": node["overloaded"],
+            "connections": node["connections"], "capacity": node["capacity"],
+            "recent_share": recent[node["id"]] / total if total else None,
+            "assigned_total": figures["assignments"].get(node["id"], 0),
+        } for node in nodes],
+        "chart": {"start": seconds.start, "step_s": 1, "per_node": chart},
+        "events": [event.to_dict() for event in
+                   reversed(list(runtime.state.changes)[-EVENTS_SHOWN:])],
+    }
