@@ -37,7 +37,9 @@ def start_imnode(node_id: str, port: int, nats_url: str, capacity: int,
     process = start([sys.executable, "-m", "imnode", "serve", "--id", node_id, "--listen",
                      f"127.0.0.1:{port}", "--nats", nats_url, "--capacity", str(capacity),
                      "--log-level", "warning", *options])
-    assert process.stdout.readline().startswith(f"imnode {node_id} listening")
+    if not process.stdout.readline().startswith(f"imnode {node_id} listening"):
+        stop(process)
+        raise AssertionError(f"imnode {node_id} did not start")
     return process
 
 
@@ -71,6 +73,10 @@ def start_dispatcher(directory: Path, nats_url: str, nodes: dict[str, tuple[int,
                   for n, (port, w) in nodes.items()))
     dispatcher = start([sys.executable, "-m", "dispatcher", "serve", "--config", str(config),
                         "--log-level", "warning"], {"IMDISPATCH_ADMIN_TOKEN": "bench"})
-    assert dispatcher.stdout.readline().startswith("imdispatch serving")
-    wait_ready(f"http://127.0.0.1:{http_port}/readyz")
+    try:
+        assert dispatcher.stdout.readline().startswith("imdispatch serving")
+        wait_ready(f"http://127.0.0.1:{http_port}/readyz")
+    except BaseException:
+        stop(dispatcher)
+        raise
     return http_port, dispatcher

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     figures_path = out / "figures.json"
+    figures_path.unlink(missing_ok=True)  # a reused directory: never report an old run
     command = [sys.executable, "-m", "pytest", "bench", "-v", "-p", "no:randomly",
                "--benchmark-autosave", f"--benchmark-json={out / 'pytest-benchmark.json'}",
                "--benchmark-columns=min,median,max,rounds", f"--bench-figures={figures_path}",

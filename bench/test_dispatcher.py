@@ -70,11 +70,17 @@ def test_poll_cycle(benchmark, tmp_path, nats_url, nodes):
 
 def cluster(tmp_path, nats_url, workers, interval=0.5):
     ports = {f"b{i}": free_port() for i in range(3)}
-    nodes = [start_imnode(node_id, port, nats_url, 100000) for node_id, port in ports.items()]
-    http_port, dispatcher = start_dispatcher(
-        tmp_path, nats_url, {n: (p, i + 1) for i, (n, p) in enumerate(ports.items())},
-        workers=workers, interval=interval,
-        balance="slow_start = 0\nassign_rate = 1000000000\n")
+    nodes = []
+    try:
+        for node_id, port in ports.items():
+            nodes.append(start_imnode(node_id, port, nats_url, 100000))
+        http_port, dispatcher = start_dispatcher(
+            tmp_path, nats_url, {n: (p, i + 1) for i, (n, p) in enumerate(ports.items())},
+            workers=workers, interval=interval,
+            balance="slow_start = 0\nassign_rate = 1000000000\n")
+    except BaseException:
+        stop(*nodes)
+        raise
     return http_port, dispatcher, nodes
 
 
@@ -101,6 +107,7 @@ def test_failure_detection_after_sigkill(benchmark, tmp_path, nats_url):
             nodes[0].wait()
             killed = time.monotonic()
             while node_health(port, "b0") != "down":
+                assert time.monotonic() - killed < 30, "the killed node never went down"
                 time.sleep(0.01)
             return time.monotonic() - killed
 

@@ -32,17 +32,21 @@ def test_reconnect_storm_spreads_by_weight_without_overloading(benchmark, tmp_pa
     total = sum(SURVIVORS.values())
     capacity = {node: 2 * CLIENTS * weight // total for node, weight in SURVIVORS.items()}
     ports = {node: free_port() for node in ("victim", *SURVIVORS)}
-    nodes = {"victim": start_imnode("victim", ports["victim"], nats_url, CLIENTS + 100)}
-    nodes |= {node: start_imnode(node, ports[node], nats_url, capacity[node])
-              for node in SURVIVORS}
-    http_port, dispatcher = start_dispatcher(
-        tmp_path, nats_url, {n: (ports[n], SURVIVORS.get(n, 2)) for n in ports},
-        balance=f"slow_start = 0\nhigh_watermark = {HIGH_WATERMARK}\n",
-        http="retry_after = 1\n")
-    swarm = start([sys.executable, "-m", "bench.storm_clients",
-                   f"http://127.0.0.1:{http_port}", "127.0.0.1", str(ports["victim"]),
-                   str(CLIENTS), "60"])
+    running = []  # stopped whatever happens, even if a later start fails
     try:
+        nodes = {}
+        for node, port in ports.items():
+            nodes[node] = start_imnode(node, port, nats_url, capacity.get(node, CLIENTS + 100))
+            running.append(nodes[node])
+        http_port, dispatcher = start_dispatcher(
+            tmp_path, nats_url, {n: (ports[n], SURVIVORS.get(n, 2)) for n in ports},
+            balance=f"slow_start = 0\nhigh_watermark = {HIGH_WATERMARK}\n",
+            http="retry_after = 1\n")
+        running.append(dispatcher)
+        swarm = start([sys.executable, "-m", "bench.storm_clients",
+                       f"http://127.0.0.1:{http_port}", "127.0.0.1", str(ports["victim"]),
+                       str(CLIENTS), "60"])
+        running.insert(0, swarm)
         assert swarm.stdout.readline().strip() == f"ready {CLIENTS}"
         seq_before = max((e["seq"] for e in admin_events(http_port)), default=0)
 
@@ -55,8 +59,7 @@ def test_reconnect_storm_spreads_by_weight_without_overloading(benchmark, tmp_pa
         overloads = [e["node"] for e in admin_events(http_port)
                      if e["seq"] > seq_before and e["type"] == "node_overloaded"]
     finally:
-        stop(swarm, dispatcher, *nodes.values())
-    assert swarm.returncode is not None
+        stop(*running)
 
     node_of = {f"127.0.0.1:{port}": node for node, port in ports.items()}
     placed = [(t, node_of[address]) for t, address in result["assignments"]]

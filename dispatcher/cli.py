@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from dispatcher.domain.events import EVENT_TYPES
+from imnode import logs
 
 ENVELOPE = ("type", "seq", "time", "actor", "reason", "node")
 
@@ -30,8 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the dispatcher")
     serve.add_argument("--config", required=True, metavar="PATH", help="dispatcher.toml")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    serve.add_argument("--log-format", default="auto", choices=logs.FORMATS,
+                       help="json: one object per line; text: for people; auto (default): "
+                            "text on a terminal, else json")
     from dispatcher.demo import main as demo
 
     demo.add_arguments(commands.add_parser(
@@ -172,15 +175,13 @@ def _recover(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import functools
-    import logging
 
     from sanic import Sanic
 
     from dispatcher import config as cfg
     from dispatcher.web import create_app
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         config = cfg.load(args.config)
     except cfg.ConfigError as exc:
@@ -188,9 +189,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     print(f"imdispatch serving http://{config.http.host}:{config.http.port} with "
           f"{config.http.workers} worker(s)", flush=True)
-    level = args.log_level.upper()
+    log_options = {"log_level": args.log_level, "log_format": args.log_format}
     if config.http.workers == 1:
-        app = create_app(config, args.config, log_level=level)
+        app = create_app(config, args.config, **log_options)
         app.run(host=config.http.host, port=config.http.port, single_process=True,
                 backlog=config.http.backlog, access_log=False, motd=False)
         return 0
@@ -209,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ[DIRECTORY_VARIABLE] = stats_dir  # the workers inherit it
 
     loader = AppLoader(factory=functools.partial(create_app, config, args.config,
-                                                 log_level=level))
+                                                 **log_options))
     signal.signal(signal.SIGHUP, lambda *_: _reload_leader(config))
     app = loader.load()
     app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,

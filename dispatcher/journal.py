@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,22 @@ from dispatcher.eventlog.records import GENESIS_HASH
 from dispatcher.eventlog.snapshots import Snapshot, SnapshotStore
 
 DEFAULT_SNAPSHOT_EVERY = 10_000
+QUIET = {"load_reported"}  # logged at debug: one per load change
+UNLOGGED_FIELDS = {"type", "seq", "time", "actor", "reason", "node", "config"}
+log = logging.getLogger("imdispatch.events")
+
+
+def _log_event(event: Event) -> None:
+    """Each recorded event once, in the one process that records it, with its fields."""
+    level = logging.DEBUG if event.type in QUIET else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    details = {key: value for key, value in event.to_dict().items()
+               if key not in UNLOGGED_FIELDS}
+    log.log(level, "%s%s by %s%s", event.type, f" {event.node_id}" if event.node_id else "",
+            event.actor, f" ({event.reason})" if event.reason else "",
+            extra={"event": event.type, "seq": event.seq, "node": event.node_id,
+                   "actor": event.actor, "reason": event.reason, **details})
 
 
 @dataclass(slots=True)
@@ -165,6 +182,8 @@ class Journal:
             durable = self.log.append(stamped)
             self._maybe_snapshot(durable)
             await durable
+            for event in stamped:
+                _log_event(event)
         if error is not None:
             raise error
         return stamped

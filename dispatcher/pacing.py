@@ -39,11 +39,15 @@ class AssignmentLimiter:
         self.blocked: dict[str, float] = {}  # node -> when it may take a client again
 
     def set_rates(self, rates: dict[str, float | None]) -> None:
-        """Each node's clients a second (None: no cap); nodes not named are forgotten."""
-        self._limits = {node_id: (1.0 / rate, (max(rate, 1.0) - 1.0) / rate)
-                        for node_id, rate in rates.items() if rate is not None}
+        """Each node's clients a second (None: no cap). Nodes not named are forgotten; a
+        node whose rate changed starts afresh with a full allowance (its old "due" time
+        was counted at the old rate, and could keep it blocked long after a raise)."""
+        limits = {node_id: (1.0 / rate, (max(rate, 1.0) - 1.0) / rate)
+                  for node_id, rate in rates.items() if rate is not None}
+        changed = {n for n, limit in self._limits.items() if limits.get(n) != limit}
+        self._limits = limits
         for table in (self._due, self.blocked):
-            for node_id in [n for n in table if n not in self._limits]:
+            for node_id in [n for n in table if n in changed or n not in limits]:
                 del table[node_id]
 
     def refill(self, now: float) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -219,11 +220,14 @@ class Leader(Serving):
 TAKEOVER_INTERVAL = 1.0
 
 
-async def take_over_when_leader_dies(follower: Follower) -> Leader:
+async def take_over_when_leader_dies(follower: Follower,
+                                     promote: Callable[[Leader], None]) -> None:
     """In a follower worker: try the event log's writer lock every second; it comes free
     only when the leader worker is gone (killed, crashed), and then this worker becomes
-    the leader, so polling and the log outlive any one worker. Until then, and while
-    taking over, the worker keeps serving the state it has."""
+    the leader, so polling and the log outlive any one worker. Until then the worker
+    serves the state it has; `promote` switches it to the new leader before the follower
+    stops. A takeover that fails half-way closes what it opened and is tried again.
+    (Rebuilding the state runs on this worker's loop: a big log stalls it meanwhile.)"""
     while True:
         await asyncio.sleep(TAKEOVER_INTERVAL)
         leader = Leader(follower.config, follower.config_path, follower.stats)
@@ -231,13 +235,18 @@ async def take_over_when_leader_dies(follower: Follower) -> Leader:
             await leader.start()
         except LogLocked:
             continue
-        except asyncio.CancelledError:  # the worker is stopping: leave the log closed
-            await leader.stop()
-            raise
-        await follower.stop()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await leader.stop()  # releases the lock if it got it
+            if isinstance(exc, asyncio.CancelledError):  # the worker is stopping
+                raise
+            log.exception("could not take over as leader; trying again")
+            continue
+        promote(leader)
         log.warning("worker %d took over as leader: the previous leader is gone",
                     os.getpid())
-        return leader
+        await follower.stop()
+        return
 
 
 async def open_runtime(config: cfg.Config, config_path: str | Path | None = None,

@@ -31,6 +31,7 @@ from dispatcher.query import QueryError, from_query_string
 from dispatcher.runtime import open_runtime, take_over_when_leader_dies
 from dispatcher.serving import Serving
 from dispatcher.stats import SharedStats
+from imnode import logs
 
 log = logging.getLogger("imdispatch.http")
 TOKEN_VARIABLE = "IMDISPATCH_ADMIN_TOKEN"
@@ -65,11 +66,11 @@ def admin_tokens(value: str | None) -> list[tuple[str, bytes]]:
 
 
 def create_app(config: cfg.Config, config_path: str | None = None,
-               tokens: list[tuple[str, bytes]] | None = None, log_level: str = "INFO") -> Sanic:
+               tokens: list[tuple[str, bytes]] | None = None, log_level: str = "info",
+               log_format: str = "auto") -> Sanic:
     """The app of one worker. Its runtime is opened when the server starts: the leader if
     this worker gets the event log's writer lock, else a follower of the leader's log."""
-    logging.basicConfig(level=log_level,  # in every worker process: each logs for itself
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)  # in every worker process: each logs for itself
     app = Sanic(f"imdispatch_{next(_apps)}", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 64 * 1024
@@ -178,7 +179,11 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
 async def _promote(holder: list[Serving], follower: Follower) -> None:
     """Serve as the leader once this follower has taken over from a dead one."""
-    holder[0] = await take_over_when_leader_dies(follower)
+
+    def promote(leader: Serving) -> None:
+        holder[0] = leader
+
+    await take_over_when_leader_dies(follower, promote)
 
 
 async def _reload(runtime: Serving) -> None:

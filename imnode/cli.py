@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
 import re
 import sys
 from importlib.metadata import version
+
+from imnode import logs
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 """Node ids are NATS subject tokens (`imnode.<id>.status`): no dots, spaces or wildcards."""
@@ -84,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="goaway reconnect delays are spread over this window (default 10)")
     serve.add_argument("--drain-timeout", type=_positive(float), default=60.0, metavar="S",
                        help="after this, clients still connected are closed (default 60)")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    serve.add_argument("--log-format", default="auto", choices=logs.FORMATS,
+                       help="json: one object per line; text: for people; auto (default): "
+                            "text on a terminal, else json")
     return parser
 
 
@@ -104,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--listen needs an IP address, got {host!r}")
     if args.drain_timeout < args.drain_window:
         parser.error("--drain-timeout must not be shorter than --drain-window")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     config = NodeConfig(
         node_id=args.id, host=host, port=port, advertise=args.advertise,
         capacity=args.capacity, heartbeat_interval=args.heartbeat_interval,

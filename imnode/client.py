@@ -37,6 +37,12 @@ class ClientError(Exception):
         self.retry_after = retry_after
 
 
+CONNECT_ERRORS = (ClientError, OSError, EOFError, TimeoutError, ValueError, KeyError,
+                  protocol.ProtocolError)
+"""What a failed attempt to locate a node and connect to it can raise: refused, the node
+vanished mid-handshake (EOFError), or something answered nonsense."""
+
+
 class ImClient:
     """One client. After a drain's `goaway` it stops sending, waits the delay it was given
     (acks still arrive meanwhile), then asks `locate` where to go and reconnects, retrying
@@ -89,6 +95,7 @@ class ImClient:
             raise ClientError("protocol", f"expected welcome, got {welcome['type']}")
         self._reader, self._writer, self.address = reader, writer, address
         self.node_id = welcome["node_id"]
+        self.closed_by_server = None
         # Ping a little more often than the node asks, so a late timer never costs the link.
         interval = self.heartbeat_interval or 0.8 * welcome.get("heartbeat_ms", 30_000) / 1000
         loop = asyncio.get_running_loop()
@@ -161,7 +168,7 @@ class ImClient:
                         else:
                             future.set_exception(ClientError(frame.get("code", "?"),
                                                              frame.get("message", "")))
-                elif kind == "error":
+                elif kind == "error" and "id" not in frame:  # about the connection
                     self.closed_by_server = ClientError(frame.get("code", "?"),
                                                         frame.get("message", ""))
                 elif kind == "goaway" and self._leaving is None:
@@ -192,19 +199,20 @@ class ImClient:
     async def _relocate(self, leaving: str | None) -> None:
         """Ask where to go and reconnect, with jittered backoff; a dispatcher's 503 sets
         the least wait. Only the first request excludes `leaving`: by the next one it may
-        be back, and the dispatcher knows whether it is."""
+        be back, and the dispatcher knows whether it is. `close()` cancels this task."""
         delay = 0.25
         for attempt in range(self.reconnect_attempts):
-            if self._closing:
-                break
             try:
                 address = await self.locate([leaving] if leaving and not attempt else [])
-                self._leaving = None
                 await self.connect(address)
+                self._leaving = None  # no await since connect: the read loop sees this
                 self.reconnects += 1
+                self.gave_up = None
                 return
-            except (OSError, ClientError, TimeoutError, ValueError) as exc:
-                self.gave_up = exc if attempt == self.reconnect_attempts - 1 else None
+            except CONNECT_ERRORS as exc:
+                if attempt == self.reconnect_attempts - 1:
+                    self.gave_up = exc
+                    break
                 wait = delay * (0.5 + random.random())  # jitter: no herd
                 await asyncio.sleep(max(wait, getattr(exc, "retry_after", 0.0)))
                 delay = min(delay * 2, 10.0)
@@ -234,11 +242,15 @@ def dispatcher_locator(url: str, uid: str, *, timeout: float = 5.0) -> Locate:
         finally:
             writer.close()
         head, _, body = response.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        answer = orjson.loads(body)
-        if status != 200:
-            raise ClientError(f"http_{status}", str(answer.get("error", answer)),
-                              float(answer.get("retry_after", 0) or 0))
-        return answer["ip"], answer["port"]
+        try:
+            status = int(head.split(b" ", 2)[1])
+            answer = orjson.loads(body)
+            if status != 200:
+                raise ClientError(f"http_{status}", str(answer.get("error", answer)),
+                                  float(answer.get("retry_after", 0) or 0))
+            return answer["ip"], answer["port"]
+        except (IndexError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ClientError("bad_answer", f"the dispatcher answered {response[:80]!r}: "
+                                            f"{exc!r}") from None
 
     return locate

@@ -6,8 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +19,11 @@ from tests.nats_server import free_port
 
 
 def demo(*args, env=None):
+    """The demo in a process group of its own, as a shell runs a foreground job."""
     return subprocess.Popen([sys.executable, "-m", "dispatcher", "demo", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                            process_group=0)
 
 
 def listening(port):
@@ -78,6 +82,28 @@ def test_ctrl_c_stops_every_process():
     assert process.returncode == 0, err
     assert "stopped: nothing of the demo is left running" in out
     assert not [port for port in ports_in(started) if listening(port)]
+
+
+def test_ctrl_c_at_a_terminal_during_start_up_stops_at_once():
+    """A terminal's Ctrl-C goes to the whole foreground process group."""
+    http_port = free_port()
+    process = demo("--http-port", str(http_port), "--clients", "10", "--workdir",
+                   str(Path(tempfile.mkdtemp())))
+    assert process.stdout.readline().startswith("starting nats-server")
+    time.sleep(0.3)
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert time.monotonic() - started < 15
+    assert "stopped: nothing of the demo is left running" in out
+    assert not listening(http_port)
+    workdir = Path(re.search(r"are in (\S+)", out).group(1))
+    assert "Traceback" not in err
+    assert "the dispatcher was not ready" not in err
+    log = (workdir / "dispatcher.log").read_text() if (workdir / "dispatcher.log").exists() \
+        else ""
+    assert "NATS disconnected" not in log  # the broker stopped last, not first
 
 
 def test_it_cleans_up_even_when_nobody_reads_its_output():

@@ -33,8 +33,9 @@ def http(method, url, body=None, token=None):
 
 class Cluster:
     def __init__(self, tmp_path, nats_url, slow_start=0, workers=1, capacity=10000,
-                 assign_rate=0):
+                 assign_rate=0, log_file=None):
         self.tmp, self.nats_url, self.capacity = tmp_path, nats_url, capacity
+        self.log_file = log_file  # the dispatcher's JSON log at info level, if given
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes = {node: self.start_node(node) for node in WEIGHTS}
         self.http_port = free_port()
@@ -63,9 +64,14 @@ class Cluster:
 
     def start_dispatcher(self):
         env = {**os.environ, "IMDISPATCH_ADMIN_TOKEN": TOKEN}
+        logging = (["--log-level", "info", "--log-format", "json"] if self.log_file
+                   else ["--log-level", "warning"])
+        stderr = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         self.dispatcher = subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "serve", "--config", str(self.config),
-             "--log-level", "warning"], stdout=subprocess.PIPE, text=True, env=env)
+             *logging], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        if stderr is not None:
+            stderr.close()  # the child has its own copy
         assert self.dispatcher.stdout.readline().startswith("imdispatch serving")
         self.wait(lambda: self.get("/readyz")[0] == 200, "the dispatcher is ready")
 

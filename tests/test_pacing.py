@@ -82,6 +82,20 @@ def test_limiter_forgets_nodes_without_a_rate():
     assert limiter.blocked == {}
 
 
+def test_a_raised_rate_unblocks_at_once():
+    limiter = pacing.AssignmentLimiter()
+    limiter.set_rates({"n1": 0.001})  # one client in 1000 s
+    limiter.took("n1", now=0.0)
+    assert set(limiter.blocked) == {"n1"}
+    limiter.set_rates({"n1": 0.001})  # the same rate again (every pacing tick): no change
+    assert set(limiter.blocked) == {"n1"}
+    limiter.set_rates({"n1": 1024.0})  # a reload raised it
+    assert limiter.blocked == {}
+    for _ in range(1023):  # a second's worth, less one
+        limiter.took("n1", now=5.0)
+    assert limiter.blocked == {}
+
+
 class Worker(Serving):
     """A serving worker on a journal of the test's own (no NATS, no HTTP)."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -14,6 +15,7 @@ import tempfile
 import termios
 import time
 import tty
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from dispatcher.demo import screen
 from dispatcher.demo.moments import Moment, admin, script
 from dispatcher.demo.nats_server import NatsServerMissing
 from dispatcher.demo.population import Population
-from dispatcher.demo.stack import DemoError, Stack, plan_nodes
+from dispatcher.demo.stack import DemoError, Interrupted, Stack, plan_nodes
 
 STATUS_EVERY = 5.0  # seconds between two plain status prints (not on a terminal)
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         if keep:
-            print(f"logs, config and the event log are in {workdir}")
+            _say(f"logs, config and the event log are in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -86,7 +88,10 @@ class Keys:
         return self
 
     def _read(self) -> None:
-        key = sys.stdin.read(1)
+        key = os.read(sys.stdin.fileno(), 1).decode(errors="replace")  # unbuffered
+        if not key:  # end of input: stop listening
+            asyncio.get_running_loop().remove_reader(sys.stdin)
+            return
         if key == "q":
             self.stop.set()
         elif key == "n":
@@ -101,15 +106,23 @@ class Keys:
 async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     loop = asyncio.get_running_loop()
     stop, moment_now = asyncio.Event(), asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     nodes = plan_nodes(args.nodes, args.clients, args.node_base_port)
     stack = Stack(workdir, nodes, args.http_port, args.nats_port, args.token)
+
+    def interrupt() -> None:
+        stop.set()
+        stack.stopping.set()  # start-up, in its thread, gives up at its next check
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupt)
     population: Population | None = None
     try:
         print(f"starting nats-server, {len(nodes)} imnodes and the dispatcher "
               f"(logs in {workdir}) ...", flush=True)
-        await asyncio.to_thread(stack.start)
+        try:
+            await asyncio.to_thread(stack.start)
+        except Interrupted:
+            return 0
         tips = screen.hints(stack.url, stack.nats.url, args.token, str(stack.events_path),
                             nodes[0].id)
         print(f"dispatcher: {stack.url}  (admin token: {args.token})\n"
@@ -155,10 +168,13 @@ async def _watch(args: argparse.Namespace, stack: Stack, population: Population,
             await moment.act(stack)
             played, next_moment = played + 1, time.monotonic() + args.moment_every
         try:
-            _, nodes = await admin(stack, "GET", "/admin/nodes")
-            _, fresh = await admin(stack, "GET", f"/admin/events?after={last_seq}&limit=1000")
-        except OSError as exc:
-            print(f"the dispatcher does not answer: {exc}", flush=True)
+            nodes_status, nodes = await admin(stack, "GET", "/admin/nodes")
+            events_status, fresh = await admin(stack, "GET",
+                                               f"/admin/events?after={last_seq}&limit=1000")
+            if nodes_status != 200 or events_status != 200:
+                raise ValueError(f"admin API answered {nodes_status}/{events_status}")
+        except (OSError, ValueError, HTTPException) as exc:
+            print(f"the dispatcher does not answer as it should: {exc}", flush=True)
             nodes, fresh = [], []
         if fresh:
             last_seq = fresh[-1]["seq"]

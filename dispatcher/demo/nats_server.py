@@ -75,7 +75,10 @@ class NatsServer:
             "-js", "-sd", str(self.store_dir), *self.args,
         ]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            # its own process group: a terminal's Ctrl-C reaches the demo or test, which
+            # stops it last, not the broker first
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            process_group=0)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

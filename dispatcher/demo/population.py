@@ -11,7 +11,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 
-from imnode.client import Address, ClientError, ImClient, dispatcher_locator
+from imnode.client import CONNECT_ERRORS, Address, ClientError, ImClient, dispatcher_locator
 
 CHAT_INTERVAL = 0.2  # one message from a random client to another this often
 
@@ -85,10 +85,9 @@ class Population:
             try:
                 await client.connect()
                 return
-            except ClientError as exc:
-                await asyncio.sleep(max(exc.retry_after, 0.5) * random.uniform(1, 1.5))
-            except (OSError, TimeoutError, ValueError):
-                await asyncio.sleep(random.uniform(0.5, 1.5))
+            except CONNECT_ERRORS as exc:
+                wait = max(getattr(exc, "retry_after", 0.0), 0.5)
+                await asyncio.sleep(wait * random.uniform(1, 1.5))
 
     async def _chat(self) -> None:
         while True:

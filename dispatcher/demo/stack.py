@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,10 @@ CAPACITY_MARGIN = 2.0  # each node can hold this many times its share of the cli
 
 class DemoError(RuntimeError):
     """Something the user can fix (a port taken, nats-server missing): said plainly."""
+
+
+class Interrupted(Exception):
+    """Asked to stop (Ctrl-C) while starting up."""
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Stack:
         self.token = token
         self.nats = NatsServer(workdir / "nats", port=nats_port)
         self.dispatcher: subprocess.Popen | None = None
+        self.stopping = threading.Event()  # set from the demo's loop: start() gives up
         self._logs: list[IO[bytes]] = []
 
     @property
@@ -90,6 +96,8 @@ class Stack:
             check_port_free(node.port, f"imnode {node.id}", "--node-base-port")
         self.nats.start()
         for node_id in self.nodes:
+            if self.stopping.is_set():
+                raise Interrupted
             self.start_node(node_id)
         self._write_config()
         self.dispatcher = self._spawn(
@@ -142,6 +150,8 @@ class Stack:
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise Interrupted
             if self.dispatcher.poll() is not None:
                 raise DemoError("the dispatcher stopped at start-up:\n"
                                 + _tail(self.workdir / "dispatcher.log"))

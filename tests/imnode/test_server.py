@@ -272,6 +272,94 @@ def test_client_whose_node_dies_asks_again_and_waits_as_told():
     run(body)
 
 
+async def fake_node(node_id, *, welcome=True, then=None):
+    """A node that says hello back (or hangs up first), then does `then(writer)`."""
+
+    async def serve(reader, writer):
+        await reader.readexactly(protocol.LENGTH_BYTES)
+        if not welcome:
+            writer.transport.abort()  # gone mid-handshake
+            return
+        writer.write(protocol.encode({"type": "welcome", "node_id": node_id,
+                                      "heartbeat_ms": 30_000}))
+        await writer.drain()
+        if then is not None:
+            await then(writer)
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def address(server):
+    return server.sockets[0].getsockname()
+
+
+def test_client_survives_a_node_that_hangs_up_mid_handshake_and_late_errors():
+    async def body():
+        async def late_error_then_die(writer):
+            writer.write(protocol.encode({"type": "error", "code": "timeout",
+                                          "message": "too late", "id": 99}))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()
+
+        first = await fake_node("first", then=late_error_then_die)
+        broken = await fake_node("broken", welcome=False)
+        async with running_node("n2") as good:
+            answers = [address(broken), good.address]
+
+            async def locate(exclude):
+                return answers.pop(0)
+
+            client = ImClient("tough", locate=locate)
+            await client.connect(address(first))
+            for _ in range(100):
+                if client.node_id == "n2":
+                    break
+                await asyncio.sleep(0.05)
+            assert client.node_id == "n2" and client.closed_by_server is None
+            assert client.gave_up is None and answers == []
+            await client.close()
+        first.close()
+        broken.close()
+
+    run(body)
+
+
+def test_close_during_a_reconnect_leaves_nothing_connected():
+    async def body():
+        async def die(writer):
+            await asyncio.sleep(0.1)
+            writer.transport.abort()
+
+        async def slow_welcome(reader, writer):  # the handshake is under way at close()
+            await reader.readexactly(protocol.LENGTH_BYTES)
+            await asyncio.sleep(0.4)
+            writer.write(protocol.encode({"type": "welcome", "node_id": "slow",
+                                          "heartbeat_ms": 30_000}))
+            await writer.drain()
+            await asyncio.sleep(5)
+
+        dying = await fake_node("dying", then=die)
+        slow = await asyncio.start_server(slow_welcome, "127.0.0.1", 0)
+        asked = asyncio.Event()
+
+        async def locate(exclude):
+            asked.set()
+            return address(slow)
+
+        client = ImClient("leaver", locate=locate)
+        await client.connect(address(dying))
+        await asyncio.wait_for(asked.wait(), 5)
+        await asyncio.sleep(0.1)
+        await client.close()
+        await asyncio.sleep(0.6)
+        assert not client.connected.is_set() and client.node_id == "dying"
+        dying.close()
+        slow.close()
+
+    run(body)
+
+
 def test_dispatcher_locator_asks_get_tcp_ip_over_http():
     from imnode.client import dispatcher_locator
 
