@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": "make bench", **measured}
     (out / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     plots = draw(measured.get("series", {}), out)
+    if (out / "dashboard.png").exists():  # bench/test_dashboard.py's screenshot
+        plots.append("dashboard.png")
     (out / "report.md").write_text(markdown(report, plots))
     print(f"\nreport: {out / 'report.md'}\n        {out / 'report.json'}"
           + "".join(f"\n        {out / plot}" for plot in plots))

@@ -19,6 +19,7 @@ from typing import Any
 import nats
 import orjson
 
+from imnode import metrics
 from imnode.micro import Service
 from imnode.server import Node, NodeConfig
 
@@ -117,12 +118,14 @@ class NatsLink:
 
 
 async def run(config: NodeConfig, servers: Sequence[str],
-              nats_options: dict[str, Any] | None = None) -> None:
+              nats_options: dict[str, Any] | None = None,
+              metrics_listen: tuple[str, int] | None = None) -> None:
     """Serve until SIGTERM or SIGINT (or a drain request), drain, and return."""
     node = Node(config)
     await node.start()
     link = NatsLink(node, servers, nats_options)
     link.start()
+    exporter = metrics.serve(node, *metrics_listen) if metrics_listen else None
     loop = asyncio.get_running_loop()
     signals = []
 
@@ -142,3 +145,5 @@ async def run(config: NodeConfig, servers: Sequence[str],
     finally:
         await node.stop()  # first: its unsubscribes still find NATS
         await link.close()
+        if exporter is not None:
+            exporter.shutdown()

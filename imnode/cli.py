@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="goaway reconnect delays are spread over this window (default 10)")
     serve.add_argument("--drain-timeout", type=_positive(float), default=60.0, metavar="S",
                        help="after this, clients still connected are closed (default 60)")
+    serve.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (off)")
     serve.add_argument("--log-level", default="info", choices=logs.LEVELS)
     serve.add_argument("--log-format", default="auto", choices=logs.FORMATS,
                        help="json: one object per line; text: for people; auto (default): "
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(app.run(config, args.nats.split(",")))
+        runner(app.run(config, args.nats.split(","), metrics_listen=args.metrics_listen))
     except OSError as exc:  # e.g. the port is taken
         print(f"imnode: {exc}", file=sys.stderr)
         return 1

@@ -58,6 +58,8 @@ def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str) -
     """What to try while the demo runs: HTTP with curl, NATS with the nats CLI."""
     auth = f"-H 'Authorization: Bearer {token}'"
     return [
+        f"  open {url}/dashboard in a browser",
+        f"  curl {url}/metrics",
         f"  curl '{url}/get-tcp-ip?uid=alice&count=2'",
         f"  curl {url}/readyz",
         f"  curl {auth} {url}/admin/nodes",

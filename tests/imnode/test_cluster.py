@@ -8,16 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import jsonschema
 import nats
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from imnode.app import NatsLink
 from imnode.client import ClientError, ImClient
 from tests.imnode.helpers import running_node
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, free_port
 from tests.schemas import schema
 
 STATUS_FIELDS = ("node_id", "ip", "port", "connections", "capacity", "accepting", "draining",
@@ -185,11 +187,20 @@ def test_nats_outage_leaves_clients_connected_and_status_returns(tmp_path):
         run(lambda: body(server))
 
 
+def scrape(port):
+    """The node's /metrics as {(name, node): value}, parsed by prometheus_client."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(sample.name, sample.labels.get("node")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def test_imnode_serve_answers_status_and_drains_on_sigterm(nats_server):
+    metrics_port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "imnode", "serve", "--id", "cli1", "--listen", "127.0.0.1:0",
          "--nats", nats_server.url, "--capacity", "100", "--drain-window", "0.2",
-         "--drain-timeout", "2"],
+         "--drain-timeout", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )
     try:
@@ -209,7 +220,16 @@ def test_imnode_serve_answers_status_and_drains_on_sigterm(nats_server):
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.1)
-            assert orjson.loads(reply.data)["connections"] == 1
+            status = orjson.loads(reply.data)
+            assert status["connections"] == 1
+            client.ping()
+            await asyncio.sleep(0.2)
+            figures = await asyncio.to_thread(scrape, metrics_port)
+            assert figures["imnode_connections", "cli1"] == 1
+            assert figures["imnode_capacity", "cli1"] == 100
+            assert figures["imnode_heartbeats_total", "cli1"] >= 1
+            assert figures["imnode_heartbeats_timed_out_total", "cli1"] == 0
+            assert figures["imnode_messages_in_total", "cli1"] == 0
             process.send_signal(signal.SIGTERM)
             for _ in range(40):
                 if client.goaways:
