@@ -126,7 +126,7 @@ def table() -> tuple[list[str], bool]:
         met = target.met(value)
         all_met &= met
         lines.append(
-            f"target: {target.description}: {value:,.1f} {target.unit} "
+            f"target: {target.description}: {value:,.2f} {target.unit} "
             f"{'met' if met else 'MISSED'}"
         )
     return lines, all_met
