@@ -9,6 +9,7 @@ Every change is an event recording the actor and the optional `reason`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -16,9 +17,11 @@ import orjson
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.domain.errors import DomainError
+from dispatcher.eventlog.errors import EventLogError
 from dispatcher.eventlog.filelog import LogReader
 
 Reply = tuple[int, Any]
+log = logging.getLogger("imdispatch.admin")
 FIELDS = {
     "add": {"id", "ip", "port", "weight", "reason"},
     "update": {"node_id", "ip", "port", "weight", "draining", "reason"},
@@ -57,6 +60,9 @@ async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Re
         if isinstance(exc, decisions.InvalidCommand) and str(exc).startswith("unknown node"):
             return 404, {"error": str(exc)}
         return 400, {"error": str(exc)}
+    except EventLogError as exc:  # a full disk, say: the change is not durable
+        log.error("admin %s refused: the event log cannot take it: %s", op, exc)
+        return 503, {"error": f"the event log cannot record changes: {exc}"}
 
 
 async def _nodes(runtime: Any, args: dict[str, Any], actor: str) -> Reply:

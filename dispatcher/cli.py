@@ -187,6 +187,10 @@ def _serve(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"imdispatch serve: {exc}", file=sys.stderr)
         return 2
+    problem = _log_directory_problem(config.eventlog.path)
+    if problem:
+        print(f"imdispatch serve: {args.config}: [eventlog] path: {problem}", file=sys.stderr)
+        return 2
     print(f"imdispatch serving http://{config.http.host}:{config.http.port} with "
           f"{config.http.workers} worker(s)", flush=True)
     log_options = {"log_level": args.log_level, "log_format": args.log_format}
@@ -220,6 +224,21 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(stats_dir, ignore_errors=True)
     return 0
+
+
+def _log_directory_problem(path: str) -> str | None:
+    """Why the event log directory cannot be written (made if missing), or None. Checked
+    by writing, not by permission bits: root passes those, a read-only mount does not."""
+    from pathlib import Path
+
+    probe = Path(path) / ".write-probe"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write in {path}: {exc.strerror or exc}"
+    return None
 
 
 def _reload_leader(config: Any) -> None:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -33,9 +34,10 @@ def http(method, url, body=None, token=None):
 
 class Cluster:
     def __init__(self, tmp_path, nats_url, slow_start=0, workers=1, capacity=10000,
-                 assign_rate=0, log_file=None):
+                 assign_rate=0, log_file=None, file_size_limit=None):
         self.tmp, self.nats_url, self.capacity = tmp_path, nats_url, capacity
         self.log_file = log_file  # the dispatcher's JSON log at info level, if given
+        self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a disk that fills up
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes = {node: self.start_node(node) for node in WEIGHTS}
         self.http_port = free_port()
@@ -67,9 +69,15 @@ class Cluster:
         logging = (["--log-level", "info", "--log-format", "json"] if self.log_file
                    else ["--log-level", "warning"])
         stderr = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
+        limit = self.file_size_limit
+
+        def limit_file_size():  # in the child, before exec
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
         self.dispatcher = subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "serve", "--config", str(self.config),
-             *logging], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+             *logging], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+            preexec_fn=limit_file_size if limit else None)
         if stderr is not None:
             stderr.close()  # the child has its own copy
         assert self.dispatcher.stdout.readline().startswith("imdispatch serving")
