@@ -1,0 +1,239 @@
+"""Hostile input from every side, against real processes: fake nodes answering status
+requests with nonsense, HTTP requests built to break things, a flood of connections."""
+
+import asyncio
+import http.client
+import json
+import socket
+import string
+import threading
+import time
+import urllib.parse
+
+import nats
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imnode.client import ClientError, ImClient
+from tests.imnode.helpers import running_node
+from tests.test_dispatcher_e2e import TOKEN, WEIGHTS, Cluster, shares
+
+SECRET = TOKEN.split(":")[1]
+
+
+def status(node_id, **changes):
+    reply = {"node_id": node_id, "ip": "127.0.0.1", "port": 9000, "connections": 0,
+             "capacity": 100, "accepting": True, "draining": False, "cpu": 0.1,
+             "loop_lag_ms": 0.2, "uptime_s": 5.0, "version": "1.0.0", "ts": time.time()}
+    return orjson.dumps({**reply, **changes})
+
+
+FAKES = {  # node id -> (reply bytes, or None to answer too late; the cause expected)
+    "wrongtypes": (status("wrongtypes", port="9000"), "bad_reply"),
+    "negative": (status("negative", connections=-5), "bad_reply"),
+    "hugenumber": (status("hugenumber").replace(b'"connections":0',
+                                                b'"connections":' + b"9" * 40), "bad_reply"),
+    "nan": (status("nan").replace(b'"cpu":0.1', b'"cpu":NaN'), "bad_reply"),
+    "megabyte": (b'{"node_id":"megabyte","pad":"' + b"x" * 1_000_000 + b'"}', "bad_reply"),
+    "garbage": (b"\xff\xfe<html>not json", "bad_reply"),
+    "notanobject": (b"[1, 2, 3]", "bad_reply"),
+    "imposter": (status("e2e1"), "identity_mismatch"),
+    "slow": (None, "timeout"),
+}
+
+
+class FakeNodes(threading.Thread):
+    """Plain nats-py responders for the fake node ids, on a loop of their own."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.ready, self.loop = url, threading.Event(), asyncio.new_event_loop()
+
+    def run(self):
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self):
+        nc = await nats.connect(self.url)
+        for node_id, (reply, _) in FAKES.items():
+            async def answer(msg, reply=reply):
+                if reply is None:
+                    await asyncio.sleep(1.0)  # far past the poll timeout
+                    reply = status("slow")
+                await msg.respond(reply)
+
+            await nc.subscribe(f"imnode.{node_id}.status", cb=answer)
+        await nc.flush()
+        self.ready.set()
+        self.stopping = asyncio.Event()
+        await self.stopping.wait()
+        await nc.close()
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.join(timeout=10)
+
+
+def test_nodes_answering_nonsense_are_down_with_the_reason_and_others_unaffected(
+        tmp_path, nats_server):
+    fakes = FakeNodes(nats_server.url)
+    fakes.start()
+    assert fakes.ready.wait(10)
+    running = Cluster(tmp_path, nats_server.url)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        for port, node_id in enumerate(FAKES, start=20000):
+            assert running.admin("POST", "/admin/nodes", {"id": node_id, "ip": "127.0.0.2",
+                                                          "port": port})[0] == 201
+
+        def judged():
+            nodes = {n["id"]: n for n in running.admin("GET", "/admin/nodes")[2]}
+            return all(nodes[node]["health"] == "down" for node in FAKES) and nodes
+
+        running.wait(judged, "every fake node is down", timeout=20)
+        nodes = judged()
+        for node_id, (_, cause) in FAKES.items():
+            assert nodes[node_id]["health_cause"] == cause, (node_id, nodes[node_id])
+            assert nodes[node_id]["health_detail"], node_id  # says what was wrong
+        assert nodes["imposter"]["health_detail"] == "node 'imposter' was asked, 'e2e1' answered"
+        assert all(nodes[node]["health"] == "up" for node in WEIGHTS)
+        picks = shares(running, 60)
+        assert set(picks) == set(WEIGHTS)  # clients only ever go to the real nodes
+        assert running.get("/readyz")[0] == 200
+    finally:
+        running.stop()
+        fakes.stop()
+
+
+@pytest.fixture(scope="module")
+def dispatcher(tmp_path_factory):
+    from tests.nats_server import NatsServer
+
+    tmp = tmp_path_factory.mktemp("hostile")
+    with NatsServer(tmp / "js") as server:
+        running = Cluster(tmp, server.url)
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        yield running
+        running.stop()
+
+
+def request(cluster, method, target, body=None, headers=None):
+    """One raw HTTP request: (status, parsed JSON body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=10)
+    try:
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, (json.loads(raw) if raw else None)
+    finally:
+        connection.close()
+
+
+WEIRD = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=string.printable, max_size=300),
+    st.sampled_from(["-1", "0", "6", "NaN", "inf", "1e9", "99999999999999999999", "1.5",
+                     "' OR 1=1 --", "<script>", "../../etc/passwd", "%00", "e2e1,e2e1",
+                     ",,,", "e2e1," * 70, "\u202e", "x" * 5000, ""]),
+    st.integers(min_value=-10**30, max_value=10**30).map(str),
+)
+NAMES = st.sampled_from(["uid", "exclude", "count", "uid", "count", "junk", "", "%", "count[]"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(NAMES, WEIRD), max_size=6))
+def test_get_tcp_ip_answers_any_query_with_200_400_or_503(dispatcher, pairs):
+    query = urllib.parse.urlencode(pairs)
+    code, body = request(dispatcher, "GET", f"/get-tcp-ip?{query}")
+    assert code in (200, 400, 503), (query, code, body)
+    if code == 200:
+        assert set(body) <= {"node", "ip", "port", "backups"}  # nothing but addresses
+        assert body["node"] in WEIGHTS
+    else:
+        assert isinstance(body["error"], str) and "Traceback" not in body["error"]
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(),
+              st.text(max_size=30)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=10), inner, max_size=3)),
+    max_leaves=8,
+)
+BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(["weight", "ip", "port", "draining", "reason", "id",
+                                     "junk"]), JSON_VALUES, max_size=4)
+    .map(lambda body: json.dumps(body).encode()),
+    JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+    st.binary(max_size=200),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["PUT /admin/nodes/e2e2", "PUT /admin/nodes/nosuch",
+                        "POST /admin/nodes", "DELETE /admin/nodes/nosuch",
+                        "GET /admin/events", "PUT /admin/nodes/../../x"]),
+       BODIES, st.lists(st.tuples(st.sampled_from(["after", "limit", "reason"]), WEIRD),
+                        max_size=3), st.booleans())
+def test_admin_answers_any_body_with_a_clear_status(dispatcher, route, body, query, token):
+    method, path = route.split(" ")
+    headers = {"Authorization": f"Bearer {SECRET}"} if token else {}
+    target = f"{path}?{urllib.parse.urlencode(query)}"
+    code, answer = request(dispatcher, method, target, body=body, headers=headers)
+    assert code in ((200, 201, 400, 404, 405, 503) if token else (401, 404, 405)), (
+        route, body, code, answer)
+    if code >= 400:
+        assert isinstance(answer["error"], str)
+    if code == 200 and method == "PUT":  # keep the node usable for the others
+        request(dispatcher, "PUT", "/admin/nodes/e2e2", json.dumps(
+            {"weight": 2, "draining": False, "ip": "127.0.0.1",
+             "port": dispatcher.node_ports["e2e2"]}).encode(), headers)
+
+
+def test_oversized_requests_are_refused_by_limits(dispatcher):
+    code, _ = request(dispatcher, "GET", "/get-tcp-ip", headers={"X-Big": "a" * 20_000})
+    assert code in (413, 431, 400)
+    code, answer = request(dispatcher, "POST", "/admin/nodes", body=b"{" + b" " * 70_000,
+                           headers={"Authorization": f"Bearer {SECRET}"})
+    assert code == 413 and "error" in answer
+    code, _ = request(dispatcher, "GET", "/get-tcp-ip?uid=" + "u" * 10_000)
+    assert code in (400, 414)
+    assert request(dispatcher, "GET", "/get-tcp-ip")[0] == 200  # and it goes on serving
+
+
+def test_idle_connections_do_not_stop_others_being_served(dispatcher):
+    idle = []
+    try:
+        for _ in range(300):  # slowloris: connections that send half a request, then wait
+            sock = socket.create_connection(("127.0.0.1", dispatcher.http_port), timeout=5)
+            sock.sendall(b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n")
+            idle.append(sock)
+        started = time.monotonic()
+        for _ in range(20):
+            assert request(dispatcher, "GET", "/get-tcp-ip?uid=patient")[0] == 200
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_flood_of_connections_past_capacity_is_refused_not_queued():
+    async def body():
+        async with running_node("flooded", capacity=50) as node:
+            clients = [ImClient(f"flood-{i}") for i in range(200)]
+            results = await asyncio.gather(*(c.connect(node.address) for c in clients),
+                                           return_exceptions=True)
+            accepted = [r for r in results if r == "flooded"]
+            refused = [r for r in results if isinstance(r, ClientError)]
+            assert len(accepted) == 50 and len(refused) == 150
+            assert {r.code for r in refused} == {"busy"}
+            assert node.status()["connections"] == 50
+            assert node.stats["refused_busy"] == 150
+            await clients[0].send("flood-1", {"text": "still here"})  # the rest unaffected
+            assert (await clients[1].receive(timeout=5))["body"] == {"text": "still here"}
+            await asyncio.gather(*(c.close() for c in clients))
+
+    asyncio.run(asyncio.wait_for(body(), 60))
