@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import ssl
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -31,6 +30,7 @@ from dispatcher.query import QueryError, from_json
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
 from imnode.micro import Service, ServiceError
+from imnode.natsauth import connect_options
 
 log = logging.getLogger("imdispatch")
 DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per new client"
@@ -38,21 +38,10 @@ DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per n
 
 def nats_options(config: cfg.NatsConfig) -> dict[str, Any]:
     """nats-py connect() options from the [nats] table (credentials are never logged)."""
-    options: dict[str, Any] = {"servers": list(config.servers)}
-    if config.user is not None:
-        options["user"], options["password"] = config.user, config.password
-    if config.token is not None:
-        options["token"] = config.token
-    if config.creds is not None:
-        options["user_credentials"] = config.creds
-    if config.nkey_seed is not None:
-        options["nkeys_seed"] = config.nkey_seed
-    if config.tls_ca or config.tls_cert:
-        context = ssl.create_default_context(cafile=config.tls_ca)
-        if config.tls_cert:
-            context.load_cert_chain(config.tls_cert, config.tls_key)
-        options["tls"] = context
-    return options
+    return {"servers": list(config.servers), **connect_options(
+        user=config.user, password=config.password, token=config.token, creds=config.creds,
+        nkey_seed=config.nkey_seed, tls_ca=config.tls_ca, tls_cert=config.tls_cert,
+        tls_key=config.tls_key)}
 
 
 class Leader(Serving):

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import re
 import sys
 from importlib.metadata import version
 
 from imnode import logs
+from imnode.natsauth import connect_options
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 """Node ids are NATS subject tokens (`imnode.<id>.status`): no dots, spaces or wildcards."""
@@ -85,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="goaway reconnect delays are spread over this window (default 10)")
     serve.add_argument("--drain-timeout", type=_positive(float), default=60.0, metavar="S",
                        help="after this, clients still connected are closed (default 60)")
+    serve.add_argument("--nats-user", metavar="USER",
+                       help="NATS user; the password comes from $IMNODE_NATS_PASSWORD (a "
+                            "token, if used instead, from $IMNODE_NATS_TOKEN)")
+    serve.add_argument("--nats-creds", metavar="FILE", help="NATS .creds file (JWT + nkey)")
+    serve.add_argument("--nats-nkey", metavar="FILE", help="file with a NATS nkey seed")
+    serve.add_argument("--nats-tls-ca", metavar="FILE", help="CA bundle for NATS over TLS")
+    serve.add_argument("--nats-tls-cert", metavar="FILE", help="client certificate for TLS")
+    serve.add_argument("--nats-tls-key", metavar="FILE", help="its private key")
     serve.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (off)")
     serve.add_argument("--log-level", default="info", choices=logs.LEVELS)
@@ -124,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(app.run(config, args.nats.split(","), metrics_listen=args.metrics_listen))
+        runner(app.run(config, args.nats.split(","), nats_options=connect_options(
+            user=args.nats_user, password=os.environ.get("IMNODE_NATS_PASSWORD"),
+            token=os.environ.get("IMNODE_NATS_TOKEN"), creds=args.nats_creds,
+            nkey_seed=args.nats_nkey, tls_ca=args.nats_tls_ca, tls_cert=args.nats_tls_cert,
+            tls_key=args.nats_tls_key), metrics_listen=args.metrics_listen))
     except OSError as exc:  # e.g. the port is taken
         print(f"imnode: {exc}", file=sys.stderr)
         return 1
