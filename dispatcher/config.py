@@ -40,6 +40,7 @@ class HttpConfig:
     workers: int = 1
     retry_after: int = 5  # seconds a refused client waits (Retry-After: this to twice this)
     backlog: int = 1024  # connections the kernel queues before accepting: a reconnect storm
+    rate_limit_per_ip: float = 0.0  # get-tcp-ip requests a second per client address; 0: off
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ RATIO = _number(0.0, 1.0, low_open=True)
 
 TABLES: dict[str, tuple[type, dict[str, Check]]] = {
     "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64),
-                          "retry_after": _integer(1, 3600), "backlog": _integer(1, 65535)}),
+                          "retry_after": _integer(1, 3600), "backlog": _integer(1, 65535),
+                          "rate_limit_per_ip": _number(0.0, 1e9)}),
     "nats": (NatsConfig, {
         "servers": _servers, "user": _string, "password": _string, "token": _string,
         "creds": _string, "nkey_seed": _string, "tls_ca": _string, "tls_cert": _string,

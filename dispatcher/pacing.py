@@ -77,3 +77,27 @@ def assign_rate(record: NodeRecord, configured: float) -> float | None:
     if record.capacity is None:
         return None
     return max(1.0, record.capacity / DERIVED_RATE_DIVISOR)
+
+
+class AddressLimit:
+    """At most `rate` get-tcp-ip requests a second from one client address (a second's
+    worth, at least one, at once), per worker; the same GCRA as the assignment cap.
+    Addresses not seen for a while are forgotten, so memory stays bounded."""
+
+    FORGET_AT = 10_000  # remembered addresses before the ones back to full are dropped
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.tolerance = (max(rate, 1.0) - 1.0) / rate
+        self._due: dict[str, float] = {}
+
+    def allow(self, address: str, now: float) -> float:
+        """0 if this request may go on, else the seconds until one may."""
+        due = self._due.get(address, now)
+        if due - self.tolerance > now:
+            return due - self.tolerance - now
+        if len(self._due) >= self.FORGET_AT:
+            self._due = {a: d for a, d in self._due.items() if d > now}
+        self._due[address] = (due if due > now else now) + self.interval
+        return 0.0
+

@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from time import perf_counter
+from math import ceil
+from time import monotonic, perf_counter
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
-from dispatcher import dashboard
+from dispatcher import dashboard, pacing
 from dispatcher.domain.errors import DomainError
 from dispatcher.follower import Follower
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -121,11 +122,21 @@ def create_app(config: cfg.Config, config_path: str | None = None,
             stats.own.request("other", 500)
         return error(500, "internal error")
 
+    per_address = (pacing.AddressLimit(config.http.rate_limit_per_ip)
+                   if config.http.rate_limit_per_ip > 0 else None)
+
     @app.get("/get-tcp-ip")
     async def get_tcp_ip(request: Request) -> HTTPResponse:
         """The hot path: no middleware; it counts itself."""
         started = perf_counter()
         runtime = holder[0]
+        if per_address is not None:
+            wait = per_address.allow(request.ip, monotonic())
+            if wait:
+                stats.own.request("/get-tcp-ip", 429)
+                seconds = max(1, ceil(wait))
+                return respond({"error": "too many requests from this address",
+                                "retry_after": seconds}, 429, {"Retry-After": str(seconds)})
         try:
             pick = from_query_string(request.query_string)
         except QueryError as exc:

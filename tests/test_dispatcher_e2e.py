@@ -34,7 +34,7 @@ def http(method, url, body=None, token=None):
 
 class Cluster:
     def __init__(self, tmp_path, nats_url, slow_start=0, workers=1, capacity=10000,
-                 assign_rate=0, log_file=None, file_size_limit=None):
+                 assign_rate=0, log_file=None, file_size_limit=None, http_extra=""):
         self.tmp, self.nats_url, self.capacity = tmp_path, nats_url, capacity
         self.log_file = log_file  # the dispatcher's JSON log at info level, if given
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a disk that fills up
@@ -44,6 +44,7 @@ class Cluster:
         self.config = tmp_path / "dispatcher.toml"
         self.config.write_text(
             f"[http]\nport = {self.http_port}\nretry_after = 2\nworkers = {workers}\n"
+            f"{http_extra}"
             f'[nats]\nservers = ["{nats_url}"]\n'
             "[poll]\ninterval = 0.2\ntimeout = 0.15\nrise = 1\nfall = 2\nstale_after = 2.0\n"
             f"[balance]\nslow_start = {slow_start}\nassign_rate = {assign_rate}\n"

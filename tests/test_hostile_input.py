@@ -237,3 +237,22 @@ def test_a_flood_of_connections_past_capacity_is_refused_not_queued():
             await asyncio.gather(*(c.close() for c in clients))
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_per_address_rate_limit_answers_429_with_retry_after(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url, http_extra="rate_limit_per_ip = 5\n")
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        time.sleep(1.0)  # the waits above asked too
+        answers = [running.get("/get-tcp-ip") for _ in range(12)]
+        codes = [code for code, _, _ in answers]
+        assert codes[:5] == [200] * 5 and set(codes[5:]) == {429}, codes
+        _, headers, body = answers[-1]
+        assert headers["Retry-After"] == "1" and body == {
+            "error": "too many requests from this address", "retry_after": 1}
+        assert running.get("/healthz")[0] == 200  # only get-tcp-ip is limited
+        time.sleep(1.0)
+        assert running.get("/get-tcp-ip")[0] == 200
+    finally:
+        running.stop()
+

@@ -96,6 +96,17 @@ def test_a_raised_rate_unblocks_at_once():
     assert limiter.blocked == {}
 
 
+def test_address_limit_allows_a_seconds_worth_then_says_when():
+    limit = pacing.AddressLimit(4.0)  # one every 0.25 s, four at once
+    assert [limit.allow("10.0.0.1", 0.0) for _ in range(4)] == [0.0] * 4
+    assert limit.allow("10.0.0.1", 0.0) == 0.25  # the fifth: in a quarter of a second
+    assert limit.allow("10.0.0.2", 0.0) == 0.0  # another address has its own allowance
+    assert limit.allow("10.0.0.1", 0.25) == 0.0
+    limit.FORGET_AT = 2
+    limit.allow("10.0.0.3", 100.0)  # everyone is back to full by now: forgotten
+    assert set(limit._due) == {"10.0.0.3"}
+
+
 class Worker(Serving):
     """A serving worker on a journal of the test's own (no NATS, no HTTP)."""
 
