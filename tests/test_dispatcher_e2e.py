@@ -34,10 +34,12 @@ def http(method, url, body=None, token=None):
 
 class Cluster:
     def __init__(self, tmp_path, nats_url, slow_start=0, workers=1, capacity=10000,
-                 assign_rate=0, log_file=None, file_size_limit=None, http_extra=""):
+                 assign_rate=0, log_file=None, file_size_limit=None, http_extra="",
+                 admin_token=TOKEN):
         self.tmp, self.nats_url, self.capacity = tmp_path, nats_url, capacity
         self.log_file = log_file  # the dispatcher's JSON log at info level, if given
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a disk that fills up
+        self.admin_token = admin_token  # None: no admin API
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes = {node: self.start_node(node) for node in WEIGHTS}
         self.http_port = free_port()
@@ -66,7 +68,10 @@ class Cluster:
         return process
 
     def start_dispatcher(self):
-        env = {**os.environ, "IMDISPATCH_ADMIN_TOKEN": TOKEN}
+        env = {key: value for key, value in os.environ.items()
+               if key != "IMDISPATCH_ADMIN_TOKEN"}
+        if self.admin_token is not None:
+            env["IMDISPATCH_ADMIN_TOKEN"] = self.admin_token
         logging = (["--log-level", "info", "--log-format", "json"] if self.log_file
                    else ["--log-level", "warning"])
         stderr = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115

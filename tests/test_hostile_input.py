@@ -256,3 +256,17 @@ def test_a_per_address_rate_limit_answers_429_with_retry_after(tmp_path, nats_se
     finally:
         running.stop()
 
+
+def test_without_a_token_there_is_no_admin_api_at_all(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url, admin_token=None)
+    try:
+        for method, path in (("GET", "/admin/nodes"), ("POST", "/admin/nodes"),
+                             ("PUT", "/admin/nodes/e2e1"), ("GET", "/admin/events"),
+                             ("POST", "/admin/reload")):
+            code, answer = request(running, method, path, body=b"{}",
+                                   headers={"Authorization": "Bearer anything"})
+            assert code == 404, (method, path, code, answer)
+        assert request(running, "GET", "/readyz")[0] == 200
+    finally:
+        running.stop()
+
