@@ -20,6 +20,8 @@ def nats_url(tmp_path_factory):
 def pytest_addoption(parser):
     parser.addoption("--bench-figures", metavar="PATH", default=None,
                      help="write every figure, target and skip of this run to PATH (JSON)")
+    parser.addoption("--soak-minutes", type=float, default=0.0, metavar="N",
+                     help="run the soak scenario for N minutes (default: skip it)")
 
 
 def pytest_runtest_logreport(report):

@@ -98,6 +98,8 @@ TARGETS = [
     Target("reconnect storm: no survivor over its high watermark",
            lambda: measured("storm: survivors over their high watermark"), "",
            lambda v: v == 0),
+    Target("soak: dispatcher RSS growth after warm-up < 5%",
+           lambda: measured("soak: RSS growth after warm-up"), "%", lambda v: v < 5),
     Target("imnode status request at 10k connections < 1 ms (p50, NATS round trip included)",
            lambda: measured("imnode status request p50 at 10k connections"), "ms",
            lambda v: v < 1),
