@@ -134,9 +134,14 @@ def test_near_simultaneous_logins_on_two_nodes_leave_exactly_one(nats_server):
                 uid = f"twin-{trial}"
                 one, two = ImClient(uid), ImClient(uid)
                 await asyncio.gather(one.connect(n1.address), two.connect(n2.address))
-                await asyncio.sleep(0.3)
-                holders = [n for n in (n1, n2) if uid in n.sessions]
+                for _ in range(100):  # the two notices cross over NATS: let them arrive
+                    holders = [n for n in (n1, n2) if uid in n.sessions]
+                    if len(holders) == 1:
+                        break
+                    await asyncio.sleep(0.05)
                 assert len(holders) == 1, f"trial {trial}: held by {len(holders)} nodes"
+                await asyncio.sleep(0.2)  # and it stays settled
+                assert len([n for n in (n1, n2) if uid in n.sessions]) == 1
                 for client in (one, two):
                     await client.close()
 
