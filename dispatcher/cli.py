@@ -35,9 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", default="auto", choices=logs.FORMATS,
                        help="json: one object per line; text: for people; auto (default): "
                             "text on a terminal, else json")
-    from dispatcher.demo import main as demo
+    from dispatcher.demo.options import add_arguments
 
-    demo.add_arguments(commands.add_parser(
+    add_arguments(commands.add_parser(
         "demo", help="run a whole cluster here with clients and a live view (Ctrl-C stops)"))
     commands.add_parser(
         "selfcheck",
