@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                "--benchmark-columns=min,median,max,rounds", f"--bench-figures={figures_path}",
                *args.pytest_args]
     print("running:", " ".join(command), flush=True)
-    status = subprocess.call(command, cwd=ROOT)
+    runner = subprocess.Popen(command, cwd=ROOT)
+    # a SIGTERM to the report stops the run too (Ctrl-C reaches both already)
+    signal.signal(signal.SIGTERM, lambda signum, frame: runner.terminate())
+    status = runner.wait()
     if not figures_path.exists():
         print(f"no figures were written (pytest exited with {status})", file=sys.stderr)
         return status or 1
