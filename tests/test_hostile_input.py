@@ -246,8 +246,11 @@ def test_a_per_address_rate_limit_answers_429_with_retry_after(tmp_path, nats_se
         time.sleep(1.0)  # the waits above asked too
         answers = [running.get("/get-tcp-ip") for _ in range(12)]
         codes = [code for code, _, _ in answers]
-        assert codes[:5] == [200] * 5 and set(codes[5:]) == {429}, codes
-        _, headers, body = answers[-1]
+        # five at once, then refused (one may slip through if the machine is slow enough
+        # for an allowance to come back meanwhile: one every 0.2 s)
+        assert codes[:5] == [200] * 5 and set(codes[5:]) <= {200, 429}, codes
+        assert codes[5:].count(429) >= 5, codes
+        _, headers, body = next(answer for answer in answers if answer[0] == 429)
         assert headers["Retry-After"] == "1" and body == {
             "error": "too many requests from this address", "retry_after": 1}
         assert running.get("/healthz")[0] == 200  # only get-tcp-ip is limited
