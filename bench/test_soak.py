@@ -133,5 +133,7 @@ def test_soak(benchmark, tmp_path, nats_url, request):
     targets.figure("soak: dispatcher RSS at the end", settled[-1] / 2**20, "MiB", benchmark)
     targets.figure("soak: RSS growth after warm-up", growth * 100, "%", benchmark)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert len(churn) >= seconds // 40 - 1, churn  # the churn really went on throughout
+    assert growth < 0.05, growth
     assert sum(errors.values()) - errors["status"] == 0, errors
     assert non_2xx == 0  # one node down at a time: never all full, so no 503 either

@@ -61,8 +61,10 @@ async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Re
             return 404, {"error": str(exc)}
         return 400, {"error": str(exc)}
     except EventLogError as exc:  # a full disk, say: the change is not durable
-        log.error("admin %s refused: the event log cannot take it: %s", op, exc)
-        return 503, {"error": f"the event log cannot record changes: {exc}"}
+        log.error("admin %s: the event log cannot record it: %s", op, exc)
+        return 503, {"error": "the event log cannot record changes, so this one (if it "
+                              "was valid) holds in this process only until it restarts, "
+                              f"and the dispatcher is not ready: {exc}"}
 
 
 async def _nodes(runtime: Any, args: dict[str, Any], actor: str) -> Reply:

@@ -146,6 +146,13 @@ def _string(value: Any) -> str:
     return value
 
 
+def _secret(value: Any) -> str:
+    """A password or token: checked like a string, never repeated in the message."""
+    if type(value) is not str or not value:
+        raise ValueError(f"must be a non-empty string, got a {type(value).__name__}")
+    return value
+
+
 def _choice(*options: str) -> Check:
     def check(value: Any) -> str:
         if value not in options:
@@ -194,7 +201,7 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
                           "retry_after": _integer(1, 3600), "backlog": _integer(1, 65535),
                           "rate_limit_per_ip": _number(0.0, 1e9)}),
     "nats": (NatsConfig, {
-        "servers": _servers, "user": _string, "password": _string, "token": _string,
+        "servers": _servers, "user": _string, "password": _secret, "token": _secret,
         "creds": _string, "nkey_seed": _string, "tls_ca": _string, "tls_cert": _string,
         "tls_key": _string,
     }),

@@ -9,7 +9,7 @@ import time
 from importlib.resources import files
 from typing import Any
 
-from dispatcher.stats import HISTORY_SECONDS, SharedStats
+from dispatcher.stats import HISTORY_SECONDS
 
 SHARE_WINDOW = 60  # seconds of assignments behind each node's "recent share"
 EVENTS_SHOWN = 20
@@ -19,14 +19,13 @@ def page() -> bytes:
     return files("dispatcher").joinpath("static/dashboard.html").read_bytes()
 
 
-def data(runtime: Any, stats: SharedStats) -> dict[str, Any]:
-    """What the page shows, from this worker's state and every worker's figures."""
-    figures = stats.everyone()
-    ready, details = runtime.readiness()
+def data(snapshot: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows: a worker's `Serving.snapshot()` and everyone's figures."""
+    details = snapshot["details"]
     now = int(time.time())
     seconds = range(now - HISTORY_SECONDS, now)  # whole seconds that ended
     history = figures["history"]
-    nodes = runtime.state.node_views()
+    nodes = snapshot["nodes"]
     ids = [node["id"] for node in nodes]
     chart = {node: [history.get(second, {}).get(node, 0) for second in seconds]
              for node in ids}
@@ -35,9 +34,10 @@ def data(runtime: Any, stats: SharedStats) -> dict[str, Any]:
     return {
         "generated": time.time(),
         "dispatcher": {
-            "ready": ready, "reason": details.get("reason"), "role": runtime.role,
-            "panic": details["panic"], "nats_connected": details["nats_connected"],
-            "state_seq": details["state_seq"], "last_poll_age_s": details["last_poll_age_s"],
+            "ready": snapshot["ready"], "reason": details.get("reason"),
+            "role": snapshot["role"], "panic": details["panic"],
+            "nats_connected": details["nats_connected"], "state_seq": details["state_seq"],
+            "last_poll_age_s": details["last_poll_age_s"],
             "stale_after_s": details["stale_after_s"], "event_log": details["event_log"],
             "workers": figures["workers"],
         },
@@ -51,6 +51,5 @@ def data(runtime: Any, stats: SharedStats) -> dict[str, Any]:
             "assigned_total": figures["assignments"].get(node["id"], 0),
         } for node in nodes],
         "chart": {"start": seconds.start, "step_s": 1, "per_node": chart},
-        "events": [event.to_dict() for event in
-                   reversed(list(runtime.state.changes)[-EVENTS_SHOWN:])],
+        "events": snapshot["changes"][-EVENTS_SHOWN:][::-1],
     }

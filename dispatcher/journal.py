@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 
@@ -31,6 +32,13 @@ DEFAULT_SNAPSHOT_EVERY = 10_000
 QUIET = {"load_reported"}  # logged at debug: one per load change
 UNLOGGED_FIELDS = {"type", "seq", "time", "actor", "reason", "node", "config"}
 log = logging.getLogger("imdispatch.events")
+
+
+def _log_when_durable(events: list[Event], durable: asyncio.Future) -> None:
+    """Log the events once the log holds them, even if whoever awaited is gone."""
+    if not durable.cancelled() and durable.exception() is None:
+        for event in events:
+            _log_event(event)
 
 
 def _log_event(event: Event) -> None:
@@ -181,9 +189,8 @@ class Journal:
         if stamped:
             durable = self.log.append(stamped)
             self._maybe_snapshot(durable)
-            await durable
-            for event in stamped:
-                _log_event(event)
+            durable.add_done_callback(partial(_log_when_durable, stamped))
+            await asyncio.shield(durable)  # a cancelled caller must not cancel the write
         if error is not None:
             raise error
         return stamped

@@ -21,36 +21,34 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dispatcher.stats import SharedStats
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+VERSION = version("imdispatch")
 HEALTH_STATES = ("up", "down", "unknown")
 
 
 class DispatcherCollector:
-    """A prometheus_client collector over one worker's runtime and everyone's stats."""
+    """A prometheus_client collector over one worker's snapshot and everyone's figures."""
 
-    def __init__(self, runtime: Any, stats: SharedStats) -> None:
-        self.runtime, self.stats = runtime, stats
+    def __init__(self, snapshot: dict[str, Any], figures: dict[str, Any]) -> None:
+        self.snapshot, self.figures = snapshot, figures
 
     def collect(self) -> Iterator[Metric]:
-        figures = self.stats.everyone()
-        yield from _counters(figures)
-        yield from _histograms(figures)
-        yield from self._state(figures["workers"])
+        yield from _counters(self.figures)
+        yield from _histograms(self.figures)
+        yield from self._state()
 
-    def _state(self, workers: int) -> Iterator[Metric]:
-        runtime = self.runtime
-        ready, details = runtime.readiness()
+    def _state(self) -> Iterator[Metric]:
+        snapshot, details = self.snapshot, self.snapshot["details"]
         info = InfoMetricFamily("imdispatch", "The dispatcher's version and this worker's role")
-        info.add_metric([], {"version": version("imdispatch"), "role": runtime.role})
+        info.add_metric([], {"version": VERSION, "role": snapshot["role"]})
         yield info
         for name, value, text in (
-            ("ready", ready, "1 when /readyz answers 200"),
+            ("ready", snapshot["ready"], "1 when /readyz answers 200"),
             ("nats_connected", details["nats_connected"], "1 while the leader has NATS"),
             ("panic", details["panic"], "1 in panic mode (too few nodes up)"),
             ("state_seq", details["state_seq"], "Seq of the last event in the routing state"),
-            ("workers", workers, "Worker processes that wrote figures (dead ones included)"),
+            ("workers", self.figures["workers"],
+             "Worker processes that wrote figures in this run (dead ones included)"),
         ):
             yield GaugeMetricFamily(f"imdispatch_{name}", text, value=float(value))
         age = details["last_poll_age_s"]
@@ -58,7 +56,7 @@ class DispatcherCollector:
             "imdispatch_state_age_seconds",
             "Seconds since the last full poll cycle (NaN before the first)",
             value=float("nan") if age is None else age)
-        nodes = runtime.state.node_views()
+        nodes = snapshot["nodes"]
         per_node = {
             "weight": ("Static weight", lambda n: n["weight"]),
             "effective_weight": ("Weight after headroom and slow start",
@@ -122,7 +120,8 @@ def _histograms(figures: dict[str, Any]) -> Iterator[Metric]:
         yield HistogramMetricFamily(name, text, buckets=buckets, sum_value=histogram["sum"])
 
 
-def exposition(runtime: Any, stats: SharedStats) -> bytes:
+def exposition(snapshot: dict[str, Any], figures: dict[str, Any]) -> bytes:
+    """The text format for a worker's `Serving.snapshot()` and everyone's figures."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DispatcherCollector(runtime, stats))
+    registry.register(DispatcherCollector(snapshot, figures))
     return generate_latest(registry)

@@ -84,20 +84,26 @@ class AddressLimit:
     worth, at least one, at once), per worker; the same GCRA as the assignment cap.
     Addresses not seen for a while are forgotten, so memory stays bounded."""
 
-    FORGET_AT = 10_000  # remembered addresses before the ones back to full are dropped
+    FORGET_AT = 10_000  # remembered addresses past which the ones back to full are dropped
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate
         self.tolerance = (max(rate, 1.0) - 1.0) / rate
         self._due: dict[str, float] = {}
+        self._swept_at = float("-inf")
 
     def allow(self, address: str, now: float) -> float:
         """0 if this request may go on, else the seconds until one may."""
         due = self._due.get(address, now)
         if due - self.tolerance > now:
             return due - self.tolerance - now
-        if len(self._due) >= self.FORGET_AT:
+        if len(self._due) >= self.FORGET_AT and now - self._swept_at > self.interval + \
+                self.tolerance:
+            # at most once per allowance period: every entry older than that is back to
+            # full, so the table holds at most one period's worth of addresses, and the
+            # sweep costs O(1) per request on average even when nothing can be dropped
             self._due = {a: d for a, d in self._due.items() if d > now}
+            self._swept_at = now
         self._due[address] = (due if due > now else now) + self.interval
         return 0.0
 

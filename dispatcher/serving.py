@@ -160,6 +160,14 @@ class Serving:
         base = self.config.http.retry_after
         return random.randint(base, 2 * base)
 
+    def snapshot(self) -> dict[str, Any]:
+        """What /metrics and the dashboard show of this worker, copied on the event loop
+        (they are rendered in a thread, and the state changes on the loop)."""
+        ready, details = self.readiness()
+        return {"role": self.role, "ready": ready, "details": details,
+                "nodes": self.state.node_views(),
+                "changes": [event.to_dict() for event in self.state.changes]}
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once the state is in hand (a poll cycle done, or a replayed state with
         nodes) and not older than `stale_after`."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from bisect import bisect_left
 from collections import deque
@@ -28,6 +29,7 @@ LATENCY_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-
                   0.1, 0.5)
 POLL_BOUNDS = (1e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5)
 FSYNC_BOUNDS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 1.0)
+HISTOGRAMS = {"latency": LATENCY_BOUNDS, "poll_cycle": POLL_BOUNDS, "fsync": FSYNC_BOUNDS}
 HISTORY_SECONDS = 300  # assignments per node per second kept for the dashboard's chart
 WRITE_EVERY = 1.0
 
@@ -104,7 +106,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of several workers' `as_dict()`s (same shape, plus `workers`)."""
     total: dict[str, Any] = {"workers": len(parts), "requests": {}, "assignments": {},
                              "poll_failures": {}, "appends": 0, "history": {}}
-    for name in ("latency", "poll_cycle", "fsync"):
+    for name in HISTOGRAMS:
         total[name] = None
     for part in parts:
         for route, status, count in part["requests"]:
@@ -118,7 +120,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             bucket = total["history"].setdefault(second, {})
             for node, count in counts.items():
                 bucket[node] = bucket.get(node, 0) + count
-        for name in ("latency", "poll_cycle", "fsync"):
+        for name in HISTOGRAMS:
             mine, theirs = part[name], total[name]
             if theirs is None:
                 total[name] = {**mine, "counts": list(mine["counts"])}
@@ -155,22 +157,42 @@ class SharedStats:
             self.write()
 
     def write(self) -> None:
+        self._write(self.own.as_dict())
+
+    def _write(self, figures: dict[str, Any]) -> None:
         if self.directory is None:
             return
         path = self.directory / f"worker-{os.getpid()}.json"
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")  # loop or scrape
         with contextlib.suppress(OSError):  # a full disk must not stop serving
-            temporary.write_bytes(orjson.dumps(self.own.as_dict()))
+            temporary.write_bytes(orjson.dumps(figures))
             os.replace(temporary, path)
 
-    def everyone(self) -> dict[str, Any]:
-        """All workers' figures summed: this one's live, the others' as last written."""
-        parts = [self.own.as_dict()]
-        if self.directory is not None:
-            mine = f"worker-{os.getpid()}.json"
-            for path in sorted(self.directory.glob("worker-*.json")):
-                if path.name == mine:
-                    continue
-                with contextlib.suppress(OSError, ValueError):
-                    parts.append(orjson.loads(path.read_bytes()))
-        return merge(parts)
+    def everyone(self, own: dict[str, Any]) -> dict[str, Any]:
+        """All workers' figures summed. `own` is this worker's `as_dict()`, taken on the
+        event loop (the counters change there); call this in a thread: it does file I/O.
+
+        With several workers every figure comes from the files, this worker's written
+        first, so that whichever worker answers, two scrapes in a row never see a
+        counter go back. Files that do not parse or do not fit are skipped."""
+        if self.directory is None:
+            return merge([own])
+        self._write(own)
+        parts = []
+        for path in sorted(self.directory.glob("worker-*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                part = orjson.loads(path.read_bytes())
+                if _well_formed(part):
+                    parts.append(part)
+        return merge(parts or [own])
+
+
+def _well_formed(part: Any) -> bool:
+    """A worker file this version can add up (another version's buckets do not fit)."""
+    try:
+        if any(part[name]["bounds"] != list(bounds) for name, bounds in HISTOGRAMS.items()):
+            return False
+        merge([part])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True

@@ -105,9 +105,13 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
     @app.after_server_stop
     async def stop(app: Sanic) -> None:
-        if holder:
-            await holder[0].stop()
-        await stats.stop()
+        try:
+            if holder:
+                await holder[0].stop()
+        except Exception as exc:  # a log that failed cannot be closed cleanly: say so
+            log.error("stopped with the event log failed: %s", exc)
+        finally:
+            await stats.stop()
 
     @app.exception(SanicException)
     async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
@@ -118,8 +122,8 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     @app.exception(Exception)
     async def unexpected(request: Request, exc: Exception) -> HTTPResponse:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        if request.route is None:
-            stats.own.request("other", 500)
+        if request.route is None or request.uri_template == "/get-tcp-ip":  # no middleware
+            stats.own.request(request.uri_template or "other", 500)
         return error(500, "internal error")
 
     per_address = (pacing.AddressLimit(config.http.rate_limit_per_ip)
@@ -167,10 +171,19 @@ def create_app(config: cfg.Config, config_path: str | None = None,
         ready, details = holder[0].readiness()
         return respond({"ready": ready, **details}, 200 if ready else 503)
 
+    async def gathered(render: Callable[[dict, dict], Any]) -> Any:
+        """`render(snapshot, figures)` in a thread: the snapshot and this worker's figures
+        are copied here on the loop, where they change; files are read in the thread."""
+        snapshot, own = holder[0].snapshot(), stats.own.as_dict()
+
+        def work() -> Any:
+            return render(snapshot, stats.everyone(own))
+
+        return await asyncio.to_thread(work)
+
     @ops.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
-        body = await asyncio.to_thread(exposition, holder[0], stats)  # reads files
-        return HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
+        return HTTPResponse(await gathered(exposition), content_type=METRICS_CONTENT_TYPE)
 
     @ops.get("/dashboard")
     async def dashboard_page(request: Request) -> HTTPResponse:
@@ -178,7 +191,7 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
     @ops.get("/dashboard/data")
     async def dashboard_data(request: Request) -> HTTPResponse:
-        return respond(await asyncio.to_thread(dashboard.data, holder[0], stats))
+        return respond(await gathered(dashboard.data))
 
     if tokens is None:
         tokens = admin_tokens(os.environ.get(TOKEN_VARIABLE))

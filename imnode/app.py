@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +63,8 @@ class NatsLink:
                 break
             except Exception as exc:  # no server yet: the node serves clients meanwhile
                 log.warning("NATS %s unreachable (%s); retrying in %.1f s",
-                            ",".join(self.servers), exc, self.retry_every)
+                            ",".join(_without_credentials(url) for url in self.servers),
+                            exc, self.retry_every)
                 await asyncio.sleep(self.retry_every)
         self.nc = nc
         if await self._id_taken(nc):
@@ -117,6 +119,11 @@ class NatsLink:
                 await self.nc.drain()
 
 
+def _without_credentials(url: str) -> str:
+    """nats://user:password@host -> nats://host: URLs may carry secrets; logs must not."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
 async def run(config: NodeConfig, servers: Sequence[str],
               nats_options: dict[str, Any] | None = None,
               metrics_listen: tuple[str, int] | None = None) -> None:
@@ -125,7 +132,12 @@ async def run(config: NodeConfig, servers: Sequence[str],
     await node.start()
     link = NatsLink(node, servers, nats_options)
     link.start()
-    exporter = metrics.serve(node, *metrics_listen) if metrics_listen else None
+    try:
+        exporter = metrics.serve(node, *metrics_listen) if metrics_listen else None
+    except OSError:  # the metrics port is taken: stop what started, then say so
+        await node.stop()
+        await link.close()
+        raise
     loop = asyncio.get_running_loop()
     signals = []
 

@@ -10,6 +10,7 @@ tokens or passwords, and the NATS options are not logged.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -37,25 +38,41 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "pid": record.process,
             "message": record.getMessage(),
-            **_fields(record),
         }
+        entry.update((key, value) for key, value in _fields(record).items()
+                     if key not in entry)  # extras after, never over, the standard keys
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # an integer past 64 bits, say: the stdlib encoder takes it
+            return json.dumps(entry, default=str)
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record (a traceback follows on its own lines); line breaks inside a
+    message or a field are escaped, so nobody can forge a log line through a reason."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _one_line(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = " ".join(f"{key}={value}" for key, value in _fields(record).items()
-                         if value not in (None, ""))
+        extra = " ".join(f"{key}={_one_line(str(value))}"
+                         for key, value in _fields(record).items() if value not in (None, ""))
         if not extra:
             return line
         head, newline, rest = line.partition("\n")  # keep a traceback below the line
         return f"{head} [{extra}]{newline}{rest}"
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:

@@ -41,20 +41,29 @@ class Cluster:
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a disk that fills up
         self.admin_token = admin_token  # None: no admin API
         self.node_ports = {node: free_port() for node in WEIGHTS}
-        self.nodes = {node: self.start_node(node) for node in WEIGHTS}
+        self.nodes = {}
+        self.dispatcher = None
+        try:
+            for node in WEIGHTS:
+                self.nodes[node] = self.start_node(node)
+            self._configure_and_start(workers, slow_start, assign_rate, http_extra)
+        except BaseException:  # leave nothing running behind a failed start
+            self.stop()
+            raise
+
+    def _configure_and_start(self, workers, slow_start, assign_rate, http_extra):
         self.http_port = free_port()
-        self.config = tmp_path / "dispatcher.toml"
+        self.config = self.tmp / "dispatcher.toml"
         self.config.write_text(
             f"[http]\nport = {self.http_port}\nretry_after = 2\nworkers = {workers}\n"
             f"{http_extra}"
-            f'[nats]\nservers = ["{nats_url}"]\n'
+            f'[nats]\nservers = ["{self.nats_url}"]\n'
             "[poll]\ninterval = 0.2\ntimeout = 0.15\nrise = 1\nfall = 2\nstale_after = 2.0\n"
             f"[balance]\nslow_start = {slow_start}\nassign_rate = {assign_rate}\n"
-            f'[eventlog]\npath = "{tmp_path / "events"}"\nfsync = "always"\n'
+            f'[eventlog]\npath = "{self.tmp / "events"}"\nfsync = "always"\n'
             + "".join(f'[[nodes]]\nid = "{node}"\nip = "127.0.0.1"\nport = {port}\n'
                       f"weight = {WEIGHTS[node]}\n" for node, port in self.node_ports.items())
         )
-        self.dispatcher = None
         self.start_dispatcher()
 
     def start_node(self, node):
@@ -128,9 +137,11 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path, nats_server):
     running = Cluster(tmp_path, nats_server.url)
-    running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
-    yield running
-    running.stop()
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        yield running
+    finally:
+        running.stop()
 
 
 def shares(cluster, count):

@@ -64,7 +64,8 @@ def test_the_broker_killed_and_restarted_changes_nothing_for_clients(tmp_path):
                 assert time.monotonic() - back < 15, "no fresh status after the restart"
                 time.sleep(0.05)
             assert set(answers) == {200}  # never a 5xx, never a refusal, throughout
-            time.sleep(1.0)  # a few poll cycles: the imnodes are back on NATS too
+            running.wait(lambda: set(running.health().values()) == {"up"},
+                         "the imnodes are back on NATS too")
             assert set(running.health().values()) == {"up"}
         finally:
             running.stop()
@@ -111,8 +112,8 @@ def test_a_dispatcher_killed_mid_stream_keeps_every_acknowledged_change(tmp_path
     assert acknowledged[-1] <= after["e2e2"]["weight"] <= attempted[-1]
     before["e2e2"]["weight"] = after["e2e2"]["weight"]
     assert after == before
-    running.start_dispatcher()  # and it starts again from that log
     try:
+        running.start_dispatcher()  # and it starts again from that log
         assert routing(running.admin("GET", "/admin/nodes")[2])["e2e2"]["weight"] == \
             after["e2e2"]["weight"]
     finally:
@@ -132,6 +133,7 @@ def test_a_full_disk_makes_the_dispatcher_unready_not_silent(tmp_path, nats_serv
                 break
         assert refused is not None, "the log never filled up"
         assert refused[0] == 503 and "event log" in refused[1]["error"]
+        assert "until it restarts" in refused[1]["error"]  # said honestly: live, not durable
         status, _, ready = running.get("/readyz")
         assert status == 503 and ready["event_log"] == "failed"
         assert "File too large" in ready["reason"] or "event log failed" in ready["reason"]
@@ -139,6 +141,7 @@ def test_a_full_disk_makes_the_dispatcher_unready_not_silent(tmp_path, nats_serv
         assert running.dispatcher.poll() is None
     finally:
         running.stop()
+    assert running.dispatcher.returncode == 0  # it stops cleanly all the same
     verify = imdispatch("verify", "--log", str(tmp_path / "events"))
     assert verify.returncode == 0, verify.stdout + verify.stderr  # what was written is whole
 

@@ -113,9 +113,11 @@ def dispatcher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
     with NatsServer(tmp / "js") as server:
         running = Cluster(tmp, server.url)
-        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
-        yield running
-        running.stop()
+        try:
+            running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
+            yield running
+        finally:
+            running.stop()
 
 
 def request(cluster, method, target, body=None, headers=None):

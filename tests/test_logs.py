@@ -64,3 +64,36 @@ def test_the_dispatcher_logs_each_change_once_with_its_reason_and_no_secret(
     text = log_file.read_text()
     assert TOKEN.split(":")[1] not in text  # the admin token is never logged
     assert "get-tcp-ip" not in text and "quiet" not in text  # no line per request
+
+
+def test_an_event_is_logged_even_if_whoever_recorded_it_gave_up(tmp_path, caplog):
+    import asyncio
+
+    from dispatcher.domain import decisions
+    from dispatcher.eventlog.filelog import FileLog
+    from dispatcher.journal import Journal
+
+    async def run():
+        journal = Journal(FileLog(tmp_path, fsync="always"))
+        await journal.open()
+        events = decisions.add_node(journal.state, "n9", "10.0.0.9", 9000, 1, actor="t")
+        task = asyncio.get_running_loop().create_task(journal.record(events))
+        await asyncio.sleep(0)  # applied and queued; the write is under way
+        task.cancel()  # an HTTP client that hung up
+        await asyncio.sleep(0.2)
+        await journal.close()
+
+    caplog.set_level("INFO", logger="imdispatch.events")
+    asyncio.run(run())
+    assert [r.getMessage() for r in caplog.records] == ["node_added n9 by t"]
+
+
+def test_odd_fields_neither_lose_the_line_nor_forge_one():
+    odd = record("x", figures={1: "non-string key"}, big=10**30)
+    odd.level = "an extra named like a standard key"
+    entry = json.loads(logs.JsonFormatter().format(odd))
+    assert entry["level"] == "warning" and entry["figures"] == {"1": "non-string key"}
+    assert entry["big"] == 10**30
+    line = logs.TextFormatter().format(record("weight set (%s)", "ok\nFAKE ERROR line",
+                                              reason="a\nb"))
+    assert "\n" not in line and "ok\\nFAKE ERROR line" in line and "reason=a\\nb" in line

@@ -107,6 +107,16 @@ def test_address_limit_allows_a_seconds_worth_then_says_when():
     assert set(limit._due) == {"10.0.0.3"}
 
 
+def test_address_limit_stays_fast_when_every_address_is_fresh():
+    limit = pacing.AddressLimit(4.0)
+    limit.FORGET_AT = 100
+    for i in range(20_000):  # a storm from 20,000 addresses within 0.2 s: none expires
+        assert limit.allow(f"10.1.{i // 256}.{i % 256}", i * 1e-5) == 0.0
+    assert limit._swept_at < 0.01  # one sweep at the threshold, not one per request
+    limit.allow("10.9.9.9", 10.0)  # a period later: the sweep empties it
+    assert len(limit._due) == 1
+
+
 class Worker(Serving):
     """A serving worker on a journal of the test's own (no NATS, no HTTP)."""
 

@@ -223,8 +223,11 @@ def test_imnode_serve_answers_status_and_drains_on_sigterm(nats_server):
             status = orjson.loads(reply.data)
             assert status["connections"] == 1
             client.ping()
-            await asyncio.sleep(0.2)
-            figures = await asyncio.to_thread(scrape, metrics_port)
+            for _ in range(100):  # until the node has read the ping
+                figures = await asyncio.to_thread(scrape, metrics_port)
+                if figures["imnode_heartbeats_total", "cli1"] >= 1:
+                    break
+                await asyncio.sleep(0.05)
             assert figures["imnode_connections", "cli1"] == 1
             assert figures["imnode_capacity", "cli1"] == 100
             assert figures["imnode_heartbeats_total", "cli1"] >= 1
