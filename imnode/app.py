@@ -58,7 +58,10 @@ class NatsLink:
                     max_reconnect_attempts=-1, reconnect_time_wait=self.retry_every,
                     connect_timeout=2, allow_reconnect=True,
                     disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
-                    error_cb=self._error, **self.options,
+                    error_cb=self._error,
+                    # replies to this node's own requests arrive under its own prefix, so
+                    # NATS permissions can keep each node out of the others' replies
+                    inbox_prefix=f"_INBOX.imnode.{config.node_id}", **self.options,
                 )
                 break
             except Exception as exc:  # no server yet: the node serves clients meanwhile
