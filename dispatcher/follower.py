@@ -17,6 +17,7 @@ from dispatcher.eventlog.records import GENESIS_HASH
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
+from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.follower")
 TAIL_INTERVAL = 0.05
@@ -108,7 +109,4 @@ class Follower(Serving):
         return body["changes"]
 
     async def stop(self) -> None:
-        for task in (self._following, self._pacing):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(self._following, self._pacing)

@@ -16,6 +16,7 @@ from dispatcher.config import BalanceConfig, PollConfig
 from dispatcher.domain import decisions
 from dispatcher.domain.health import Failure, HealthTracker, NodeStatus, parse_status
 from dispatcher.journal import Journal
+from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.poller")
 
@@ -47,9 +48,7 @@ class Poller:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -31,6 +31,7 @@ from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
 from imnode.micro import Service, ServiceError
 from imnode.natsauth import connect_options
+from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch")
 DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per new client"
@@ -179,10 +180,7 @@ class Leader(Serving):
         return events
 
     async def stop(self) -> None:
-        for task in (self._connecting, self._pacing):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(self._connecting, self._pacing)
         if self._admin_server is not None:
             self._admin_server.close()
             leader_link.admin_socket(self.config).unlink(missing_ok=True)

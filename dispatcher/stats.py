@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from imnode.tasks import cancel_and_wait
+
 DIRECTORY_VARIABLE = "IMDISPATCH_STATS_DIR"
 LATENCY_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
                   0.1, 0.5)
@@ -144,10 +146,8 @@ class SharedStats:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.write()
 
     async def _run(self) -> None:

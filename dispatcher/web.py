@@ -33,6 +33,7 @@ from dispatcher.runtime import open_runtime, take_over_when_leader_dies
 from dispatcher.serving import Serving
 from dispatcher.stats import SharedStats
 from imnode import logs
+from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.http")
 TOKEN_VARIABLE = "IMDISPATCH_ADMIN_TOKEN"
@@ -98,10 +99,7 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     @app.before_server_stop
     async def no_takeover(app: Sanic) -> None:
         """All workers stop together: one must not take the log over as the leader goes."""
-        takeover = getattr(app.ctx, "takeover", None)
-        if takeover is not None:
-            takeover.cancel()
-            await asyncio.gather(takeover, return_exceptions=True)
+        await cancel_and_wait(getattr(app.ctx, "takeover", None))
 
     @app.after_server_stop
     async def stop(app: Sanic) -> None:

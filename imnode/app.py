@@ -23,6 +23,7 @@ import orjson
 from imnode import metrics
 from imnode.micro import Service
 from imnode.server import Node, NodeConfig
+from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imnode")
 
@@ -111,9 +112,7 @@ class NatsLink:
         await self.node.resync()
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from imnode.tasks import cancel_and_wait
+
 
 class LoadMonitor:
     """CPU share over the last `interval`, and the event loop's worst lag in it.
@@ -43,6 +45,4 @@ class LoadMonitor:
                 wall, cpu, worst = now, now_cpu, 0.0
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)

@@ -25,6 +25,7 @@ import orjson
 from imnode import protocol
 from imnode.load import LoadMonitor
 from imnode.protocol import ProtocolError
+from imnode.tasks import cancel_and_wait
 
 try:
     from nats.errors import NoRespondersError
@@ -272,10 +273,7 @@ class Node:
             self._server.close()
         for connection in list(self.connections):
             connection.close(grace=0)
-        tasks = [t for t in (self._sweeper, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._sweeper, *self._tasks)
         await self.load.stop()
         for subscription in (*self._subscriptions.values(), self._login_subscription):
             if subscription is not None:

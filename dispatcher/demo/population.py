@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 
 from imnode.client import CONNECT_ERRORS, Address, ClientError, ImClient, dispatcher_locator
+from imnode.tasks import cancel_and_wait
 
 CHAT_INTERVAL = 0.2  # one message from a random client to another this often
 
@@ -107,9 +108,7 @@ class Population:
                 self.failed += 1
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         with contextlib.suppress(Exception):
             await asyncio.gather(*(client.close() for client in self.clients),
                                  return_exceptions=True)
