@@ -5,8 +5,8 @@ a few kilobytes. One sweeper task closes clients that never said hello or stoppe
 heartbeats. Messages to a uid on this node are written directly; to a uid elsewhere they
 go over NATS, where every node subscribes `im.user.<uid>.*` for each uid it holds: a
 request to `im.user.<uid>.msg` reaches the node that holds the uid, and "no responders"
-means nobody does (offline). A login publishes `im.user.<uid>.login` so that an older
-session of the same uid on another node is told to go away.
+means nobody does (offline). A login publishes a notice on `im.login` so that an older
+session of the same uid on another node is told to go away (the rule: imnode/logins.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from imnode import protocol
+from imnode import logins, protocol
 from imnode.load import LoadMonitor
+from imnode.logins import BadNotice, LoginClock, Stamp, Verdict
 from imnode.protocol import ProtocolError
 from imnode.tasks import cancel_and_wait
 
@@ -66,7 +65,7 @@ class NodeConfig:
 class Connection(asyncio.Protocol):
     """One client's TCP connection."""
 
-    __slots__ = ("backlog", "closed", "inflight", "logged_in_at", "node", "opened", "paused",
+    __slots__ = ("backlog", "closed", "inflight", "login", "node", "opened", "paused",
                  "reader", "seen", "transport", "uid")
 
     def __init__(self, node: Node) -> None:
@@ -75,7 +74,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.uid: str | None = None
         self.opened = self.seen = time.monotonic()
-        self.logged_in_at = 0.0
+        self.login: Stamp | None = None  # set by hello: this session's place in the order
         self.inflight = 0  # its messages on their way to other nodes
         self.paused = False
         self.closed = False
@@ -190,6 +189,7 @@ class Node:
         self.nc = nc
         self.connections: set[Connection] = set()
         self.sessions: dict[str, Connection] = {}  # uid -> its connection on this node
+        self.clock = LoginClock()
         self.draining = False
         self.started = time.monotonic()
         self.load = LoadMonitor()
@@ -346,7 +346,7 @@ class Node:
         if self.draining:
             raise ProtocolError("busy", f"node {self.config.node_id} is draining")
         previous = self.sessions.get(uid)
-        connection.uid, connection.logged_in_at = uid, time.time()
+        connection.uid, connection.login = uid, self.clock.stamp(self.config.node_id)
         connection.reader.max_frame = protocol.MAX_FRAME
         self.sessions[uid] = connection
         if previous is not None:  # the newer connection wins
@@ -451,25 +451,30 @@ class Node:
             await msg.respond(b"busy")
 
     def _announce(self, connection: Connection) -> None:
-        """Tell the other nodes: this uid logged in here, at this time."""
+        """Tell the other nodes: this uid logged in here, with this stamp."""
         if self._connected():
-            notice = {"uid": connection.uid, "node": self.config.node_id,
-                      "at": connection.logged_in_at}
-            self._spawn(self.nc.publish(LOGIN_SUBJECT, orjson.dumps(notice)))
+            notice = logins.encode_notice(connection.uid, connection.login)
+            self._spawn(self.nc.publish(LOGIN_SUBJECT, notice))
 
     async def _on_login(self, msg: Any) -> None:
-        """Another node's login of a uid held here: the newer one stays. Ties (the same
-        time on two clocks) go to the larger node id, the same decision on both nodes."""
+        """Another node's login of a uid: a copy held here yields to a newer one, and
+        answers an older one with its own notice, so that node learns it lost even if it
+        missed ours. Every notice moves the clock, so a later login here outranks it."""
         try:
-            notice = orjson.loads(msg.data)
-            uid, node, at = notice["uid"], notice["node"], float(notice["at"])
-        except (ValueError, KeyError, TypeError):
+            uid, stamp = logins.decode_notice(msg.data)
+        except BadNotice as exc:
+            log.warning("ignoring a login notice: %s", exc)
             return
+        if stamp.node == self.config.node_id:
+            return  # our own, echoed back
+        self.clock.observe(stamp)
         local = self.sessions.get(uid)
-        if node != self.config.node_id and local is not None and (
-            (local.logged_in_at, self.config.node_id) < (at, node)
-        ):
+        if local is None:
+            return
+        if logins.judge(local.login, stamp) is Verdict.YIELD:
             self._replace(local)
+        else:
+            self._announce(local)
 
     def _spawn(self, coroutine: Coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
