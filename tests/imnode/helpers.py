@@ -2,6 +2,9 @@
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 
 from imnode import protocol
 from imnode.server import Node, NodeConfig
@@ -47,3 +50,22 @@ class RawSocket:
 
     def close(self):
         self.writer.close()
+
+
+@contextlib.contextmanager
+def imnode_process(node_id, nats_url, *args, env=None):
+    """A real `imnode serve` process listening on a free port; yields (process, address).
+    `env` replaces the environment (e.g. PYTHONPATH with a sitecustomize that skews time)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imnode", "serve", "--id", node_id, "--listen", "127.0.0.1:0",
+         "--nats", nats_url, "--capacity", "100", "--log-level", "warning", *args],
+        stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"imnode {node_id} listening on 127.0.0.1:"), line
+        yield process, ("127.0.0.1", int(line.split(":")[1].split(",")[0]))
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            process.kill()
+        process.wait()

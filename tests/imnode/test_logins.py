@@ -1,10 +1,13 @@
-"""Newest login wins: the rule on its own (pure), then real nodes and crafted notices on
-a real nats-server forcing the interleavings that once left one uid held by two nodes."""
+"""Newest login wins: real imnode processes and a real nats-server, with the faults that
+once left one uid held by two nodes (a clock ahead, a node frozen past the broker's
+patience), then the rule on its own (pure), under every order of notices."""
 
 import asyncio
 import heapq
 import itertools
+import os
 import random
+import signal
 import time
 
 import nats
@@ -14,77 +17,101 @@ import pytest
 from imnode import logins
 from imnode.client import ImClient
 from imnode.logins import BadNotice, LoginClock, Stamp, Verdict
-from imnode.server import LOGIN_SUBJECT
-from tests.imnode.helpers import running_node
-from tests.imnode.test_cluster import cluster
+from tests.imnode.helpers import imnode_process
+from tests.nats_server import NatsServer
 
 
 def run(body):
     return asyncio.run(asyncio.wait_for(body(), 60))
 
 
-async def until(condition, what, timeout=10.0):
+async def until(condition, what, timeout=15.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
 
 
-def test_a_login_after_a_notice_from_a_clock_ahead_still_wins(nats_server):
-    """A node whose clock runs 30 s ahead announces a login; the user then logs in on
-    another node. The later login must outrank the notice it has already seen, or the
-    node ahead keeps its (older) copy and so does this one: held by two nodes."""
+async def status(nc, node_id):
+    """The node's status, once it answers (it subscribed `im.login` before that)."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return orjson.loads((await nc.request(f"imnode.{node_id}.status", b"",
+                                                  timeout=0.5)).data)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            assert time.monotonic() < deadline, f"{node_id} does not answer"
+            await asyncio.sleep(0.1)
 
-    async def body():
-        async with cluster(nats_server.url, "k1") as (n1,):
+
+def test_a_login_after_one_on_a_node_whose_clock_runs_ahead_still_wins(nats_server, tmp_path):
+    """q2's clock runs 30 s ahead. carol logs in there, q1 reads the notice, then carol
+    logs in again on q1: the later login must outrank the notice q1 has read, or q1
+    keeps its copy (the notice came before it had one) and so does q2 (its stamp is
+    larger): held by two nodes."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import time\n_wall = time.time\ntime.time = lambda: _wall() + 30\n")
+    ahead = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    with imnode_process("q1", nats_server.url) as (_, q1), \
+            imnode_process("q2", nats_server.url, env=ahead) as (_, q2):
+
+        async def body():
             nc = await nats.connect(nats_server.url)
-            notices = await nc.subscribe(LOGIN_SUBJECT)
-            await nc.flush()
-            probe = ImClient("skew-probe")
-            await probe.connect(n1.address)
-            ahead = {"uid": "skew-carol", "node": "k9", "at": time.time() + 30}
-            await nc.publish(LOGIN_SUBJECT, orjson.dumps(ahead))
-            # From one publisher, notices arrive in order: once k1 has acted on this one
-            # (it replaces the probe), it has read the notice from the clock ahead.
-            await nc.publish(LOGIN_SUBJECT, orjson.dumps(
-                {"uid": "skew-probe", "node": "k9", "at": time.time() + 31}))
-            await until(lambda: probe.goaways, "k1 to read the crafted notices")
-            carol = ImClient("skew-carol")
-            await carol.connect(n1.address)
-            while True:
-                notice = orjson.loads((await notices.next_msg(timeout=10)).data)
-                if (notice["uid"], notice["node"]) == ("skew-carol", "k1"):
+            assert (await status(nc, "q2"))["ts"] - time.time() > 25  # it runs ahead
+            await status(nc, "q1")
+            probe_q1, probe_q2 = ImClient("ahead-probe"), ImClient("ahead-probe")
+            await probe_q1.connect(q1)
+            carol_q2, carol_q1 = ImClient("ahead-carol"), ImClient("ahead-carol")
+            await carol_q2.connect(q2)
+            await probe_q2.connect(q2)
+            # q2 announces carol, then the probe, on one connection, so q1 reads them in
+            # that order: once it has replaced its probe, it has read carol's notice
+            await until(lambda: probe_q1.goaways, "q1 to read q2's notices")
+            await carol_q1.connect(q1)
+            await until(lambda: carol_q2.goaways, "the older copy, on q2, to be replaced")
+            assert carol_q2.goaways[0]["reason"] == "replaced" and not carol_q1.goaways
+            assert (await status(nc, "q2"))["sessions"] == 1  # the probe only
+            await nc.close()
+
+        run(body)
+
+
+def test_a_node_that_missed_a_newer_login_is_answered_when_it_comes_back(tmp_path):
+    """p2 freezes (SIGSTOP) until the broker drops it as stale; carol logs in again on p1
+    meanwhile, so p2 never reads that notice. Back, p2 announces its older copy: p1 must
+    answer with the newer one, or p2 keeps its copy for good."""
+    config = tmp_path / "nats.conf"
+    config.write_text('ping_interval: "1s"\nping_max: 1\n')  # stale after about 2 s
+    with NatsServer(tmp_path / "js", args=("-c", str(config))) as server, \
+            imnode_process("p1", server.url) as (_, p1), \
+            imnode_process("p2", server.url) as (frozen, p2):
+
+        async def body():
+            nc = await nats.connect(server.url)
+            await status(nc, "p1")
+            await status(nc, "p2")
+            older, newer = ImClient("frozen-carol"), ImClient("frozen-carol")
+            await older.connect(p2)
+            frozen.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            while True:  # until the broker has dropped p2: nothing reaches it any more
+                try:
+                    await nc.request("imnode.p2.status", b"", timeout=0.5)
+                except nats.errors.NoRespondersError:
                     break
-            # k9, applying the rule to k1's notice, must find its own copy the older one
-            assert (ahead["at"], ahead["node"]) < (notice["at"], notice["node"])
-            assert "skew-carol" in n1.sessions and not carol.goaways
-            await carol.close()
+                except nats.errors.TimeoutError:
+                    pass
+                assert time.monotonic() < deadline, "the broker kept the frozen node"
+                await asyncio.sleep(0.1)
+            await newer.connect(p1)  # its notice cannot reach p2
+            frozen.send_signal(signal.SIGCONT)
+            await until(lambda: older.goaways, "the older copy, on p2, to be replaced")
+            assert older.goaways[0]["reason"] == "replaced" and not newer.goaways
+            assert (await status(nc, "p2"))["sessions"] == 0
             await nc.close()
 
-    run(body)
-
-
-def test_an_older_copy_that_reappears_is_closed_by_the_newer_one(nats_server):
-    """The older login sits on a node that was away from NATS when the newer login's
-    notice went out; when it comes back and announces its copy, the node with the
-    newer one must answer, or the older copy is never told."""
-
-    async def body():
-        async with cluster(nats_server.url, "m1") as (n1,), running_node("m2") as n2:
-            older, newer = ImClient("back-carol"), ImClient("back-carol")
-            await older.connect(n2.address)  # m2 has no NATS yet: nobody hears of it
-            await newer.connect(n1.address)  # its notice goes out while m2 cannot hear
-            nc = await nats.connect(nats_server.url)
-            await n2.attach(nc)  # m2 announces its (older) copy
-            await until(lambda: older.goaways, "the older copy to be replaced")
-            assert older.goaways[0]["reason"] == "replaced"
-            assert "back-carol" in n1.sessions and "back-carol" not in n2.sessions
-            assert not newer.goaways
-            await newer.close()
-            await n2.stop()
-            await nc.close()
-
-    run(body)
+        run(body)
 
 
 # -- the rule, pure ----------------------------------------------------------------------
