@@ -8,12 +8,22 @@ import math
 from typing import Any
 
 from core_ext.errors import DuplicateNode, InvalidArgument, InvalidArgumentType, UnknownNode
+from core_ext.ledger import Ledger
 
 MAX_WEIGHT = 10_000
 """Largest static weight (nginx allows far less in practice; 10k leaves room for fine shares)."""
 
 MAX_COUNT = 1_000_000_000
 """Largest connections or capacity figure: keeps every product below 2**63."""
+
+MAX_LOAD = 2 * MAX_COUNT
+"""Largest connections-plus-pending figure a ledger slot counts up to."""
+
+MAX_RATE = 1_000_000_000
+"""Largest assignment cap in clients a second (one nanosecond apart)."""
+
+MAX_BACKUPS = 64
+"""Most backups one call names (clients ask for a handful)."""
 
 WEIGHT_SCALE = 1_000
 """Effective weights are fixed-point: a node with full headroom has weight * WEIGHT_SCALE.
@@ -111,6 +121,36 @@ def overloaded_after(was: bool, connections: int, capacity: int, high: int, low:
     if load < low * capacity:
         return False
     return was
+
+
+def rate(nid: str, value: Any) -> tuple[int, int]:
+    """An assignment cap in clients a second (None: no cap) as GCRA's (interval,
+    tolerance) in nanoseconds: one client per interval, and a second's worth (at least
+    one) at once."""
+    if value is None:
+        return 0, 0
+    if type(value) not in (int, float):
+        raise InvalidArgumentType(
+            f"node {nid!r}: rate must be a number or None, got {_describe(value)}")
+    if not (math.isfinite(value) and 0 < value <= MAX_RATE):
+        raise InvalidArgument(f"node {nid!r}: rate must be in (0, {MAX_RATE}], got {value!r}")
+    interval = max(1, round(1e9 / value))
+    return interval, round((max(value, 1.0) - 1.0) / value * 1e9)
+
+
+def backup_count(value: Any) -> int:
+    if type(value) is not int:
+        raise InvalidArgumentType(f"count must be an int, got {_describe(value)}")
+    if not 0 <= value <= MAX_BACKUPS:
+        raise InvalidArgument(f"count must be in 0..{MAX_BACKUPS}, got {value}")
+    return value
+
+
+def ledger(value: Any) -> Any:
+    if not isinstance(value, Ledger):
+        raise InvalidArgumentType(f"ledger must be a core_ext.ledger.Ledger, got "
+                                  f"{_describe(value)}")
+    return value
 
 
 def unknown_node(nid: Any) -> UnknownNode:

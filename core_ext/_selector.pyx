@@ -8,9 +8,12 @@ the pick loop.
 
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport int64_t, uint8_t
-from libc.string cimport memmove, memset
+from libc.string cimport memcpy, memmove, memset
 
-from core_ext import _rules, _snapshot
+from core_ext._atomic cimport ledger_add, ledger_get, ledger_set, ledger_swap, monotonic_ns
+
+from core_ext import _rules, _snapshot, ledger as _ledger
+from core_ext._rules import MAX_LOAD as _MAX_LOAD_PY
 from core_ext._rules import MAX_COUNT as _MAX_COUNT_PY
 from core_ext._rules import PPM as _PPM_PY
 from core_ext._rules import RAMP_FULL as _RAMP_FULL_PY
@@ -21,6 +24,14 @@ cdef int64_t MAX_COUNT = _MAX_COUNT_PY
 cdef int64_t PPM = _PPM_PY
 cdef int64_t WEIGHT_SCALE = _WEIGHT_SCALE_PY
 cdef int64_t RAMP_FULL = _RAMP_FULL_PY
+cdef int64_t MAX_LOAD = _MAX_LOAD_PY
+cdef Py_ssize_t LOAD = _ledger.LOAD
+cdef Py_ssize_t DUE = _ledger.DUE
+cdef Py_ssize_t INTERVAL = _ledger.INTERVAL
+# bits of the `excluded` scratch array
+cdef uint8_t EXCLUDED = 1     # named by the caller
+cdef uint8_t UNAVAILABLE = 2  # over the watermark by the shared load, or capped for now
+cdef uint8_t CHOSEN = 4       # already named as a backup
 
 cdef object _check_id = _rules.node_id
 cdef object _check_weight = _rules.weight
@@ -28,6 +39,10 @@ cdef object _check_count = _rules.count
 cdef object _check_flag = _rules.flag
 cdef object _check_ramp = _rules.ramp
 cdef object _check_exclusion = _rules.exclusion
+cdef object _check_rate = _rules.rate
+cdef object _check_backups = _rules.backup_count
+cdef object _check_ledger = _rules.ledger
+cdef object _Ledger = _ledger.Ledger
 cdef object _unknown_node = _rules.unknown_node
 cdef object _duplicate_node = _rules.duplicate_node
 
@@ -57,6 +72,52 @@ cdef void *_resized(void *ptr, Py_ssize_t count, size_t item) except NULL:
     return grown
 
 
+cdef inline int64_t *_field(Selector self, Py_ssize_t i, Py_ssize_t field) noexcept nogil:
+    return <int64_t *>(self.base + self.cell[i] + field)
+
+cdef inline bint _available(Selector self, Py_ssize_t i, int64_t now, bint peek) noexcept nogil:
+    # Below the high watermark by the load every process counts, and within the cap.
+    # A node found over the watermark is overloaded from now on (unless peeking).
+    if self.capacity[i] and (
+        ledger_get(_field(self, i, LOAD)) * PPM >= self.high_ppm * self.capacity[i]
+    ):
+        if not peek:
+            self.overloaded[i] = 1
+            self.eligible[i] = 0
+        return False
+    return not self.interval[i] or (
+        ledger_get(_field(self, i, DUE)) - self.tolerance[i] <= now
+    )
+
+cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
+    # Count one client for node i: the load check and the count are one atomic step,
+    # then the allowance; False (and nothing counted) if another process got there first.
+    cdef int64_t *load = _field(self, i, LOAD)
+    cdef int64_t *due = _field(self, i, DUE)
+    cdef int64_t seen, after, limit = self.high_ppm * self.capacity[i]
+    while True:
+        seen = ledger_get(load)
+        if self.capacity[i] and seen * PPM >= limit:
+            self.overloaded[i] = 1
+            self.eligible[i] = 0
+            return False
+        after = seen + 1 if seen < MAX_LOAD else seen
+        if ledger_swap(load, seen, after):
+            break
+    while self.interval[i]:
+        seen = ledger_get(due)
+        if seen - self.tolerance[i] > now:
+            if after != seen:
+                ledger_add(load, -1)  # give the count back
+            return False
+        if ledger_swap(due, seen, (seen if seen > now else now) + self.interval[i]):
+            break
+    if self.capacity[i] and after * PPM >= limit:
+        self.overloaded[i] = 1
+        self.eligible[i] = 0
+    return True
+
+
 cdef class Selector:
     """Chooses one node per new client; see `core_ext.reference` for the rules."""
 
@@ -69,13 +130,16 @@ cdef class Selector:
         self.allocated = 0
         self.node_ids = []
         self.index = {}
+        self.capped = 0
 
-    def __init__(self, high_watermark=0.9, low_watermark=0.8):
+    def __init__(self, high_watermark=0.9, low_watermark=0.8, ledger=None):
         self.high_ppm, self.low_ppm = _rules.watermarks(high_watermark, low_watermark)
         self.watermarks = (high_watermark, low_watermark)
+        self._attach(_check_ledger(ledger) if ledger is not None else _Ledger())
         self.n = 0  # a second __init__ starts empty, as the reference does
         self.node_ids = []
         self.index = {}
+        self.capped = 0
 
     def __dealloc__(self):
         PyMem_Free(self.weight)
@@ -83,7 +147,10 @@ cdef class Selector:
         PyMem_Free(self.current)
         PyMem_Free(self.connections)
         PyMem_Free(self.capacity)
-        PyMem_Free(self.pending)
+        PyMem_Free(self.cell)
+        PyMem_Free(self.interval)
+        PyMem_Free(self.tolerance)
+        PyMem_Free(self.shadow)
         PyMem_Free(self.ramp)
         PyMem_Free(self.up)
         PyMem_Free(self.draining)
@@ -99,13 +166,18 @@ cdef class Selector:
         if nid in self.index:
             raise _duplicate_node(nid)
         cdef int64_t w = _check_weight(nid, weight)
+        if self.base == NULL:  # __init__ never ran
+            self._attach(_Ledger())
         self._reserve(self.n + 1)
+        cdef Py_ssize_t cell = self.ledger.claim(nid)
         cdef Py_ssize_t i = self.n
         self.weight[i] = w
         self.current[i] = 0
         self.connections[i] = 0
         self.capacity[i] = 0
-        self.pending[i] = 0
+        self.cell[i] = cell
+        self.interval[i] = 0
+        self.tolerance[i] = 0
         self.ramp[i] = RAMP_FULL
         self.up[i] = 1
         self.draining[i] = 0
@@ -119,6 +191,9 @@ cdef class Selector:
     def remove(self, node_id):
         cdef Py_ssize_t i = self._slot(node_id)
         cdef Py_ssize_t tail = self.n - i - 1
+        cdef Py_ssize_t cell = self.cell[i]
+        if self.interval[i]:
+            self.capped -= 1
         if tail:
             # Close the gap so slots stay dense and in insertion order.
             memmove(&self.weight[i], &self.weight[i + 1], tail * sizeof(int64_t))
@@ -126,7 +201,9 @@ cdef class Selector:
             memmove(&self.current[i], &self.current[i + 1], tail * sizeof(int64_t))
             memmove(&self.connections[i], &self.connections[i + 1], tail * sizeof(int64_t))
             memmove(&self.capacity[i], &self.capacity[i + 1], tail * sizeof(int64_t))
-            memmove(&self.pending[i], &self.pending[i + 1], tail * sizeof(int64_t))
+            memmove(&self.cell[i], &self.cell[i + 1], tail * sizeof(Py_ssize_t))
+            memmove(&self.interval[i], &self.interval[i + 1], tail * sizeof(int64_t))
+            memmove(&self.tolerance[i], &self.tolerance[i + 1], tail * sizeof(int64_t))
             memmove(&self.ramp[i], &self.ramp[i + 1], tail * sizeof(int64_t))
             memmove(&self.up[i], &self.up[i + 1], tail)
             memmove(&self.draining[i], &self.draining[i + 1], tail)
@@ -137,6 +214,17 @@ cdef class Selector:
         cdef Py_ssize_t j
         for j in range(i, self.n):
             self.index[self.node_ids[j]] = j
+        self.ledger.release(cell)
+
+    def close(self):
+        """Release every node's ledger slot (a selector replaced by another)."""
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            self.ledger.release(self.cell[i])
+        self.n = 0
+        self.capped = 0
+        self.node_ids = []
+        self.index = {}
 
     def __len__(self):
         return self.n
@@ -179,25 +267,45 @@ cdef class Selector:
         cdef int64_t cap = _count(nid, "capacity", capacity, 1)
         self.connections[i] = conns
         self.capacity[i] = cap
-        self.pending[i] = 0
+        if self.reports:  # the picks since the last report are in it now
+            ledger_set(_field(self, i, LOAD), conns)
         if conns * PPM >= self.high_ppm * cap:
             self.overloaded[i] = 1
         elif conns * PPM < self.low_ppm * cap:
             self.overloaded[i] = 0
         self._reweigh(i)
 
+    def set_rate(self, node_id, per_second):
+        """Cap the clients a second this node takes (None: no cap). A changed rate starts
+        with a full allowance, once for every process sharing the ledger."""
+        cdef Py_ssize_t i = self._slot(node_id)
+        interval, tolerance = _check_rate(self.node_ids[i], per_second)
+        self.capped += (interval != 0) - (self.interval[i] != 0)
+        self.interval[i] = interval
+        self.tolerance[i] = tolerance
+        cdef int64_t *shared = _field(self, i, INTERVAL)
+        cdef int64_t before = ledger_get(shared)
+        if before != interval and ledger_swap(shared, before, interval):
+            ledger_set(_field(self, i, DUE), 0)
+
     # -- the choice -------------------------------------------------------------------
 
-    def pick(self, exclude=()):
-        """Return the id of the node the next client should use, or None if none can."""
+    def pick(self, exclude=(), now=None):
+        """Return the id of the node the next client should use, or None if none can.
+
+        `now` is CLOCK_MONOTONIC in nanoseconds (`time.monotonic_ns()`, the default), the
+        clock of the assignment caps."""
         # Turn the exclusions into slots before touching any array: iterating `exclude`
         # runs arbitrary Python code, which may fail or even add and remove nodes.
         cdef list slots = None
         if exclude:
             index = self.index
             slots = [index.get(node_id) for node_id in _check_exclusion(exclude)]
-        cdef Py_ssize_t i, best = -1, n = self.n
-        cdef int64_t total = 0, weight, best_weight = 0
+        cdef int64_t clock = 0
+        if self.capped:
+            clock = monotonic_ns() if now is None else now
+        cdef Py_ssize_t i, best, n = self.n
+        cdef int64_t total, weight, best_weight
         cdef int64_t *effective = self.effective
         cdef int64_t *current = self.current
         cdef uint8_t *eligible = self.eligible
@@ -206,31 +314,87 @@ cdef class Selector:
         if slots:
             for slot in slots:
                 if slot is not None:
-                    excluded[<Py_ssize_t>slot] = 1
+                    excluded[<Py_ssize_t>slot] = EXCLUDED
                     marked = True
         # No `with nogil`: releasing the GIL costs more than the whole loop at usual sizes.
-        for i in range(n):
-            if eligible[i] and not excluded[i]:
-                weight = current[i] + effective[i]
-                current[i] = weight
-                total += effective[i]
-                if best < 0 or weight > best_weight:
-                    best = i
-                    best_weight = weight
+        while True:
+            best = -1
+            total = 0
+            best_weight = 0
+            for i in range(n):
+                if eligible[i] and not excluded[i]:
+                    if not _available(self, i, clock, False):
+                        excluded[i] = UNAVAILABLE
+                        marked = True
+                        continue
+                    weight = current[i] + effective[i]
+                    current[i] = weight
+                    total += effective[i]
+                    if best < 0 or weight > best_weight:
+                        best = i
+                        best_weight = weight
+            if best < 0:
+                break
+            current[best] -= total
+            if _take(self, best, clock):
+                break
+            # Another process took the node's last place or allowance between the check
+            # and the count: undo this round's turn and choose again without it.
+            current[best] += total
+            for i in range(n):
+                if eligible[i] and not excluded[i]:
+                    current[i] -= effective[i]
+            excluded[best] = UNAVAILABLE
+            marked = True
         if marked:
             memset(excluded, 0, n)
         if best < 0:
             return None
-        current[best] -= total
-        if self.pending[best] < MAX_COUNT:
-            self.pending[best] += 1
-        if self.capacity[best] and (
-            (self.connections[best] + self.pending[best]) * PPM
-            >= self.high_ppm * self.capacity[best]
-        ):
-            self.overloaded[best] = 1
-            eligible[best] = 0
         return self.node_ids[best]
+
+    def backups(self, count, exclude=(), now=None):
+        """Up to `count` distinct nodes the rotation would choose next, none of them in
+        `exclude`: a client's fallbacks. Nothing changes: no turn is taken, no pick is
+        counted, no allowance is spent."""
+        cdef Py_ssize_t wanted = _check_backups(count)
+        cdef list slots = None
+        if exclude:
+            index = self.index
+            slots = [index.get(node_id) for node_id in _check_exclusion(exclude)]
+        cdef int64_t clock = 0
+        if self.capped:
+            clock = monotonic_ns() if now is None else now
+        cdef Py_ssize_t i, best, n = self.n
+        cdef int64_t total, best_weight
+        cdef int64_t *shadow = self.shadow
+        cdef uint8_t *excluded = self.excluded
+        cdef list chosen = []
+        if slots:
+            for slot in slots:
+                if slot is not None:
+                    excluded[<Py_ssize_t>slot] = EXCLUDED
+        memcpy(shadow, self.current, n * sizeof(int64_t))
+        for i in range(n):
+            if not excluded[i] and not (self.eligible[i] and _available(self, i, clock, True)):
+                excluded[i] = UNAVAILABLE
+        while len(chosen) < wanted:
+            best = -1
+            total = 0
+            best_weight = 0
+            for i in range(n):
+                if not excluded[i]:
+                    shadow[i] += self.effective[i]
+                    total += self.effective[i]
+                    if best < 0 or shadow[i] > best_weight:
+                        best = i
+                        best_weight = shadow[i]
+            if best < 0:
+                break
+            shadow[best] -= total
+            excluded[best] = CHOSEN
+            chosen.append(self.node_ids[best])
+        memset(excluded, 0, n)
+        return chosen
 
     # -- state ------------------------------------------------------------------------
 
@@ -244,7 +408,7 @@ cdef class Selector:
             bool(self.eligible[i]),
             self.connections[i] if reported else None,
             self.capacity[i] if reported else None,
-            self.pending[i],
+            min(MAX_COUNT, max(0, ledger_get(_field(self, i, LOAD)) - self.connections[i])),
             self.ramp[i],
         )
 
@@ -253,10 +417,11 @@ cdef class Selector:
         return _snapshot.dump(*self.watermarks, [self.node(nid) for nid in self.node_ids])
 
     @classmethod
-    def from_state(cls, state):
-        """The inverse of `state()`: a selector whose next picks are this one's."""
+    def from_state(cls, state, ledger=None):
+        """The inverse of `state()`: a selector whose next picks are this one's. With a
+        ledger that others share, the load they count is kept unless this one reports."""
         high, low, rows = _snapshot.parse(state)
-        cdef Selector selector = cls(high, low)
+        cdef Selector selector = cls(high, low, ledger)
         cdef Py_ssize_t i
         for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
@@ -267,7 +432,8 @@ cdef class Selector:
             selector.overloaded[i] = overloaded
             selector.connections[i] = conns or 0
             selector.capacity[i] = cap or 0
-            selector.pending[i] = pending
+            if selector.reports:
+                ledger_set(_field(selector, i, LOAD), (conns or 0) + pending)
             selector.ramp[i] = ramp
             selector._reweigh(i)
         return selector
@@ -301,14 +467,25 @@ cdef class Selector:
         self.current = <int64_t *>_resized(self.current, size, sizeof(int64_t))
         self.connections = <int64_t *>_resized(self.connections, size, sizeof(int64_t))
         self.capacity = <int64_t *>_resized(self.capacity, size, sizeof(int64_t))
-        self.pending = <int64_t *>_resized(self.pending, size, sizeof(int64_t))
+        self.cell = <Py_ssize_t *>_resized(self.cell, size, sizeof(Py_ssize_t))
+        self.interval = <int64_t *>_resized(self.interval, size, sizeof(int64_t))
+        self.tolerance = <int64_t *>_resized(self.tolerance, size, sizeof(int64_t))
+        self.shadow = <int64_t *>_resized(self.shadow, size, sizeof(int64_t))
         self.ramp = <int64_t *>_resized(self.ramp, size, sizeof(int64_t))
         self.up = <uint8_t *>_resized(self.up, size, 1)
         self.draining = <uint8_t *>_resized(self.draining, size, 1)
         self.overloaded = <uint8_t *>_resized(self.overloaded, size, 1)
         self.eligible = <uint8_t *>_resized(self.eligible, size, 1)
         self.excluded = <uint8_t *>_resized(self.excluded, size, 1)
+        memset(&self.excluded[self.allocated], 0, <size_t>(size - self.allocated))
         self.allocated = size
+        return 0
+
+    cdef int _attach(self, object ledger) except -1:
+        self.memory = ledger.memory
+        self.base = <char *>&self.memory[0]
+        self.ledger = ledger
+        self.reports = ledger.reports
         return 0
 
     cdef Py_ssize_t _slot(self, object node_id) except -1:

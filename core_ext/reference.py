@@ -16,6 +16,17 @@ Rules, in the order a pick applies them:
    plus pending picks, so a burst between two reports cannot push a node past its high
    watermark: once (connections + pending) / capacity reaches the high watermark, the node
    is overloaded and gets no picks until a report shows it below the low watermark.
+4. A node with an assignment cap (`set_rate`) takes part only while its allowance lets it
+   take one more client (GCRA: a second's worth at once, then one per 1/rate seconds).
+
+Connections plus pending picks (the node's *load*) and the cap's allowance live in a
+`Ledger` (see `core_ext.ledger`): private to the selector by default, or shared by every
+worker process of one dispatcher, so the watermark and the cap hold whatever the number of
+processes picking. Checking a node's load and counting the pick is one atomic step per
+node, so two processes never both take a node's last place.
+
+`backups(count)` names the nodes the rotation would choose next, without taking their
+turns or counting them: a client's fallbacks are not where it goes.
 
 Dynamic weight (recomputed by `report()`, `set_weight()` and `set_ramp()`, never by a
 pick, so pick sequences stay deterministic between them)::
@@ -37,20 +48,22 @@ the last digit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from core_ext import _rules, _snapshot
-from core_ext._rules import MAX_COUNT, PPM, RAMP_FULL, WEIGHT_SCALE
+from core_ext._rules import MAX_COUNT, MAX_LOAD, PPM, RAMP_FULL, WEIGHT_SCALE
+from core_ext.ledger import DUE, INTERVAL, LOAD, Ledger
 
 
 class _Node:
     __slots__ = (
-        "capacity", "connections", "current", "draining", "effective", "id",
-        "overloaded", "pending", "ramp", "up", "weight",
+        "capacity", "cell", "connections", "current", "draining", "effective", "id", "interval",
+        "overloaded", "ramp", "tolerance", "up", "weight",
     )
 
-    def __init__(self, nid: str, weight: int) -> None:
+    def __init__(self, nid: str, weight: int, cell: int) -> None:
         self.id = nid
         self.weight = weight
         self.effective = weight * WEIGHT_SCALE
@@ -60,8 +73,10 @@ class _Node:
         self.overloaded = False
         self.connections: int | None = None  # None until the first report
         self.capacity: int | None = None
-        self.pending = 0
         self.ramp = RAMP_FULL  # thousandths of the weight while slowly starting
+        self.cell = cell  # the offset of this node's slot in the ledger
+        self.interval = 0  # assignment cap: nanoseconds per client; 0 = no cap
+        self.tolerance = 0  # how far ahead the allowance may be spent (the burst)
 
     @property
     def eligible(self) -> bool:
@@ -71,11 +86,13 @@ class _Node:
 class Selector:
     """Chooses one node per new client; see the module docstring for the rules."""
 
-    def __init__(self, high_watermark: float = 0.9, low_watermark: float = 0.8) -> None:
+    def __init__(self, high_watermark: float = 0.9, low_watermark: float = 0.8,
+                 ledger: Ledger | None = None) -> None:
         self._high, self._low = _rules.watermarks(high_watermark, low_watermark)
         self._watermarks = (high_watermark, low_watermark)
         self._nodes: list[_Node] = []  # in the order they were added: nginx's peer order
         self._index: dict[str, _Node] = {}
+        self.ledger = _rules.ledger(ledger) if ledger is not None else Ledger()
 
     # -- membership -------------------------------------------------------------------
 
@@ -84,13 +101,21 @@ class Selector:
         nid = _rules.node_id(node_id)
         if nid in self._index:
             raise _rules.duplicate_node(nid)
-        node = _Node(nid, _rules.weight(nid, weight))
+        node = _Node(nid, _rules.weight(nid, weight), self.ledger.claim(nid))
         self._nodes.append(node)
         self._index[nid] = node
 
     def remove(self, node_id: str) -> None:
-        self._nodes.remove(self._node(node_id))
+        node = self._node(node_id)
+        self._nodes.remove(node)
         del self._index[node_id]
+        self.ledger.release(node.cell)
+
+    def close(self) -> None:
+        """Release every node's ledger slot (a selector replaced by another)."""
+        for node in self._nodes:
+            self.ledger.release(node.cell)
+        self._nodes, self._index = [], {}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -129,36 +154,87 @@ class Selector:
         node = self._node(node_id)
         connections = _rules.count(node.id, "connections", connections, 0)
         capacity = _rules.count(node.id, "capacity", capacity, 1)
-        node.connections, node.capacity, node.pending = connections, capacity, 0
+        node.connections, node.capacity = connections, capacity
+        if self.ledger.reports:  # the picks since the last report are in it now
+            with self.ledger.locked():
+                self.ledger.set(node.cell, LOAD, connections)
         node.overloaded = _rules.overloaded_after(
             node.overloaded, connections, capacity, self._high, self._low
         )
         self._reweigh(node)
 
+    def set_rate(self, node_id: str, per_second: float | None) -> None:
+        """Cap the clients a second this node takes (None: no cap). A changed rate starts
+        with a full allowance, once for every process sharing the ledger."""
+        node = self._node(node_id)
+        node.interval, node.tolerance = _rules.rate(node.id, per_second)
+        ledger = self.ledger
+        with ledger.locked():
+            if ledger.get(node.cell, INTERVAL) != node.interval:
+                ledger.set(node.cell, INTERVAL, node.interval)
+                ledger.set(node.cell, DUE, 0)
+
     # -- the choice -------------------------------------------------------------------
 
-    def pick(self, exclude: Iterable[str] = ()) -> str | None:
-        """Return the id of the node the next client should use, or None if none can."""
-        skipped = {self._index.get(x) for x in _rules.exclusion(exclude)} if exclude else ()
-        best: _Node | None = None
-        total = 0
-        for node in self._nodes:
-            if not node.eligible or node in skipped:
-                continue
-            node.current += node.effective
-            total += node.effective
-            if best is None or node.current > best.current:
-                best = node
-        if best is None:
-            return None
-        best.current -= total
-        if best.pending < MAX_COUNT:
-            best.pending += 1
-        if best.capacity is not None and (
-            (best.connections + best.pending) * PPM >= self._high * best.capacity
-        ):
-            best.overloaded = True
+    def pick(self, exclude: Iterable[str] = (), now: int | None = None) -> str | None:
+        """Return the id of the node the next client should use, or None if none can.
+
+        `now` is CLOCK_MONOTONIC in nanoseconds (`time.monotonic_ns()`, the default), the
+        clock of the assignment caps."""
+        skipped = self._skipped(exclude)
+        if now is None:
+            now = time.monotonic_ns()
+        ledger = self.ledger
+        with ledger.locked():  # the check and the count are one step for other processes
+            best: _Node | None = None
+            total = 0
+            for node in self._nodes:
+                if node in skipped or not self._available(node, now):
+                    continue
+                node.current += node.effective
+                total += node.effective
+                if best is None or node.current > best.current:
+                    best = node
+            if best is None:
+                return None
+            best.current -= total
+            load = ledger.get(best.cell, LOAD)
+            if load < MAX_LOAD:
+                load += 1
+                ledger.set(best.cell, LOAD, load)
+            if best.capacity is not None and load * PPM >= self._high * best.capacity:
+                best.overloaded = True
+            if best.interval:
+                due = ledger.get(best.cell, DUE)
+                ledger.set(best.cell, DUE, max(due, now) + best.interval)
         return best.id
+
+    def backups(self, count: int, exclude: Iterable[str] = (),
+                now: int | None = None) -> list[str]:
+        """Up to `count` distinct nodes the rotation would choose next, none of them in
+        `exclude`: a client's fallbacks. Nothing changes: no turn is taken, no pick is
+        counted, no allowance is spent."""
+        count = _rules.backup_count(count)
+        skipped = set(self._skipped(exclude))
+        if now is None:
+            now = time.monotonic_ns()
+        with self.ledger.locked():
+            candidates = [node for node in self._nodes
+                          if node not in skipped and self._available(node, now, peek=True)]
+        current = {node.id: node.current for node in candidates}
+        chosen: list[str] = []
+        while candidates and len(chosen) < count:
+            best: _Node | None = None
+            total = 0
+            for node in candidates:
+                current[node.id] += node.effective
+                total += node.effective
+                if best is None or current[node.id] > current[best.id]:
+                    best = node
+            current[best.id] -= total
+            chosen.append(best.id)
+            candidates.remove(best)
+        return chosen
 
     # -- state ------------------------------------------------------------------------
 
@@ -167,7 +243,7 @@ class Selector:
         n = self._node(node_id)
         return _snapshot.node_view(
             n.id, n.weight, n.effective, n.current, n.up, n.draining, n.overloaded,
-            n.eligible, n.connections, n.capacity, n.pending, n.ramp,
+            n.eligible, n.connections, n.capacity, self._pending(n), n.ramp,
         )
 
     def state(self) -> dict[str, Any]:
@@ -175,16 +251,20 @@ class Selector:
         return _snapshot.dump(*self._watermarks, (self.node(n.id) for n in self._nodes))
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> Selector:
-        """The inverse of `state()`: a selector whose next picks are this one's."""
+    def from_state(cls, state: Mapping[str, Any], ledger: Ledger | None = None) -> Selector:
+        """The inverse of `state()`: a selector whose next picks are this one's. With a
+        ledger that others share, the load they count is kept unless this one reports."""
         high, low, rows = _snapshot.parse(state)
-        selector = cls(high, low)
+        selector = cls(high, low, ledger)
         for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
             node = selector._index[nid]
-            node.current, node.pending = current, pending
+            node.current = current
             node.up, node.draining, node.overloaded = up, draining, overloaded
             node.connections, node.capacity, node.ramp = conns, cap, ramp
+            if selector.ledger.reports:
+                with selector.ledger.locked():
+                    selector.ledger.set(node.cell, LOAD, (conns or 0) + pending)
             selector._reweigh(node)
         return selector
 
@@ -216,6 +296,27 @@ class Selector:
         if node is None:
             raise _rules.unknown_node(node_id)
         return node
+
+    def _skipped(self, exclude: Iterable[str]) -> Any:
+        return {self._index.get(x) for x in _rules.exclusion(exclude)} if exclude else ()
+
+    def _available(self, node: _Node, now: int, peek: bool = False) -> bool:
+        """Eligible, below the high watermark by the shared load, and within its cap.
+        A node found over the watermark is overloaded from now on (unless only peeking)."""
+        if not node.eligible:
+            return False
+        if node.capacity is not None and (
+            self.ledger.get(node.cell, LOAD) * PPM >= self._high * node.capacity
+        ):
+            if not peek:
+                node.overloaded = True
+            return False
+        return not node.interval or self.ledger.get(node.cell, DUE) - node.tolerance <= now
+
+    def _pending(self, node: _Node) -> int:
+        """Picks counted since the node's last report (by every process sharing the ledger)."""
+        load = self.ledger.get(node.cell, LOAD)
+        return min(MAX_COUNT, max(0, load - (node.connections or 0)))
 
     def _reweigh(self, node: _Node) -> None:
         if node.capacity is None:

@@ -1,12 +1,21 @@
 """Pacing new clients per node: slow start and a cap on assignments per second.
 
-Both are per worker and follow from the routing state and the clock, so they need no
-events: a restarted worker computes the same ramps from the nodes' `health_since`.
+Both follow from the routing state and the clock, so they need no events: a restarted
+worker computes the same ramps from the nodes' `health_since`. The cap is counted by the
+selection core in the ledger that every worker of one dispatcher shares
+(`core_ext.ledger`), so it means the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from core_ext.ledger import Ledger
 from dispatcher.domain.state import NodeRecord
+from dispatcher.stats import DIRECTORY_VARIABLE
+
+LEDGER_FILE = "ledger"
 
 RAMP_FULL = 1000
 RAMP_START = 50  # a node that just came up gets 5% of its weight, growing to 100%
@@ -24,49 +33,15 @@ def slow_start_ramp(record: NodeRecord, now: float, slow_start: float) -> int:
     return max(RAMP_START, min(RAMP_FULL, int(RAMP_FULL * elapsed / slow_start)))
 
 
-class AssignmentLimiter:
-    """At most `rate` clients a second per node, per worker (a second's worth, and at
-    least one, at once), so a reconnect storm after a node dies is spread over the
-    survivors instead of piling onto the emptiest. A node that used up its allowance is
-    excluded from picks until it may take a client again.
-
-    A token bucket kept as GCRA (one "due" time per node instead of tokens and a clock),
-    so a pick costs a dict lookup and an addition."""
-
-    def __init__(self) -> None:
-        self._limits: dict[str, tuple[float, float]] = {}  # node -> (interval, tolerance)
-        self._due: dict[str, float] = {}  # node -> when its allowance is fully spent
-        self.blocked: dict[str, float] = {}  # node -> when it may take a client again
-
-    def set_rates(self, rates: dict[str, float | None]) -> None:
-        """Each node's clients a second (None: no cap). Nodes not named are forgotten; a
-        node whose rate changed starts afresh with a full allowance (its old "due" time
-        was counted at the old rate, and could keep it blocked long after a raise)."""
-        limits = {node_id: (1.0 / rate, (max(rate, 1.0) - 1.0) / rate)
-                  for node_id, rate in rates.items() if rate is not None}
-        changed = {n for n, limit in self._limits.items() if limits.get(n) != limit}
-        self._limits = limits
-        for table in (self._due, self.blocked):
-            for node_id in [n for n in table if n in changed or n not in limits]:
-                del table[node_id]
-
-    def refill(self, now: float) -> None:
-        """Unblock nodes that may take a client again (call before picking)."""
-        for node_id, free_at in list(self.blocked.items()):
-            if free_at <= now:
-                del self.blocked[node_id]
-
-    def took(self, node_id: str, now: float) -> None:
-        """A client was handed to `node_id`; block it if that used up its allowance."""
-        limit = self._limits.get(node_id)
-        if limit is None:
-            return
-        interval, tolerance = limit
-        due = self._due.get(node_id, now)
-        due = (due if due > now else now) + interval
-        self._due[node_id] = due
-        if due - tolerance > now:
-            self.blocked[node_id] = due - tolerance
+def open_ledger(reports: bool) -> Ledger:
+    """The counters this worker picks against: the file every worker of this `serve`
+    maps (in the run's directory, which the supervisor makes when it starts several
+    workers), else counters of its own. `reports`: this worker polls the nodes, so its
+    load reports reset the counts of picks (the leader's)."""
+    directory = os.environ.get(DIRECTORY_VARIABLE)
+    if not directory:
+        return Ledger(reports=reports)
+    return Ledger.shared(Path(directory) / LEDGER_FILE, reports=reports)
 
 
 def assign_rate(record: NodeRecord, configured: float) -> float | None:

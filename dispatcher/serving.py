@@ -31,7 +31,7 @@ class Serving:
     def __init__(self, config: cfg.Config, stats: WorkerStats | None = None) -> None:
         self.config = config
         self.stats = stats if stats is not None else WorkerStats()
-        self.limiter = pacing.AssignmentLimiter()
+        self._paced: Any = None  # the selector update_pacing last set rates on
         self._ramping: set[str] = set()
         self._pacing: asyncio.Task | None = None
         self.opened_at: float | None = None
@@ -43,6 +43,9 @@ class Serving:
         raise NotImplementedError
 
     def _start_pacing(self) -> None:
+        """Once the state is in hand: count picks in the ledger this worker shares with
+        the others of its dispatcher, then pace them."""
+        self.state.use_ledger(pacing.open_ledger(reports=self.role == "leader"))
         self.opened_at = time.monotonic()
         self._pacing = asyncio.get_running_loop().create_task(self._slow_start())
 
@@ -53,28 +56,30 @@ class Serving:
     def log_failure(self) -> BaseException | None:
         return None
 
+    def link_fault(self) -> str | None:
+        """Why this worker's NATS link is not trusted now (the leader's poller found it
+        delivers nothing), or None."""
+        return None
+
 
     def choose(self, request: PickRequest) -> list[NodeRecord]:
         """The node for one new client, then distinct backups; [] when none can take one.
 
-        Nodes that used up their assignments for now are skipped (pacing)."""
-        selector, limiter = self.state.selector, self.limiter
-        now = time.monotonic()
-        if limiter.blocked:
-            limiter.refill(now)
-        excluded = ([*request.exclude, *limiter.blocked] if limiter.blocked
-                    else request.exclude)
+        Only the first is an assignment: it takes its round-robin turn and counts against
+        the node's watermark and assignment cap, for every worker (the ledger). Backups are
+        the nodes the rotation would choose next; they take nothing, since the client goes
+        there only if the first fails, and then asks again with `exclude`."""
+        selector = self.state.selector
+        if selector is not self._paced:  # new (a watermark change rebuilds it): rates first
+            self.update_pacing()
+        node_id = selector.pick(request.exclude)
+        if node_id is None:
+            return []
         nodes = self.state.nodes
-        chosen: list[NodeRecord] = []
-        while True:
-            node_id = selector.pick(excluded)
-            if node_id is None:
-                return chosen
-            chosen.append(nodes[node_id])
-            limiter.took(node_id, now)
-            if len(chosen) == request.count:
-                return chosen
-            excluded = [*excluded, node_id]
+        if request.count == 1:
+            return [nodes[node_id]]
+        others = selector.backups(request.count - 1, (*request.exclude, node_id))
+        return [nodes[node_id], *(nodes[other] for other in others)]
 
     def answer(self, chosen: list[NodeRecord], backups: bool) -> bytes:
         """The get-tcp-ip JSON body: {"node","ip","port"} and, if asked, "backups".
@@ -101,14 +106,14 @@ class Serving:
         node its assignment cap. Run after every poll cycle, so a node that just came up
         starts small at once, and four times a second, so its share grows smoothly."""
         configured = self.config.balance.assign_rate
-        self.limiter.set_rates({node_id: pacing.assign_rate(record, configured)
-                                for node_id, record in self.state.nodes.items()})
+        selector = self._paced = self.state.selector
         now = time.time()
         slow_start = self.config.balance.slow_start
         for node_id, record in self.state.nodes.items():
+            selector.set_rate(node_id, pacing.assign_rate(record, configured))
             ramp = pacing.slow_start_ramp(record, now, slow_start)
             if ramp < pacing.RAMP_FULL or node_id in self._ramping:
-                self.state.selector.set_ramp(node_id, ramp)
+                selector.set_ramp(node_id, ramp)
                 if ramp < pacing.RAMP_FULL:
                     self._ramping.add(node_id)
                 else:
@@ -120,7 +125,9 @@ class Serving:
         """A poll cycle ended: every node's load is known afresh, so the picks counted as
         pending since the last report are in it. Report the recorded figures again, which
         clears pending, even for nodes whose load moved too little to record an event;
-        otherwise pending would pile up on a node with a steady load until it looked full."""
+        otherwise pending would pile up on a node with a steady load until it looked full.
+        (Only the leader's reports write the ledger; followers' reports refresh their own
+        weights and overload flags.)"""
         selector = self.state.selector
         for node_id, record in self.state.nodes.items():
             if record.capacity is not None:
@@ -170,7 +177,8 @@ class Serving:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once the state is in hand (a poll cycle done, or a replayed state with
-        nodes) and not older than `stale_after`."""
+        nodes) and not older than `stale_after`, and not while the NATS link is known to
+        deliver nothing (the state can only get older then)."""
         now = time.monotonic()
         age, nats_connected = self.poll_status()
         stale_after = self.config.poll.stale_after
@@ -187,6 +195,9 @@ class Serving:
         }
         if failure is not None:
             return False, {**details, "reason": f"event log failed: {failure}"}
+        fault = self.link_fault()
+        if fault is not None:
+            return False, {**details, "reason": fault}
         if age is None:
             known = any(record.health != "unknown" for record in self.state.nodes.values())
             if known and self.opened_at is not None and now - self.opened_at < stale_after:

@@ -1,4 +1,5 @@
-"""Slow start ramps, the per-node assignment cap, pending picks and panic mode."""
+"""Slow start ramps, the assignment rate, pending picks and panic mode (the cap itself is
+counted by the selection core: tests/core/test_ledger.py)."""
 
 import asyncio
 import tempfile
@@ -33,67 +34,6 @@ def test_assign_rate_defaults_to_a_tenth_of_capacity():
     assert pacing.assign_rate(record(capacity=5), 0) == 1.0
     assert pacing.assign_rate(record(capacity=5000), 42) == 42
     assert pacing.assign_rate(record(), 0) is None  # capacity unknown: no cap
-
-
-def test_limiter_blocks_a_node_until_its_allowance_returns():
-    limiter = pacing.AssignmentLimiter()
-    limiter.set_rates({"n1": 8.0, "n2": None})  # 8 a second: one every 0.125 s
-    for _ in range(7):  # a second's worth at once
-        limiter.took("n1", now=0.0)
-    assert "n1" not in limiter.blocked
-    limiter.took("n1", now=0.0)
-    assert set(limiter.blocked) == {"n1"}
-    limiter.refill(now=0.0625)  # half a client's worth back: still blocked
-    assert set(limiter.blocked) == {"n1"}
-    limiter.refill(now=0.125)
-    assert limiter.blocked == {}
-    limiter.took("n1", now=0.125)  # one back, one taken
-    assert set(limiter.blocked) == {"n1"}
-    limiter.refill(now=1.125)  # a whole second: eight again
-    for _ in range(7):
-        limiter.took("n1", now=1.125)
-    assert limiter.blocked == {}
-    limiter.took("n1", now=1.125)
-    assert set(limiter.blocked) == {"n1"}
-    for _ in range(1000):
-        limiter.took("n2", now=0.0)  # no rate: never blocked
-    assert "n2" not in limiter.blocked
-
-
-def test_limiter_rates_below_one_a_second():
-    limiter = pacing.AssignmentLimiter()
-    limiter.set_rates({"n1": 0.5})
-    limiter.took("n1", now=0.0)
-    assert set(limiter.blocked) == {"n1"}
-    limiter.refill(now=1.0)  # half a client's worth back
-    assert set(limiter.blocked) == {"n1"}
-    limiter.refill(now=2.0)  # one client every two seconds
-    assert limiter.blocked == {}
-
-
-def test_limiter_forgets_nodes_without_a_rate():
-    limiter = pacing.AssignmentLimiter()
-    limiter.set_rates({"n1": 1.0})
-    limiter.took("n1", now=0.0)
-    assert set(limiter.blocked) == {"n1"}
-    limiter.set_rates({})  # removed, or its capacity no longer known
-    assert limiter.blocked == {}
-    limiter.took("n1", now=0.0)
-    assert limiter.blocked == {}
-
-
-def test_a_raised_rate_unblocks_at_once():
-    limiter = pacing.AssignmentLimiter()
-    limiter.set_rates({"n1": 0.001})  # one client in 1000 s
-    limiter.took("n1", now=0.0)
-    assert set(limiter.blocked) == {"n1"}
-    limiter.set_rates({"n1": 0.001})  # the same rate again (every pacing tick): no change
-    assert set(limiter.blocked) == {"n1"}
-    limiter.set_rates({"n1": 1024.0})  # a reload raised it
-    assert limiter.blocked == {}
-    for _ in range(1023):  # a second's worth, less one
-        limiter.took("n1", now=5.0)
-    assert limiter.blocked == {}
 
 
 def test_address_limit_allows_a_seconds_worth_then_says_when():
@@ -133,7 +73,8 @@ def test_each_poll_clears_pending_picks_even_without_a_load_event(tmp_path):
     async def run():
         journal = Journal(FileLog(tmp_path))
         await journal.open()
-        worker, state = Worker(journal, cfg.parse("")), journal.state
+        config = cfg.parse("[balance]\nassign_rate = 1000\n")  # the cap is not under test
+        worker, state = Worker(journal, config), journal.state
         await journal.record(decisions.add_node(state, "a", "10.0.0.1", 9000, 1, actor="t"))
         await journal.record(decisions.mark_up(state, "a"))
         await journal.record(decisions.observe_load(state, "a", 0, 100))

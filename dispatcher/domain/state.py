@@ -7,8 +7,9 @@ same state, which is what makes the log an audit trail.
 
 What is state here: per node its address, static weight, health, draining, the last
 reported load and whether that load put it over the watermarks; the watermarks; the last
-recorded configuration. What is not: the selector's round-robin positions and pending
-picks, which belong to whoever serves picks (each worker process has its own).
+recorded configuration. What is not: the selector's round-robin positions (each worker
+process has its own) and the picks counted since the last report (in the ledger that the
+workers of one dispatcher share).
 """
 
 from __future__ import annotations
@@ -154,10 +155,20 @@ class RoutingState:
             ppm = core_ext.watermarks_ppm(high, low)  # refuses bad values before any change
             state = self.selector.state()
             state["high_watermark"], state["low_watermark"] = high, low
-            self.selector = self._selector_class.from_state(state)
+            self._replace_selector(state, self.selector.ledger)
             self.high_watermark, self.low_watermark = high, low
             self.high_ppm, self.low_ppm = ppm
         self.config = event.config
+
+    def use_ledger(self, ledger: Any) -> None:
+        """Count picks and allowances in `ledger` from now on (the one every worker of
+        this dispatcher shares: see `core_ext.ledger`); routing positions are kept."""
+        self._replace_selector(self.selector.state(), ledger)
+
+    def _replace_selector(self, state: dict[str, Any], ledger: Any) -> None:
+        old = self.selector
+        self.selector = self._selector_class.from_state(state, ledger)
+        old.close()  # gives its ledger slots back
 
     # -- views ------------------------------------------------------------------------
 

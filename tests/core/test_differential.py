@@ -15,6 +15,8 @@ WEIGHTS = st.one_of(st.integers(0, 20), st.integers(-3, 10_003), st.sampled_from
 COUNTS = st.one_of(st.integers(0, 200), st.integers(-2, 2), st.sampled_from([10**9 + 1, 2.0]))
 FLAGS = st.one_of(st.booleans(), st.sampled_from([1, "no"]))
 RATIOS = st.integers(1, 100).map(lambda pct: pct / 100)
+RATES = st.one_of(st.none(), st.floats(0.2, 40), st.sampled_from([0, -1.0, "5", float("nan")]))
+NOW = st.integers(0, 5_000_000_000)  # nanoseconds: picks at random moments in 5 s
 
 OPERATIONS = st.one_of(
     st.tuples(st.just("add"), IDS, WEIGHTS),
@@ -30,6 +32,9 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("pick"), st.lists(st.one_of(IDS, st.just(["unhashable"])), max_size=3)),
     st.tuples(st.just("set_ramp"), IDS, st.one_of(st.integers(0, 1000), st.integers(-1, 1001))),
     st.tuples(st.just("restore")),
+    st.tuples(st.just("set_rate"), IDS, RATES),
+    st.tuples(st.just("pick"), st.lists(IDS, max_size=2), NOW),
+    st.tuples(st.just("backups"), st.integers(-1, 6), st.lists(IDS, max_size=3), NOW),
 )
 
 

@@ -1,0 +1,177 @@
+"""The ledger: per-node counters that every worker process of one dispatcher shares.
+
+A selector's round-robin positions are its own, but two figures must be the same for every
+process that picks, or `high_watermark` and the assignment cap would mean N times as much
+with N workers:
+
+- `load`: the node's reported connections plus the picks made since that report, by any
+  process. A pick takes a client only if the load stays below the high watermark, with one
+  compare-and-swap, so two processes can never both take the last place.
+- `due`: the assignment cap's GCRA "theoretical arrival time" (CLOCK_MONOTONIC
+  nanoseconds, one clock for every process on the machine), and `interval`, the rate it
+  was counted at, so a changed rate restarts the allowance once, not once per process.
+
+The ledger is a file mapped into every process (`Ledger.shared(path)`), or anonymous
+memory for a selector of its own (`Ledger()`). Each node has one 64-byte slot, found by a
+digest of its id, so processes that add the same node share its slot whatever order they
+add nodes in. Slots are claimed and released (a count of holders) under an exclusive
+`flock` of the file; that only happens when nodes are added or removed. The compiled
+selector updates the counters with C atomics; the pure-Python twin takes the same lock for
+each update, which is slow and correct, as a specification should be.
+
+Layout, little-endian int64 fields: a 64-byte header (magic, version, slot count), then
+per slot `load, due, interval, holders, digest[16], pad[16]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from core_ext.errors import SelectorError
+
+MAGIC = b"IMDLEDG1"
+VERSION = 1
+HEADER = struct.Struct("<8sqq")
+HEADER_SIZE = 64
+SLOT_SIZE = 64
+DEFAULT_SLOTS = 65536
+# field offsets in a slot (bytes), shared with the compiled selector through these names
+LOAD, DUE, INTERVAL, HOLDERS, DIGEST = 0, 8, 16, 24, 32
+DIGEST_SIZE = 16
+_INT = struct.Struct("<q")
+
+
+class LedgerError(SelectorError):
+    """The ledger file cannot be used (another format, full, unreadable)."""
+
+
+def digest(node_id: str) -> bytes:
+    """The slot key of a node id (ids of any length fit a fixed slot)."""
+    return hashlib.blake2b(node_id.encode("utf-8", "surrogatepass"),
+                           digest_size=DIGEST_SIZE).digest()
+
+
+class Ledger:
+    """Shared (file) or private (anonymous) counters; see the module docstring.
+
+    `reports` says whether a selector on this handle writes reported loads into the
+    ledger. Exactly one process should (the one that polls the nodes): the others apply the
+    same reports later, from the event log, and must not wipe the picks made since.
+    """
+
+    def __init__(self, slots: int = DEFAULT_SLOTS, *, reports: bool = True,
+                 _fd: int | None = None) -> None:
+        if type(slots) is not int or not 1 <= slots <= 1 << 20:
+            raise LedgerError(f"a ledger has 1..{1 << 20} slots, got {slots!r}")
+        self.reports = reports
+        self.path: Path | None = None
+        self._fd = _fd
+        size = HEADER_SIZE + slots * SLOT_SIZE
+        if _fd is None:
+            self.memory = mmap.mmap(-1, size)
+            HEADER.pack_into(self.memory, 0, MAGIC, VERSION, slots)
+        else:
+            self.memory = mmap.mmap(_fd, size)
+        self.slots = slots
+
+    @classmethod
+    def shared(cls, path: str | os.PathLike[str], *, reports: bool,
+               slots: int = DEFAULT_SLOTS) -> Ledger:
+        """Open the ledger file at `path`, creating it if this process is the first."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                header = os.pread(fd, HEADER.size, 0)
+                if not header:
+                    os.ftruncate(fd, HEADER_SIZE + slots * SLOT_SIZE)
+                    os.pwrite(fd, HEADER.pack(MAGIC, VERSION, slots), 0)
+                else:
+                    magic, version, slots = HEADER.unpack(header.ljust(HEADER.size, b"\0"))
+                    if magic != MAGIC or version != VERSION:
+                        raise LedgerError(f"{path} is not a ledger of version {VERSION}")
+                    if os.fstat(fd).st_size < HEADER_SIZE + slots * SLOT_SIZE:
+                        raise LedgerError(f"{path} is shorter than its {slots} slots")
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            ledger = cls(slots, reports=reports, _fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        ledger.path = Path(path)
+        return ledger
+
+    @property
+    def is_shared(self) -> bool:
+        return self._fd is not None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive access among processes (a no-op for a private ledger)."""
+        if self._fd is None:
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    # -- slots ------------------------------------------------------------------------
+
+    def claim(self, node_id: str) -> int:
+        """The byte offset of `node_id`'s slot, shared with every process that claimed the
+        same id and has not released it; a slot nobody holds is reset before reuse."""
+        key = digest(node_id)
+        start = int.from_bytes(key[:8], "little") % self.slots
+        with self.locked():
+            free = None
+            for step in range(self.slots):
+                offset = HEADER_SIZE + (start + step) % self.slots * SLOT_SIZE
+                holders = self.get(offset, HOLDERS)
+                stored = self.memory[offset + DIGEST:offset + DIGEST + DIGEST_SIZE]
+                if holders > 0 and stored == key:
+                    self.set(offset, HOLDERS, holders + 1)
+                    return offset
+                if holders <= 0 and free is None:
+                    free = offset
+                if stored == bytes(DIGEST_SIZE):  # never used: the key is not further on
+                    break
+            if free is None:
+                raise LedgerError(f"the ledger's {self.slots} slots are all held; cannot "
+                                  f"add node {node_id!r}")
+            self.memory[free:free + SLOT_SIZE] = bytes(SLOT_SIZE)
+            self.memory[free + DIGEST:free + DIGEST + DIGEST_SIZE] = key
+            self.set(free, HOLDERS, 1)
+            return free
+
+    def release(self, offset: int) -> None:
+        """This selector no longer holds the slot (its node was removed)."""
+        with self.locked():
+            self.set(offset, HOLDERS, max(0, self.get(offset, HOLDERS) - 1))
+
+    # -- fields (the reference selector's access; call under `locked()` when shared) ---
+
+    def get(self, offset: int, field: int) -> int:
+        return _INT.unpack_from(self.memory, offset + field)[0]
+
+    def set(self, offset: int, field: int, value: int) -> None:
+        _INT.pack_into(self.memory, offset + field, value)
+
+    def close(self) -> None:
+        """Unmap and close (fails while a compiled selector still points into it)."""
+        self.memory.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __repr__(self) -> str:
+        where = self.path if self.is_shared else "private"
+        return f"<core_ext.ledger.Ledger {where} slots={self.slots} reports={self.reports}>"

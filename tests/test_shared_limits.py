@@ -1,0 +1,64 @@
+"""The watermark, the assignment cap and backups hold whatever the number of workers:
+real `imdispatch serve` processes, real imnodes, real clients filling them through
+get-tcp-ip (tests/filler.py)."""
+
+import asyncio
+import math
+from collections import Counter
+
+import pytest
+
+from tests.filler import fill
+from tests.test_dispatcher_e2e import WEIGHTS, Cluster
+
+CAPACITY = 100
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_node_is_filled_past_its_watermark_whatever_the_workers(tmp_path, nats_server,
+                                                                     workers):
+    running = Cluster(tmp_path, nats_server.url, workers=workers, capacity=CAPACITY,
+                      assign_rate=10_000)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        result = asyncio.run(fill(running.url(""), seconds=30))
+        limit = math.ceil(0.9 * CAPACITY)
+        assert result["refused"] > 0, result  # it did fill them up
+        assert all(held <= limit for held in result["held"].values()), result
+        assert sum(result["held"].values()) >= 3 * limit - 6, result  # and nearly to the top
+        nodes = {n["id"]: n for n in running.admin("GET", "/admin/nodes")[2]}
+        assert all(node["connections"] <= limit for node in nodes.values()), nodes
+    finally:
+        running.stop()
+
+
+def test_the_assignment_cap_is_one_for_all_workers(tmp_path, nats_server):
+    rate = 15
+    running = Cluster(tmp_path, nats_server.url, workers=2, capacity=10_000,
+                      assign_rate=rate)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        result = asyncio.run(fill(running.url(""), seconds=3))
+        # each node: a second's burst plus a second's rate in any one-second window
+        assert all(peak <= 2 * rate + 1 for peak in result["peak_per_second"].values()), result
+        assert result["answered"] <= 3 * rate * (3 + 1) + 3, result
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_backups_neither_skew_primaries_nor_spend_the_cap(tmp_path, nats_server, count):
+    running = Cluster(tmp_path, nats_server.url, assign_rate=100)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        primaries = Counter()
+        for _ in range(120):  # 120 clients in well under a second: within every cap
+            status, _, body = running.get(f"/get-tcp-ip?count={count}")
+            assert status == 200, body
+            primaries[body["node"]] += 1
+            backups = [backup["node"] for backup in body["backups"]]
+            assert len(backups) == count - 1 and body["node"] not in backups
+        total = sum(WEIGHTS.values())
+        assert primaries == {node: 120 * weight // total for node, weight in WEIGHTS.items()}
+    finally:
+        running.stop()
