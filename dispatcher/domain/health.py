@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,25 +88,41 @@ def parse_status(node_id: str, data: bytes) -> NodeStatus | Failure:
 
 
 class HealthTracker:
-    """Consecutive successes and failures per node; says when health should change."""
+    """Consecutive successes and failures per node; says when health should change.
+
+    It remembers only the nodes it was last told exist (`retain`): a removed node's
+    streak goes with it, so a node added again under the same id rises from nothing, and
+    the table never grows past the node list."""
 
     def __init__(self, rise: int, fall: int) -> None:
         self.rise, self.fall = rise, fall
         self._streak: dict[str, int] = {}  # > 0: successes in a row, < 0: failures
+        self._nodes: dict[str, object] = {}  # the node each streak belongs to
 
-    def observe(self, node_id: str, result: NodeStatus | Failure, health: str) -> str | None:
-        """Record one poll result for a node whose health is now `health`; return "up" or
-        "down" when that should change, else None."""
+    def retain(self, nodes: Mapping[str, object]) -> None:
+        """Keep the streaks of the nodes in `nodes` (id -> the node's record) only; a
+        record that is not the one seen before is a new node under an old id."""
+        for node_id, record in nodes.items():
+            if self._nodes.get(node_id, record) is not record:
+                self._streak.pop(node_id, None)
+        for node_id in self._streak.keys() - nodes.keys():
+            del self._streak[node_id]
+        self._nodes = dict(nodes)
+
+    def observe(self, node_id: str, result: NodeStatus | Failure, health: str,
+                cause: str | None = None) -> str | None:
+        """Record one poll result for a node whose health is now `health` (down for
+        `cause`); return "up" or "down" when that should change, else None. "down" also
+        when a node already down fails for another cause as surely as it takes to fall
+        (a frozen node that then dies is down for `no_responders` from then on)."""
         streak = self._streak.get(node_id, 0)
         if isinstance(result, Failure):
             streak = min(streak, 0) - 1
             self._streak[node_id] = streak
-            if health != "down" and (result.sure or -streak >= self.fall):
+            convinced = result.sure or -streak >= self.fall
+            if convinced and (health != "down" or result.cause != cause):
                 return "down"
             return None
         streak = max(streak, 0) + 1
         self._streak[node_id] = streak
         return "up" if health != "up" and streak >= self.rise else None
-
-    def forget(self, node_id: str) -> None:
-        self._streak.pop(node_id, None)
