@@ -58,6 +58,13 @@ def measured(name: str) -> float | None:
     return None if value is None else value[0]
 
 
+def _worst(name: str) -> float | None:
+    """The largest of a figure measured per worker count (1, 2, 4), if any was."""
+    values = [measured(name.format(workers)) for workers in (1, 2, 4)]
+    values = [value for value in values if value is not None]
+    return max(values) if values else None
+
+
 @dataclass(frozen=True)
 class Target:
     description: str
@@ -69,6 +76,15 @@ class Target:
 TARGETS = [
     Target("compiled pick() at 8 nodes <= 100 ns",
            lambda: compiled_ns("pick, 8 nodes"), "ns", lambda v: v <= 100),
+    Target("compiled pick() with the shared ledger and caps at 8 nodes <= 150 ns",
+           lambda: compiled_ns("pick, 8 nodes, shared ledger + caps"), "ns",
+           lambda v: v <= 150),
+    Target("fill with 1, 2 and 4 workers: no node past ceil(high_watermark x capacity)",
+           lambda: _worst("fill, {} workers: clients past the watermark (most)"), "clients",
+           lambda v: v <= 0),
+    Target("fill with 1, 2 and 4 workers: assignments/s within the cap + a second's burst",
+           lambda: _worst("fill, {} workers: peak assignments/s over cap + burst"), "x",
+           lambda v: v <= 1),
     Target("compiled pick() at 64 nodes >= 25x the reference",
            lambda: speedup("pick, 64 nodes"), "x", lambda v: v >= 25),
     Target("file log append with fsync=batch >= 100k events/s",

@@ -28,6 +28,8 @@ cdef int64_t MAX_LOAD = _MAX_LOAD_PY
 cdef Py_ssize_t LOAD = _ledger.LOAD
 cdef Py_ssize_t DUE = _ledger.DUE
 cdef Py_ssize_t INTERVAL = _ledger.INTERVAL
+cdef Py_ssize_t PICKS = _ledger.PICKS
+cdef Py_ssize_t MARK = _ledger.MARK
 # bits of the `excluded` scratch array
 cdef uint8_t EXCLUDED = 1     # named by the caller
 cdef uint8_t UNAVAILABLE = 2  # over the watermark by the shared load, or capped for now
@@ -94,10 +96,13 @@ cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
     # then the allowance; False (and nothing counted) if another process got there first.
     cdef int64_t *load = _field(self, i, LOAD)
     cdef int64_t *due = _field(self, i, DUE)
+    cdef int64_t *picks = _field(self, i, PICKS)
     cdef int64_t seen, after, limit = self.high_ppm * self.capacity[i]
+    ledger_add(picks, 1)  # first, so a report meanwhile counts it pending (see _settle)
     while True:
         seen = ledger_get(load)
         if self.capacity[i] and seen * PPM >= limit:
+            ledger_add(picks, -1)
             self.overloaded[i] = 1
             self.eligible[i] = 0
             return False
@@ -109,6 +114,7 @@ cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
         if seen - self.tolerance[i] > now:
             if after != seen:
                 ledger_add(load, -1)  # give the count back
+            ledger_add(picks, -1)
             return False
         if ledger_swap(due, seen, (seen if seen > now else now) + self.interval[i]):
             break
@@ -116,6 +122,29 @@ cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
         self.overloaded[i] = 1
         self.eligible[i] = 0
     return True
+
+
+cdef void _settle(Selector self, Py_ssize_t i, int64_t connections) noexcept nogil:
+    # The ledger's load from a reported figure: picks since the last sample() stay
+    # pending (all are in the figure if there was none). A pick counts itself in `picks`
+    # before it swaps `load`, so this swap loop never loses one.
+    if not self.reports:
+        return
+    cdef int64_t *load = _field(self, i, LOAD)
+    cdef int64_t mark = ledger_get(_field(self, i, MARK))
+    cdef int64_t seen, since, after
+    while True:
+        seen = ledger_get(load)
+        since = 0
+        if mark >= 0:
+            since = ledger_get(_field(self, i, PICKS)) - mark
+            if since < 0:
+                since = 0
+        after = connections + since
+        if after > MAX_LOAD:
+            after = MAX_LOAD
+        if ledger_swap(load, seen, after):
+            return
 
 
 cdef class Selector:
@@ -260,20 +289,33 @@ cdef class Selector:
         self._reweigh(i)
 
     def report(self, node_id, connections, capacity):
-        """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
+        """Take a pulled load figure: clears the pending picks made before the last
+        `sample()` (all of them if there was none), recomputes weight and overload."""
         cdef Py_ssize_t i = self._slot(node_id)
         nid = self.node_ids[i]
         cdef int64_t conns = _count(nid, "connections", connections, 0)
         cdef int64_t cap = _count(nid, "capacity", capacity, 1)
         self.connections[i] = conns
         self.capacity[i] = cap
-        if self.reports:  # the picks since the last report are in it now
-            ledger_set(_field(self, i, LOAD), conns)
+        _settle(self, i, conns)
         if conns * PPM >= self.high_ppm * cap:
             self.overloaded[i] = 1
         elif conns * PPM < self.low_ppm * cap:
             self.overloaded[i] = 0
         self._reweigh(i)
+
+    def sample(self):
+        """The nodes are being asked for their load now: clients picked from here on
+        cannot be in their answers, so the reports that follow leave them pending."""
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            ledger_set(_field(self, i, MARK), ledger_get(_field(self, i, PICKS)))
+
+    def settle(self, node_id, connections):
+        """Count the node's load afresh from `connections`, as `report()` does, without
+        changing its weight or overload state (a fresher figure than the last report)."""
+        cdef Py_ssize_t i = self._slot(node_id)
+        _settle(self, i, _count(self.node_ids[i], "connections", connections, 0))
 
     def set_rate(self, node_id, per_second):
         """Cap the clients a second this node takes (None: no cap). A changed rate starts

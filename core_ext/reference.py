@@ -54,7 +54,7 @@ from typing import Any
 
 from core_ext import _rules, _snapshot
 from core_ext._rules import MAX_COUNT, MAX_LOAD, PPM, RAMP_FULL, WEIGHT_SCALE
-from core_ext.ledger import DUE, INTERVAL, LOAD, Ledger
+from core_ext.ledger import DUE, INTERVAL, LOAD, MARK, PICKS, Ledger
 
 
 class _Node:
@@ -150,18 +150,30 @@ class Selector:
         self._reweigh(node)
 
     def report(self, node_id: str, connections: int, capacity: int) -> None:
-        """Take a pulled load figure: clears pending picks, recomputes weight and overload."""
+        """Take a pulled load figure: clears the pending picks made before the last
+        `sample()` (all of them if there was none), recomputes weight and overload."""
         node = self._node(node_id)
         connections = _rules.count(node.id, "connections", connections, 0)
         capacity = _rules.count(node.id, "capacity", capacity, 1)
         node.connections, node.capacity = connections, capacity
-        if self.ledger.reports:  # the picks since the last report are in it now
-            with self.ledger.locked():
-                self.ledger.set(node.cell, LOAD, connections)
+        self._settle(node, connections)
         node.overloaded = _rules.overloaded_after(
             node.overloaded, connections, capacity, self._high, self._low
         )
         self._reweigh(node)
+
+    def sample(self) -> None:
+        """The nodes are being asked for their load now: clients picked from here on
+        cannot be in their answers, so the reports that follow leave them pending."""
+        with self.ledger.locked():
+            for node in self._nodes:
+                self.ledger.set(node.cell, MARK, self.ledger.get(node.cell, PICKS))
+
+    def settle(self, node_id: str, connections: int) -> None:
+        """Count the node's load afresh from `connections`, as `report()` does, without
+        changing its weight or overload state (a fresher figure than the last report)."""
+        node = self._node(node_id)
+        self._settle(node, _rules.count(node.id, "connections", connections, 0))
 
     def set_rate(self, node_id: str, per_second: float | None) -> None:
         """Cap the clients a second this node takes (None: no cap). A changed rate starts
@@ -198,6 +210,7 @@ class Selector:
             if best is None:
                 return None
             best.current -= total
+            ledger.set(best.cell, PICKS, ledger.get(best.cell, PICKS) + 1)
             load = ledger.get(best.cell, LOAD)
             if load < MAX_LOAD:
                 load += 1
@@ -312,6 +325,18 @@ class Selector:
                 node.overloaded = True
             return False
         return not node.interval or self.ledger.get(node.cell, DUE) - node.tolerance <= now
+
+    def _settle(self, node: _Node, connections: int) -> None:
+        """The ledger's load from a reported figure: the picks since the last `sample()`
+        stay pending (all of them are in the figure if there was none). Only the handle
+        that reports writes it: the others apply the same reports later, from the log."""
+        ledger = self.ledger
+        if not ledger.reports:
+            return
+        with ledger.locked():
+            mark = ledger.get(node.cell, MARK)
+            since = 0 if mark < 0 else max(0, ledger.get(node.cell, PICKS) - mark)
+            ledger.set(node.cell, LOAD, min(MAX_LOAD, connections + since))
 
     def _pending(self, node: _Node) -> int:
         """Picks counted since the node's last report (by every process sharing the ledger)."""

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -121,17 +122,21 @@ class Serving:
         self._ramping &= set(self.state.nodes)
         self.update_panic()
 
-    def poll_happened(self) -> None:
+    def poll_happened(self, fresh: Mapping[str, int] | None = None) -> None:
         """A poll cycle ended: every node's load is known afresh, so the picks counted as
-        pending since the last report are in it. Report the recorded figures again, which
-        clears pending, even for nodes whose load moved too little to record an event;
+        pending before the nodes were asked are in it. Report the recorded figures again,
+        which clears those, even for nodes whose load moved too little to record an event;
         otherwise pending would pile up on a node with a steady load until it looked full.
-        (Only the leader's reports write the ledger; followers' reports refresh their own
-        weights and overload flags.)"""
+        The leader also has each node's exact count from this cycle (`fresh`, node id ->
+        connections), a little fresher than the recorded one (`load_step`): the ledger
+        counts from that. (Only the leader's reports write the ledger; a follower's
+        refresh its own weights and overload flags.)"""
         selector = self.state.selector
         for node_id, record in self.state.nodes.items():
             if record.capacity is not None:
                 selector.report(node_id, record.connections, record.capacity)
+                if fresh and node_id in fresh:
+                    selector.settle(node_id, fresh[node_id])
         self.update_pacing()
 
     def update_panic(self) -> None:

@@ -35,6 +35,8 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("set_rate"), IDS, RATES),
     st.tuples(st.just("pick"), st.lists(IDS, max_size=2), NOW),
     st.tuples(st.just("backups"), st.integers(-1, 6), st.lists(IDS, max_size=3), NOW),
+    st.tuples(st.just("sample")),
+    st.tuples(st.just("settle"), IDS, COUNTS),
 )
 
 

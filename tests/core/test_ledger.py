@@ -76,6 +76,38 @@ def test_bad_rates_are_refused(make, rate, error):
         selector.set_rate("ghost", 1.0)
 
 
+# -- what a report leaves pending --------------------------------------------------------
+
+
+def test_picks_after_the_nodes_were_asked_stay_pending_after_their_report(make):
+    selector = make({"a": 1})
+    selector.report("a", connections=0, capacity=100)
+    for _ in range(10):
+        selector.pick()
+    selector.sample()  # the poller asks now: these 10 may be in the answer, later ones not
+    for _ in range(5):
+        selector.pick()
+    selector.report("a", connections=10, capacity=100)
+    assert selector.node("a")["pending"] == 5
+    selector.settle("a", 12)  # a fresher figure than the recorded one: the same 5 pending
+    assert sum(selector.pick() is not None for _ in range(100)) == 90 - 12 - 5
+    selector.report("a", connections=20, capacity=100)  # the picks since the sample: 5 + 73
+    assert selector.node("a")["pending"] == 78
+    selector.sample()
+    selector.report("a", connections=20, capacity=100)
+    assert selector.node("a")["pending"] == 0
+
+
+def test_without_samples_a_report_clears_every_pick(make):
+    selector = make({"a": 1})
+    for _ in range(30):
+        selector.pick()
+    selector.report("a", connections=3, capacity=100)
+    assert selector.node("a")["pending"] == 0
+    selector.settle("a", 50)
+    assert sum(selector.pick() is not None for _ in range(100)) == 40
+
+
 # -- backups --------------------------------------------------------------------------
 
 
