@@ -66,6 +66,9 @@ class Leader(Serving):
         self.poller: Poller | None = None
         self.service: Service | None = None
         self._connecting: asyncio.Task | None = None
+        self._link_lost = asyncio.Event()  # set by the poller: the connection delivers nothing
+        self._abandoned_links = 0
+        self._closing: set[asyncio.Task] = set()  # abandoned connections being closed
         self._admin_server: asyncio.AbstractServer | None = None
 
     @property
@@ -87,27 +90,81 @@ class Leader(Serving):
             self._admin_server = await leader_link.serve_admin(self)
 
     async def _connect(self) -> None:
+        """Keep a NATS connection that delivers: open one, put the poller and the
+        `imdispatch` micro service on it, and when the poller finds that it delivers
+        nothing (nats-py can say `connected` over a dead read loop), leave it for a new
+        one. Until one answers, and meanwhile, clients get the last known state."""
+        self.poller = Poller(None, self.journal, self.config.poll, self.config.balance,
+                             after_cycle=self._after_cycle, link_lost=self._link_lost.set)
+        self.poller.start()
+        while True:
+            nc = await self._open_nats()
+            try:
+                await self._attach(nc)
+            except (nats.errors.Error, OSError) as exc:  # failed at once: another one
+                log.warning("NATS: could not serve on the new connection (%r)", exc)
+                self._link_lost.set()
+            await self._link_lost.wait()
+            self._link_lost.clear()
+            await self._abandon_link()
+
+    async def _open_nats(self) -> Any:
+        """A new connection, tried every second until the server answers."""
+        link = self._abandoned_links
+
+        def current_only(handler: Callable[..., Any]) -> Callable[..., Any]:
+            async def call(*args: Any) -> None:
+                if link == self._abandoned_links:  # an abandoned link's goodbyes are not news
+                    await handler(*args)
+            return call
+
         while True:
             try:
-                self.nc = await nats.connect(
+                return await nats.connect(
                     name="imdispatch", max_reconnect_attempts=-1, reconnect_time_wait=1,
-                    connect_timeout=2, error_cb=self._nats_error,
-                    disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+                    connect_timeout=2, error_cb=current_only(self._nats_error),
+                    disconnected_cb=current_only(self._disconnected),
+                    reconnected_cb=current_only(self._reconnected),
                     **nats_options(self.config.nats),
                 )
-                break
             except Exception as exc:
                 log.warning("NATS unreachable (%s); serving the last known state", exc)
                 await asyncio.sleep(1.0)
-        self.poller = Poller(self.nc, self.journal, self.config.poll, self.config.balance,
-                             after_cycle=self._after_cycle)
-        self.poller.start()
-        self.service = Service(self.nc, "imdispatch", version("imdispatch"), DESCRIPTION)
+
+    async def _attach(self, nc: Any) -> None:
+        self.nc = nc
+        self.poller.attach(nc)
+        self.service = Service(nc, "imdispatch", version("imdispatch"), DESCRIPTION)
         await self.service.add_endpoint("pick", "imdispatch.pick", self._pick_endpoint)
         await self.service.add_endpoint("nodes", "imdispatch.nodes", self._nodes_endpoint)
         await self.service.start()
+        await self._record_polling(ev.PollingResumed(actor="dispatcher",
+                                                     reason="new NATS connection"))
         log.info("NATS connected; polling %d nodes; micro service imdispatch %s",
                  len(self.state.nodes), self.service.id)
+
+    async def _abandon_link(self) -> None:
+        """Leave the connection that stopped delivering: the poller and the micro service
+        let go of it and it is closed in the background (closing can wait on a frozen
+        broker); its subscriptions, the service's among them, go with it. Not stopped
+        first: draining a subscription waits for a PONG that a dead link never reads."""
+        old, self.nc, self.service = self.nc, None, None
+        self._abandoned_links += 1
+        reason = self.poller.link_fault or "NATS link delivers nothing"
+        self.poller.detach()
+        log.warning("%s", reason)
+        await self._record_polling(ev.PollingPaused(actor="dispatcher", reason=reason))
+        closing = asyncio.get_running_loop().create_task(self._close_quietly(old))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_quietly(nc: Any) -> None:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+    def link_fault(self) -> str | None:
+        return self.poller.link_fault if self.poller is not None else None
 
     def _after_cycle(self) -> None:
         self.stats.poll_cycle.observe(self.poller.last_duration)
@@ -180,7 +237,7 @@ class Leader(Serving):
         return events
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._connecting, self._pacing)
+        await cancel_and_wait(self._connecting, self._pacing, *self._closing)
         if self._admin_server is not None:
             self._admin_server.close()
             leader_link.admin_socket(self.config).unlink(missing_ok=True)

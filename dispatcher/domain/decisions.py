@@ -122,7 +122,9 @@ def mark_up(state: RoutingState, node: Any, *, actor: str = "poller") -> list[ev
 def mark_down(
     state: RoutingState, node: Any, cause: str, detail: str = "", *, actor: str = "poller"
 ) -> list[ev.Event]:
-    """The node failed its health checks, for `cause` (one of `events.HEALTH_CAUSES`)."""
+    """The node failed its health checks, for `cause` (one of `events.HEALTH_CAUSES`).
+    A node already down for another cause gets a new event with the new cause: panic mode
+    doubts `timeout` but never `no_responders`, so a stale cause would mislead it."""
     record = state.nodes[_known(state, node)]
     if cause not in ev.HEALTH_CAUSES:
         raise InvalidCommand(f"health cause must be one of {ev.HEALTH_CAUSES}, got {cause!r}")
