@@ -29,7 +29,15 @@ FIELDS = {
     "events": {"after", "limit"},
     "nodes": set(),
     "reload": set(),
+    "status": set(),
 }
+STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (decisions.UnknownNode, 404),
+    (decisions.NodeExists, 409),
+    (DomainError, 400),
+    (cfg.ConfigError, 400),
+)
+"""Domain and configuration errors as HTTP statuses, by type (most specific first)."""
 
 
 class AdminError(ValueError):
@@ -57,9 +65,8 @@ async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Re
     except AdminError as exc:
         return exc.status, {"error": str(exc)}
     except (DomainError, cfg.ConfigError) as exc:
-        if isinstance(exc, decisions.InvalidCommand) and str(exc).startswith("unknown node"):
-            return 404, {"error": str(exc)}
-        return 400, {"error": str(exc)}
+        status = next(status for kind, status in STATUS_OF if isinstance(exc, kind))
+        return status, {"error": str(exc)}
     except EventLogError as exc:  # a full disk, say: the change is not durable
         log.error("admin %s: the event log cannot record it: %s", op, exc)
         return 503, {"error": "the event log cannot record changes, so this one (if it "
@@ -71,18 +78,31 @@ async def _nodes(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
     return 200, runtime.state.node_views()
 
 
+async def _recorded(runtime: Any, events: list, node_id: str, status: int) -> Reply:
+    """Record a change to one node and answer with the node as it then is. Another
+    command may remove the node while the change is written (the loop runs it between
+    this change being applied and being durable): the change stands recorded, so the
+    answer is a 409 that says so, listing the recorded events, not a 500."""
+    recorded = await runtime.journal.record(events)
+    if node_id not in runtime.state.nodes:
+        return 409, {"error": f"node {node_id!r} was removed by another command while this "
+                              "change was being recorded; the change is in the log "
+                              "before the removal",
+                     "recorded": [event.to_dict() for event in recorded]}
+    return status, runtime.state.node_view(node_id)
+
+
 async def _add(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
-    state = runtime.state
-    events = decisions.add_node(state, args.get("id"), args.get("ip"), args.get("port"),
-                                args.get("weight", 1), actor=actor, reason=_reason(args))
-    await runtime.journal.record(events)
-    return 201, state.node_view(args["id"])
+    events = decisions.add_node(runtime.state, args.get("id"), args.get("ip"),
+                                args.get("port"), args.get("weight", 1), actor=actor,
+                                reason=_reason(args))
+    return await _recorded(runtime, events, args["id"], 201)
 
 
 async def _update(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
     state, node_id, reason = runtime.state, args.get("node_id"), _reason(args)
     if node_id not in state.nodes:
-        raise AdminError(404, f"unknown node {node_id!r}")
+        raise decisions.UnknownNode(f"unknown node {node_id!r}")
     record, events = state.nodes[node_id], []
     if "ip" in args or "port" in args:
         events += decisions.change_address(state, node_id, args.get("ip", record.ip),
@@ -94,8 +114,7 @@ async def _update(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
     if "draining" in args:
         events += decisions.set_draining(state, node_id, args["draining"], actor=actor,
                                          reason=reason)
-    await runtime.journal.record(events)
-    return 200, state.node_view(node_id)
+    return await _recorded(runtime, events, node_id, 200)
 
 
 async def _remove(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
@@ -127,7 +146,15 @@ async def _reload(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
     return 200, {"reloaded": True, "changes": await runtime.reload()}
 
 
+async def _status(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    """For the other workers (no HTTP route): whether this runtime's event log failed,
+    so that they stop saying ready at the moment it does."""
+    failure = runtime.log_failure()
+    return 200, {"event_log": "ok" if failure is None else "failed",
+                 "failure": None if failure is None else str(failure)}
+
+
 _OPERATIONS = {
     "nodes": _nodes, "add": _add, "update": _update, "remove": _remove,
-    "events": _events, "reload": _reload,
+    "events": _events, "reload": _reload, "status": _status,
 }

@@ -8,8 +8,14 @@ locked by a writer, written in a newer format).
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
+import os
 import signal
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -21,6 +27,7 @@ from dispatcher.domain.events import EVENT_TYPES
 from imnode import logs
 
 ENVELOPE = ("type", "seq", "time", "actor", "reason", "node")
+log = logging.getLogger("imdispatch.supervisor")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,8 +181,6 @@ def _recover(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import functools
-
     from sanic import Sanic
 
     from dispatcher import config as cfg
@@ -202,7 +207,6 @@ def _serve(args: argparse.Namespace) -> int:
     # Several worker processes, each building its app; the first to lock the event log
     # leads (polls, writes), the others follow its log. One listening socket, shared.
     # Their figures for /metrics meet in a directory of this run's own.
-    import os
     import shutil
     import tempfile
 
@@ -219,11 +223,74 @@ def _serve(args: argparse.Namespace) -> int:
     app = loader.load()
     app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,
                 backlog=config.http.backlog, access_log=False, motd=False)
+    replacer = _WorkerReplacer()
+    app.register_listener(replacer.start, "main_process_ready")
     try:
         Sanic.serve(primary=app, app_loader=loader)
     finally:
         shutil.rmtree(stats_dir, ignore_errors=True)
-    return 0
+    return 1 if replacer.gave_up else 0
+
+
+class _WorkerReplacer:
+    """In the supervisor of several workers: start a new worker in place of each one that
+    dies (killed, crashed), so the listening socket the supervisor holds is always served.
+    Sanic's worker manager only notes a dead worker; with none left it would hold the
+    socket and answer nothing, which no process manager can see. Past `BUDGET` deaths in
+    `WINDOW` seconds (a crash loop) it gives up: the supervisor stops and exits 1."""
+
+    CHECK_EVERY = 0.2
+    BUDGET = 5
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self.gave_up = False
+        self._stopping = threading.Event()
+        self._replaced: set[int] = set()  # pids of dead workers already replaced
+        self._deaths: deque[float] = deque()
+
+    def start(self, app: Any) -> None:
+        """`main_process_ready`: the manager exists, its signal handlers are set."""
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a stop must not look like deaths
+            signal.signal(signum, functools.partial(self._stop, signal.getsignal(signum)))
+        threading.Thread(target=self._watch, args=(app.manager,), name="worker-replacer",
+                         daemon=True).start()
+
+    def _stop(self, handler: Any, signum: int, frame: Any) -> None:
+        self._stopping.set()
+        handler(signum, frame)
+
+    def _watch(self, manager: Any) -> None:
+        from sanic.worker.constants import ProcessState
+
+        from dispatcher import leader_link
+
+        settled = (ProcessState.NONE, ProcessState.IDLE, ProcessState.RESTARTING,
+                   ProcessState.TERMINATED)  # not started yet, or stopped on purpose
+        while not self._stopping.wait(self.CHECK_EVERY):
+            for process in list(manager.transient_processes):
+                pid = process.pid
+                if (pid is None or pid in self._replaced or process.is_alive()
+                        or process.state in settled):
+                    continue
+                self._replaced.add(pid)
+                if self._over_budget():
+                    log.error("%d workers died within %g s: stopping", self.BUDGET + 1,
+                              self.WINDOW)
+                    self.gave_up = True
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                log.error("worker %d died (exit code %s): starting another", pid,
+                          process.exitcode)
+                os.environ[leader_link.REPLACEMENT] = "1"  # inherited by the new worker
+                manager.monitor_publisher.send(process.name)  # the manager restarts it
+
+    def _over_budget(self) -> bool:
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths and now - self._deaths[0] > self.WINDOW:
+            self._deaths.popleft()
+        return len(self._deaths) > self.BUDGET
 
 
 def _log_directory_problem(path: str) -> str | None:
@@ -244,7 +311,6 @@ def _log_directory_problem(path: str) -> str | None:
 def _reload_leader(config: Any) -> None:
     """SIGHUP to the supervisor of several workers: pass it to the leader (its pid is in
     the event log's LOCK file), which reloads and records the changes."""
-    import os
     from pathlib import Path
 
     try:

@@ -20,13 +20,12 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import core_ext
-
-NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+from dispatcher.domain.decisions import NODE_ID
 
 
 class ConfigError(ValueError):
@@ -102,12 +101,44 @@ class Config:
     source: str = "<defaults>"
 
     def recorded(self) -> dict[str, Any]:
-        """What a `config_reloaded` event keeps: the parts that decide routing (no
-        secrets), the base that the next reload is diffed against."""
-        return {
-            "balance": asdict(self.balance),
-            "nodes": [asdict(node) for node in self.nodes],
+        """What a `config_reloaded` event keeps: every setting a reload changes for every
+        worker (`RELOADABLE`: no secrets, nothing fixed at start) and the nodes, the base
+        that the next reload is diffed against. Followers take their settings from it
+        (`with_recorded`), never from the file, so all workers agree."""
+        recorded: dict[str, Any] = {
+            table: {key: getattr(getattr(self, table), key) for key in keys}
+            for table, keys in RELOADABLE.items()
         }
+        recorded["nodes"] = [asdict(node) for node in self.nodes]
+        return recorded
+
+    def with_recorded(self, recorded: dict[str, Any] | None) -> Config:
+        """This configuration with the reloadable settings and the nodes of a
+        `config_reloaded` event (`recorded()`), so that its `recorded()` is that event's;
+        a table an older log did not record keeps this one's values. The values are
+        checked as the file's are: a log is input too."""
+        if not recorded:
+            return self
+
+        def error(where: str) -> Callable[[str | None, str], ConfigError]:
+            return lambda key, problem: ConfigError(
+                f"the recorded configuration: {where} {key}: {problem}")
+
+        changes: dict[str, Any] = {}
+        for table, keys in RELOADABLE.items():
+            values = {key: value for key, value in recorded.get(table, {}).items()
+                      if key in keys}
+            changes[table] = replace(getattr(self, table),
+                                     **_checked(values, TABLES[table][1], error(f"[{table}]")))
+        changes["nodes"] = tuple(NodeEntry(**_checked(node, NODE_KEYS, error("[[nodes]]")))
+                                 for node in recorded.get("nodes", []))
+        return replace(self, **changes, source=FROM_LOG)
+
+
+FROM_LOG = "<the event log>"
+"""The `source` of a configuration taken from the log (`with_recorded`): a leader that
+starts with one (taking over from a dead leader, or replacing a dead worker) continues
+from the log; only a configuration read from the file is applied."""
 
 
 # -- checks ----------------------------------------------------------------------------
@@ -192,9 +223,21 @@ def _node_id(value: Any) -> str:
     return value
 
 
+def _watermark(high: bool) -> Check:
+    """Checked by the selection core itself, the one judge of what it accepts (a share
+    too small for its parts per million is refused here, not after nodes changed)."""
+
+    def check(value: Any) -> float:
+        try:
+            core_ext.watermarks_ppm(value, value) if high else core_ext.watermarks_ppm(1, value)
+        except core_ext.InvalidArgument as exc:
+            raise ValueError(f"the selection core refuses it: {exc}") from None
+        return float(value)
+
+    return check
+
+
 PORT = _integer(1, 65535)
-SECONDS = _number(0.0, 86_400.0, low_open=True)
-RATIO = _number(0.0, 1.0, low_open=True)
 
 TABLES: dict[str, tuple[type, dict[str, Check]]] = {
     "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64),
@@ -211,7 +254,7 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
         "stale_after": _number(0.1, 86_400.0),
     }),
     "balance": (BalanceConfig, {
-        "high_watermark": RATIO, "low_watermark": RATIO,
+        "high_watermark": _watermark(high=True), "low_watermark": _watermark(high=False),
         "slow_start": _number(0.0, 3600.0), "panic_threshold": _number(0.0, 1.0),
         "load_step": _number(0.0, 0.5, low_open=True),
         "assign_rate": _number(0.0, 1e9),
@@ -221,6 +264,13 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
         "snapshot_every": _integer(1, 10**9), "segment_bytes": _integer(4096, 1 << 30),
     }),
 }
+RELOADABLE: dict[str, tuple[str, ...]] = {
+    "http": ("retry_after",),
+    "poll": tuple(f.name for f in fields(PollConfig)),
+    "balance": tuple(f.name for f in fields(BalanceConfig)),
+}
+"""The settings a reload changes, recorded in the log; the rest of [http], [nats] and
+[eventlog] hold from start to stop (and [nats] has secrets, which the log never keeps)."""
 NODE_KEYS: dict[str, Check] = {
     "id": _node_id, "ip": _ip, "port": PORT, "weight": _integer(0, core_ext.MAX_WEIGHT),
 }
@@ -325,9 +375,11 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise error("eventlog", 0, "path", "too long for the workers' Unix socket "
                     "(at most about 90 characters with several workers)")
     balance = config.balance
-    if balance.low_watermark > balance.high_watermark:
+    try:
+        core_ext.watermarks_ppm(balance.high_watermark, balance.low_watermark)
+    except core_ext.InvalidArgument:
         raise error("balance", 0, "low_watermark",
-                    f"must not be above high_watermark ({balance.high_watermark})")
+                    f"must not be above high_watermark ({balance.high_watermark})") from None
     if config.poll.timeout >= config.poll.interval:
         raise error("poll", 0, "timeout",
                     f"must be shorter than interval ({config.poll.interval})")

@@ -1,6 +1,8 @@
 """A follower worker: it serves picks from a copy of the routing state that it keeps by
 reading the event log as the leader writes it (so its state lags the log by at most one
-tail interval), and sends admin commands to the leader."""
+tail interval), and sends admin commands to the leader. Its settings come from the log
+too (the last `config_reloaded`), never from the file, so every worker runs with the
+same ones."""
 
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.follower")
 TAIL_INTERVAL = 0.05
+ASK_TIMEOUT = 1.0
+
+
+class LeaderLogFailed(Exception):
+    """The leader reported that its event log failed."""
 
 
 class Follower(Serving):
@@ -33,6 +40,7 @@ class Follower(Serving):
         self._state = RoutingState()
         self._tail: LogTail | None = None
         self._following: asyncio.Task | None = None
+        self._leader_failure: str | None = None  # the leader's event log failed: why
 
     @property
     def state(self) -> RoutingState:
@@ -40,6 +48,7 @@ class Follower(Serving):
 
     async def start(self) -> None:
         self._state, seq, last_hash = await asyncio.to_thread(self._rebuild)
+        self._take_settings()
         self._tail = LogTail(self.config.eventlog.path, seq, last_hash)
         self._start_pacing()
         self._following = asyncio.get_running_loop().create_task(self._follow())
@@ -77,7 +86,7 @@ class Follower(Serving):
                     event = record.event()
                     self._state.apply(event)
                     if event.type == "config_reloaded":
-                        self._reread_config()
+                        self._take_settings()
             except Exception:  # keep serving the last state; say so
                 log.exception("cannot follow the event log")
             cycle = leader_link.last_cycle(self.config)
@@ -86,18 +95,34 @@ class Follower(Serving):
                 self.poll_happened()
             await asyncio.sleep(TAIL_INTERVAL)
 
-    def _reread_config(self) -> None:
-        """The leader applied the config file again: take its settings too (slow start,
-        panic threshold, assignment rate, retry and staleness bounds)."""
-        if self.config_path is None:
-            return
+    def _take_settings(self) -> None:
+        """The settings the leader recorded with the last configuration it applied (slow
+        start, panic threshold, assignment rate, retry and staleness bounds)."""
         try:
-            self.config = cfg.load(self.config_path)
+            self.config = self.config.with_recorded(self._state.config)
         except cfg.ConfigError as exc:
-            log.warning("keeping the previous settings: %s", exc)
+            log.error("keeping the previous settings: %s", exc)
 
     def poll_status(self) -> tuple[float | None, bool]:
         return leader_link.read_status(self.config)
+
+    async def ask_leader(self) -> None:
+        """Learn whether the leader's event log failed (then this worker's state stops
+        following the truth too, so it is not ready either); asked before each
+        readiness answer, so that it says so at once. An unreachable leader is no log
+        failure: a follower takes over within a second."""
+        try:
+            status, body = await asyncio.wait_for(self.admin("status", {}, "dispatcher"),
+                                                  ASK_TIMEOUT)
+        except TimeoutError:  # a leader too busy to answer: keep what it said last
+            return
+        if status == 200:
+            self._leader_failure = body["failure"]
+
+    def log_failure(self) -> BaseException | None:
+        if self._leader_failure is None:
+            return None
+        return LeaderLogFailed(f"in the leader worker: {self._leader_failure}")
 
     async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
         return await leader_link.forward_admin(self.config, op, args, actor)

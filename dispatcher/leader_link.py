@@ -16,6 +16,8 @@ import orjson
 from dispatcher import admin
 from dispatcher import config as cfg
 
+REPLACEMENT = "IMDISPATCH_REPLACEMENT_WORKER"
+"""Set by `imdispatch serve` in the workers it starts in place of dead ones."""
 SOCKET = "admin.sock"
 STATUS = "STATUS"
 MAX_COMMAND = 1 << 20

@@ -212,7 +212,8 @@ class Leader(Serving):
 
     async def reload(self) -> list[str]:
         """Apply the config file again (SIGHUP, POST /admin/reload); the changes it
-        makes, as event types."""
+        makes, as event types. All or nothing: the file is checked whole (by the same
+        checks as the selection core's) before anything is recorded."""
         if self.config_path is None:
             raise cfg.ConfigError("no config file to reload")
         config = cfg.load(self.config_path)
@@ -220,20 +221,28 @@ class Leader(Serving):
             raise cfg.ConfigError(f"{config.source}: [eventlog] path cannot change while the "
                                   "dispatcher runs; restart it to use another log")
         for table in ("http", "nats"):
-            if getattr(config, table) != getattr(self.config, table):
+            if getattr(config, table) != getattr(self.config.with_recorded(config.recorded()),
+                                                 table):
                 log.warning("[%s] changed in %s: takes effect at the next restart",
                             table, config.source)
         events = await self._apply_config(config)
-        self.config = config
-        if self.poller is not None:
-            self.poller.poll, self.poller.balance = config.poll, config.balance
-            self.poller.health.rise, self.poller.health.fall = config.poll.rise, config.poll.fall
         return [event.type for event in events]
 
     async def _apply_config(self, config: cfg.Config) -> list:
-        events = decisions.reconcile_config(self.state, config.recorded(), config.source)
-        if events:
-            await self.journal.record(events)
+        """Record what the file `config` changes against the last recorded configuration,
+        then run with the recorded settings (the ones the followers take from the log). A
+        configuration taken from the log (`cfg.FROM_LOG`: a takeover, a replaced worker)
+        changes nothing: the log is newer than any copy of the file a worker holds."""
+        events: list = []
+        if config.source != cfg.FROM_LOG:
+            events = decisions.reconcile_config(self.state, config.recorded(), config.source)
+            if events:
+                await self.journal.record(events)
+        self.config = config.with_recorded(self.state.config)
+        if self.poller is not None:
+            poll, balance = self.config.poll, self.config.balance
+            self.poller.poll, self.poller.balance = poll, balance
+            self.poller.health.rise, self.poller.health.fall = poll.rise, poll.fall
         return events
 
     async def stop(self) -> None:

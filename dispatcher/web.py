@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from math import ceil
 from time import monotonic, perf_counter
 from typing import Any
@@ -23,7 +24,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
-from dispatcher import dashboard, pacing
+from dispatcher import dashboard, leader_link, pacing
 from dispatcher.domain.errors import DomainError
 from dispatcher.follower import Follower
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -84,7 +85,11 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
-        runtime = await open_runtime(config, config_path, stats.own)
+        # A worker started in place of a dead one holds the file as `serve` read it at
+        # start, older than any reload since: it takes its settings from the log.
+        replacement = os.environ.get(leader_link.REPLACEMENT)
+        settings = replace(config, source=cfg.FROM_LOG) if replacement else config
+        runtime = await open_runtime(settings, config_path, stats.own)
         holder.append(runtime)
         stats.start()
         log.info("worker %d serves as %s", os.getpid(), runtime.role)
@@ -166,6 +171,8 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
     @ops.get("/readyz")
     async def readyz(request: Request) -> HTTPResponse:
+        if isinstance(holder[0], Follower):
+            await holder[0].ask_leader()
         ready, details = holder[0].readiness()
         return respond({"ready": ready, **details}, 200 if ready else 503)
 

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+import core_ext
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.eventlog.filelog import FileLog
@@ -136,3 +137,41 @@ def test_reload_is_a_difference_against_the_last_recorded_config(tmp_path):
         await journal.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("high_watermark = 0.9", "high_watermark = 0.0000001"),
+         r"dispatcher.toml:17: \[balance\] high_watermark: the selection core refuses it"),
+        (("low_watermark = 0.8", "low_watermark = 0.0000004"),
+         r"dispatcher.toml:18: \[balance\] low_watermark: the selection core refuses it"),
+        (("high_watermark = 0.9", "high_watermark = true"),
+         r":17: \[balance\] high_watermark: the selection core refuses it"),
+    ],
+)
+def test_watermarks_are_checked_by_the_selection_core(edit, message):
+    """One judge of what the core accepts: a value it would refuse when the reload is
+    recorded is refused when the file is read, before anything is recorded."""
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.parse(GOOD.replace(*edit, 1), "dispatcher.toml")
+    core_ext.watermarks_ppm(0.9, 0.8)  # what the file says otherwise, the core accepts
+
+
+def test_the_recorded_config_holds_every_reloadable_setting_and_no_secret():
+    text = GOOD.replace("[http]\n", "[http]\nretry_after = 9\n").replace(
+        "[nats]\n", '[nats]\npassword = "hunter2"\n').replace("fall = 3", "fall = 3\n"
+                                                             "stale_after = 4.5")
+    config = cfg.parse(text, "dispatcher.toml")
+    recorded = config.recorded()
+    assert recorded["http"] == {"retry_after": 9}
+    assert recorded["poll"]["stale_after"] == 4.5 and recorded["balance"]["slow_start"] == 0
+    assert "hunter2" not in repr(recorded) and "nats" not in recorded
+    follower = cfg.Config().with_recorded(recorded)  # a follower's settings: the log's
+    assert follower.recorded() == recorded and follower.source == cfg.FROM_LOG
+    assert follower.http.retry_after == 9 and follower.poll.stale_after == 4.5
+    assert follower.http.port == cfg.Config().http.port  # fixed at start: not recorded
+    old = {"balance": recorded["balance"], "nodes": recorded["nodes"]}  # an older log
+    assert cfg.Config().with_recorded(old).poll == cfg.Config().poll
+    with pytest.raises(cfg.ConfigError, match=r"recorded configuration: \[poll\] fall"):
+        cfg.Config().with_recorded({**recorded, "poll": {"fall": 0}})

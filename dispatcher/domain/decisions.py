@@ -28,6 +28,14 @@ class InvalidCommand(DomainError, ValueError):
     """A command with a bad value or one that does not fit the state (unknown node, ...)."""
 
 
+class UnknownNode(InvalidCommand):
+    """A command about a node the state does not have (never added, or removed)."""
+
+
+class NodeExists(InvalidCommand):
+    """Adding a node whose id the state already has."""
+
+
 def _check_node_id(node: Any) -> str:
     if not isinstance(node, str) or not NODE_ID.match(node):
         raise InvalidCommand(
@@ -58,7 +66,7 @@ def _check_weight(node: str, weight: Any) -> int:
 
 def _known(state: RoutingState, node: Any) -> str:
     if node not in state.nodes:
-        raise InvalidCommand(f"unknown node {node!r}")
+        raise UnknownNode(f"unknown node {node!r}")
     return node
 
 
@@ -68,7 +76,7 @@ def add_node(
 ) -> list[ev.Event]:
     node = _check_node_id(node)
     if node in state.nodes:
-        raise InvalidCommand(f"node {node!r} already exists")
+        raise NodeExists(f"node {node!r} already exists")
     ip, port = _check_address(node, ip, port)
     weight = _check_weight(node, weight)
     return [ev.NodeAdded(node=node, ip=ip, port=port, weight=weight, actor=actor, reason=reason)]
