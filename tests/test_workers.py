@@ -51,7 +51,8 @@ def test_a_reload_the_core_refuses_records_nothing_and_names_key_and_line(two_wo
     running = two_workers
     before = [e for e in events(running) if e["actor"] == "config"]
     text = running.config.read_text().replace("weight = 1\n", "weight = 4\n")
-    text = text.replace("[balance]\n", "[balance]\nhigh_watermark = 0.0000001\n")
+    text = text.replace("[balance]\n", "[balance]\nhigh_watermark = 0.0000001\n"
+                                      "low_watermark = 0.0000001\n")  # in order, too small
     running.config.write_text(text)
     line = text.splitlines().index("high_watermark = 0.0000001") + 1
     status, _, body = running.admin("POST", "/admin/reload")
