@@ -20,7 +20,8 @@ cdef class Selector:
     cdef int64_t *ramp           # thousandths of the weight (slow start); 1000 = full
     cdef uint8_t *up
     cdef uint8_t *draining
-    cdef uint8_t *overloaded
+    cdef uint8_t *overloaded     # no picks: latched, or the load reached the high watermark
+    cdef uint8_t *latched        # reported over the high watermark, not yet below the low
     cdef uint8_t *eligible       # cache: up and not draining, not overloaded, effective > 0
     cdef uint8_t *excluded       # scratch for pick() and backups(), all zero between calls
     cdef int64_t high_ppm

@@ -29,6 +29,7 @@ cdef Py_ssize_t LOAD = _ledger.LOAD
 cdef Py_ssize_t DUE = _ledger.DUE
 cdef Py_ssize_t INTERVAL = _ledger.INTERVAL
 cdef Py_ssize_t PICKS = _ledger.PICKS
+cdef Py_ssize_t ASKED = _ledger.ASKED
 cdef Py_ssize_t MARK = _ledger.MARK
 # bits of the `excluded` scratch array
 cdef uint8_t EXCLUDED = 1     # named by the caller
@@ -125,8 +126,8 @@ cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
 
 
 cdef void _settle(Selector self, Py_ssize_t i, int64_t connections) noexcept nogil:
-    # The ledger's load from a reported figure: picks since the last sample() stay
-    # pending (all are in the figure if there was none). A pick counts itself in `picks`
+    # The ledger's load from a reported figure: picks since the sample before the last
+    # stay pending (all are in the figure until there were two samples). A pick counts itself in `picks`
     # before it swaps `load`, so this swap loop never loses one.
     if not self.reports:
         return
@@ -184,6 +185,7 @@ cdef class Selector:
         PyMem_Free(self.up)
         PyMem_Free(self.draining)
         PyMem_Free(self.overloaded)
+        PyMem_Free(self.latched)
         PyMem_Free(self.eligible)
         PyMem_Free(self.excluded)
 
@@ -211,6 +213,7 @@ cdef class Selector:
         self.up[i] = 1
         self.draining[i] = 0
         self.overloaded[i] = 0
+        self.latched[i] = 0
         self.excluded[i] = 0
         self._reweigh(i)
         self.node_ids.append(nid)
@@ -237,6 +240,7 @@ cdef class Selector:
             memmove(&self.up[i], &self.up[i + 1], tail)
             memmove(&self.draining[i], &self.draining[i + 1], tail)
             memmove(&self.overloaded[i], &self.overloaded[i + 1], tail)
+            memmove(&self.latched[i], &self.latched[i + 1], tail)
             memmove(&self.eligible[i], &self.eligible[i + 1], tail)
         del self.index[self.node_ids.pop(i)]
         self.n -= 1
@@ -289,8 +293,8 @@ cdef class Selector:
         self._reweigh(i)
 
     def report(self, node_id, connections, capacity):
-        """Take a pulled load figure: clears the pending picks made before the last
-        `sample()` (all of them if there was none), recomputes weight and overload."""
+        """Take a pulled load figure: clears the pending picks made before the sample
+        before the last (all of them without samples), recomputes weight and overload."""
         cdef Py_ssize_t i = self._slot(node_id)
         nid = self.node_ids[i]
         cdef int64_t conns = _count(nid, "connections", connections, 0)
@@ -299,17 +303,23 @@ cdef class Selector:
         self.capacity[i] = cap
         _settle(self, i, conns)
         if conns * PPM >= self.high_ppm * cap:
-            self.overloaded[i] = 1
+            self.latched[i] = 1
         elif conns * PPM < self.low_ppm * cap:
-            self.overloaded[i] = 0
+            self.latched[i] = 0
+        # Pending picks stop a node only until the next report, which judges afresh (the
+        # next pick checks the load again): a count of clients still connecting must not
+        # hold it out below its watermark.
+        self.overloaded[i] = self.latched[i]
         self._reweigh(i)
 
     def sample(self):
-        """The nodes are being asked for their load now: clients picked from here on
-        cannot be in their answers, so the reports that follow leave them pending."""
+        """The nodes are being asked for their load now: the reports that follow leave
+        pending the clients picked since the question before this one (those picked since
+        cannot be in the answers, and those picked just before may still be connecting)."""
         cdef Py_ssize_t i
         for i in range(self.n):
-            ledger_set(_field(self, i, MARK), ledger_get(_field(self, i, PICKS)))
+            ledger_set(_field(self, i, MARK), ledger_get(_field(self, i, ASKED)))
+            ledger_set(_field(self, i, ASKED), ledger_get(_field(self, i, PICKS)))
 
     def settle(self, node_id, connections):
         """Count the node's load afresh from `connections`, as `report()` does, without
@@ -472,6 +482,7 @@ cdef class Selector:
             selector.up[i] = up
             selector.draining[i] = draining
             selector.overloaded[i] = overloaded
+            selector.latched[i] = overloaded
             selector.connections[i] = conns or 0
             selector.capacity[i] = cap or 0
             if selector.reports:
@@ -517,6 +528,7 @@ cdef class Selector:
         self.up = <uint8_t *>_resized(self.up, size, 1)
         self.draining = <uint8_t *>_resized(self.draining, size, 1)
         self.overloaded = <uint8_t *>_resized(self.overloaded, size, 1)
+        self.latched = <uint8_t *>_resized(self.latched, size, 1)
         self.eligible = <uint8_t *>_resized(self.eligible, size, 1)
         self.excluded = <uint8_t *>_resized(self.excluded, size, 1)
         memset(&self.excluded[self.allocated], 0, <size_t>(size - self.allocated))

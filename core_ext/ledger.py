@@ -7,9 +7,11 @@ with N workers:
 - `load`: the node's reported connections plus the picks made since that report, by any
   process. A pick takes a client only if the load stays below the high watermark, with one
   compare-and-swap, so two processes can never both take the last place.
-- `picks` (every pick ever made of the node) and `mark` (what `picks` was when the poller
-  last asked the node for its load, -1 before that): the clients picked after the question
-  cannot be in the answer, so a report leaves them pending.
+- `picks` (every pick ever made of the node), `asked` (what `picks` was when the poller
+  last asked the node for its load) and `mark` (what it was the time before; -1 until the
+  poller has asked twice): a report leaves pending the picks made after `mark`, those that
+  cannot be in the answer, and those whose clients may still be connecting (a client has
+  a whole poll interval to do it before its place is taken as filled by the figure).
 - `due`: the assignment cap's GCRA "theoretical arrival time" (CLOCK_MONOTONIC
   nanoseconds, one clock for every process on the machine), and `interval`, the rate it
   was counted at, so a changed rate restarts the allowance once, not once per process.
@@ -23,7 +25,7 @@ selector updates the counters with C atomics; the pure-Python twin takes the sam
 each update, which is slow and correct, as a specification should be.
 
 Layout, little-endian int64 fields: a 64-byte header (magic, version, slot count), then
-per slot `load, due, interval, holders, digest[16], picks, mark`.
+per slot `load, due, interval, holders, digest[8], picks, asked, mark`.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ HEADER_SIZE = 64
 SLOT_SIZE = 64
 DEFAULT_SLOTS = 65536
 # field offsets in a slot (bytes), shared with the compiled selector through these names
-LOAD, DUE, INTERVAL, HOLDERS, DIGEST, PICKS, MARK = 0, 8, 16, 24, 32, 48, 56
-DIGEST_SIZE = 16
+LOAD, DUE, INTERVAL, HOLDERS, DIGEST, PICKS, ASKED, MARK = 0, 8, 16, 24, 32, 40, 48, 56
+DIGEST_SIZE = 8
 _INT = struct.Struct("<q")
 
 

@@ -15,7 +15,10 @@ Rules, in the order a pick applies them:
 3. The winner's pending count grows by one. Overload is judged on reported connections
    plus pending picks, so a burst between two reports cannot push a node past its high
    watermark: once (connections + pending) / capacity reaches the high watermark, the node
-   is overloaded and gets no picks until a report shows it below the low watermark.
+   is overloaded and gets no picks until the next report. A report judges afresh: a node
+   whose reported connections reached the high watermark stays overloaded until a report
+   shows it below the low watermark (hysteresis); otherwise it is overloaded only while
+   its connections plus the picks still pending reach the high watermark.
 4. A node with an assignment cap (`set_rate`) takes part only while its allowance lets it
    take one more client (GCRA: a second's worth at once, then one per 1/rate seconds).
 
@@ -54,13 +57,13 @@ from typing import Any
 
 from core_ext import _rules, _snapshot
 from core_ext._rules import MAX_COUNT, MAX_LOAD, PPM, RAMP_FULL, WEIGHT_SCALE
-from core_ext.ledger import DUE, INTERVAL, LOAD, MARK, PICKS, Ledger
+from core_ext.ledger import ASKED, DUE, INTERVAL, LOAD, MARK, PICKS, Ledger
 
 
 class _Node:
     __slots__ = (
         "capacity", "cell", "connections", "current", "draining", "effective", "id", "interval",
-        "overloaded", "ramp", "tolerance", "up", "weight",
+        "latched", "overloaded", "ramp", "tolerance", "up", "weight",
     )
 
     def __init__(self, nid: str, weight: int, cell: int) -> None:
@@ -70,7 +73,8 @@ class _Node:
         self.current = 0
         self.up = True
         self.draining = False
-        self.overloaded = False
+        self.overloaded = False  # no picks: latched, or the load reached the high watermark
+        self.latched = False  # reported over the high watermark, not yet below the low one
         self.connections: int | None = None  # None until the first report
         self.capacity: int | None = None
         self.ramp = RAMP_FULL  # thousandths of the weight while slowly starting
@@ -150,24 +154,31 @@ class Selector:
         self._reweigh(node)
 
     def report(self, node_id: str, connections: int, capacity: int) -> None:
-        """Take a pulled load figure: clears the pending picks made before the last
-        `sample()` (all of them if there was none), recomputes weight and overload."""
+        """Take a pulled load figure: clears the pending picks made before the sample
+        before the last (all of them without samples), recomputes weight and overload."""
         node = self._node(node_id)
         connections = _rules.count(node.id, "connections", connections, 0)
         capacity = _rules.count(node.id, "capacity", capacity, 1)
         node.connections, node.capacity = connections, capacity
         self._settle(node, connections)
-        node.overloaded = _rules.overloaded_after(
-            node.overloaded, connections, capacity, self._high, self._low
+        node.latched = _rules.overloaded_after(
+            node.latched, connections, capacity, self._high, self._low
         )
+        # Pending picks stop a node only until the next report, which judges afresh (the
+        # next pick checks the load again): a count of clients still connecting must not
+        # hold it out below its watermark.
+        node.overloaded = node.latched
         self._reweigh(node)
 
     def sample(self) -> None:
-        """The nodes are being asked for their load now: clients picked from here on
-        cannot be in their answers, so the reports that follow leave them pending."""
-        with self.ledger.locked():
+        """The nodes are being asked for their load now: the reports that follow leave
+        pending the clients picked since the question before this one (those picked since
+        cannot be in the answers, and those picked just before may still be connecting)."""
+        ledger = self.ledger
+        with ledger.locked():
             for node in self._nodes:
-                self.ledger.set(node.cell, MARK, self.ledger.get(node.cell, PICKS))
+                ledger.set(node.cell, MARK, ledger.get(node.cell, ASKED))
+                ledger.set(node.cell, ASKED, ledger.get(node.cell, PICKS))
 
     def settle(self, node_id: str, connections: int) -> None:
         """Count the node's load afresh from `connections`, as `report()` does, without
@@ -274,6 +285,7 @@ class Selector:
             node = selector._index[nid]
             node.current = current
             node.up, node.draining, node.overloaded = up, draining, overloaded
+            node.latched = overloaded
             node.connections, node.capacity, node.ramp = conns, cap, ramp
             if selector.ledger.reports:
                 with selector.ledger.locked():
@@ -327,8 +339,8 @@ class Selector:
         return not node.interval or self.ledger.get(node.cell, DUE) - node.tolerance <= now
 
     def _settle(self, node: _Node, connections: int) -> None:
-        """The ledger's load from a reported figure: the picks since the last `sample()`
-        stay pending (all of them are in the figure if there was none). Only the handle
+        """The ledger's load from a reported figure: the picks since the sample before the
+        last stay pending (all are in the figure until there were two samples). Only the handle
         that reports writes it: the others apply the same reports later, from the log."""
         ledger = self.ledger
         if not ledger.reports:

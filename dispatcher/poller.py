@@ -50,6 +50,7 @@ class Poller:
         self.last_cycle: float | None = None  # monotonic time the last full cycle ended
         self.last_duration = 0.0
         self.failures: dict[str, int] = {}  # poll failures by cause, since start
+        self.figures: dict[str, int] = {}  # the last cycle's connections, per node that answered
         self.after_cycle = after_cycle
         self.link_lost = link_lost
         self.link_misses = 0  # cycles in a row that proved nothing on a "connected" link
@@ -100,6 +101,7 @@ class Poller:
         asked = dict(state.nodes)
         self.health.retain(asked)
         node_ids = list(asked)
+        state.selector.sample()  # picks from now on stay pending after these answers
         answers = await self._ask_all(nc, node_ids)
         if answers is None or nc is not self.nc or not nc.is_connected:
             return False  # lost NATS during the cycle: its failures prove nothing
@@ -128,6 +130,9 @@ class Poller:
                 events += decisions.observe_load(state, node_id, result.connections,
                                                  result.capacity,
                                                  load_step=self.balance.load_step)
+        self.figures = {node_id: result.connections
+                        for node_id, result in zip(node_ids, results, strict=True)
+                        if isinstance(result, NodeStatus)}
         if events:
             await self.journal.record(events)
         self.cycles += 1

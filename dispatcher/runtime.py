@@ -169,7 +169,7 @@ class Leader(Serving):
     def _after_cycle(self) -> None:
         self.stats.poll_cycle.observe(self.poller.last_duration)
         self.stats.poll_failures = dict(self.poller.failures)
-        self.poll_happened()
+        self.poll_happened(self.poller.figures)
         leader_link.write_status(self)
 
     async def _pick_endpoint(self, request: Any) -> bytes:

@@ -79,22 +79,26 @@ def test_bad_rates_are_refused(make, rate, error):
 # -- what a report leaves pending --------------------------------------------------------
 
 
-def test_picks_after_the_nodes_were_asked_stay_pending_after_their_report(make):
+def test_a_report_keeps_pending_what_it_cannot_have_seen(make):
+    """A client has a whole poll interval to connect: the picks since the question before
+    the last stay pending after a report, whatever the node's figure says."""
     selector = make({"a": 1})
     selector.report("a", connections=0, capacity=100)
     for _ in range(10):
         selector.pick()
-    selector.sample()  # the poller asks now: these 10 may be in the answer, later ones not
+    selector.sample()  # cycle 1 asks; these 10 may still be connecting
     for _ in range(5):
-        selector.pick()
+        selector.pick()  # after the question: not in the answer
     selector.report("a", connections=10, capacity=100)
+    assert selector.node("a")["pending"] == 15
+    selector.sample()  # cycle 2 asks: the first 10 had a whole interval
+    selector.report("a", connections=15, capacity=100)
     assert selector.node("a")["pending"] == 5
-    selector.settle("a", 12)  # a fresher figure than the recorded one: the same 5 pending
-    assert sum(selector.pick() is not None for _ in range(100)) == 90 - 12 - 5
-    selector.report("a", connections=20, capacity=100)  # the picks since the sample: 5 + 73
-    assert selector.node("a")["pending"] == 78
+    selector.settle("a", 20)  # a fresher figure than the recorded one: the same 5 pending
+    assert sum(selector.pick() is not None for _ in range(100)) == 90 - 20 - 5
     selector.sample()
-    selector.report("a", connections=20, capacity=100)
+    selector.sample()
+    selector.report("a", connections=90, capacity=100)
     assert selector.node("a")["pending"] == 0
 
 

@@ -82,6 +82,20 @@ def test_pending_picks_stop_a_node_at_its_high_watermark(make):
     assert selector.node("a")["pending"] == 5
 
 
+def test_pending_picks_hold_a_node_out_only_until_the_next_report(make):
+    """Picks whose clients never came (or are still connecting when a fresh count says
+    so) must not keep a node out below its watermark: only a reported figure latches."""
+    selector = make({"a": 1}, high_watermark=0.9, low_watermark=0.5)
+    selector.report("a", connections=85, capacity=100)
+    assert [selector.pick() for _ in range(6)] == ["a"] * 5 + [None]
+    selector.report("a", connections=86, capacity=100)  # four of the five never came
+    assert not selector.node("a")["overloaded"]
+    assert [selector.pick() for _ in range(5)] == ["a"] * 4 + [None]
+    selector.report("a", connections=90, capacity=100)  # reported at the mark: latched
+    selector.report("a", connections=86, capacity=100)
+    assert selector.node("a")["overloaded"] and selector.pick() is None
+
+
 def test_burst_goes_to_other_nodes_once_one_is_full(make):
     selector = make({"small": 10, "big": 1}, high_watermark=0.9, low_watermark=0.8)
     selector.report("small", connections=0, capacity=10)
