@@ -147,11 +147,12 @@ async def _reload(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
 
 
 async def _status(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
-    """For the other workers (no HTTP route): whether this runtime's event log failed,
-    so that they stop saying ready at the moment it does."""
+    """For the other workers (no HTTP route): whether this runtime's event log failed or
+    its NATS link delivers nothing, so that they stop saying ready at the moment it does."""
     failure = runtime.log_failure()
     return 200, {"event_log": "ok" if failure is None else "failed",
-                 "failure": None if failure is None else str(failure)}
+                 "failure": None if failure is None else str(failure),
+                 "link_fault": runtime.link_fault()}
 
 
 _OPERATIONS = {

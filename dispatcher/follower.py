@@ -41,6 +41,7 @@ class Follower(Serving):
         self._tail: LogTail | None = None
         self._following: asyncio.Task | None = None
         self._leader_failure: str | None = None  # the leader's event log failed: why
+        self._leader_link_fault: str | None = None  # the leader's NATS link is dead: why
 
     @property
     def state(self) -> RoutingState:
@@ -107,8 +108,9 @@ class Follower(Serving):
         return leader_link.read_status(self.config)
 
     async def ask_leader(self) -> None:
-        """Learn whether the leader's event log failed (then this worker's state stops
-        following the truth too, so it is not ready either); asked before each
+        """Learn whether the leader's event log failed or its NATS link delivers nothing
+        (then this worker's state stops following the truth too, so it is not ready
+        either); asked before each
         readiness answer, so that it says so at once. An unreachable leader is no log
         failure: a follower takes over within a second."""
         try:
@@ -118,6 +120,12 @@ class Follower(Serving):
             return
         if status == 200:
             self._leader_failure = body["failure"]
+            self._leader_link_fault = body.get("link_fault")
+
+    def link_fault(self) -> str | None:
+        if self._leader_link_fault is None:
+            return None
+        return f"in the leader worker: {self._leader_link_fault}"
 
     def log_failure(self) -> BaseException | None:
         if self._leader_failure is None:

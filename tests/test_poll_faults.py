@@ -11,6 +11,7 @@ import time
 
 import nats
 import orjson
+import pytest
 
 from dispatcher.domain.health import Failure, HealthTracker, NodeStatus
 from tests.nats_server import NatsServer
@@ -53,18 +54,20 @@ def ask_imdispatch(url):
     return asyncio.run(ask())
 
 
-def test_a_broker_frozen_for_two_seconds_leaves_no_blind_poller(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_broker_frozen_for_two_seconds_leaves_no_blind_poller(tmp_path, workers):
     with NatsServer(tmp_path / "js") as server:
-        running = Cluster(tmp_path, server.url)
+        running = Cluster(tmp_path, server.url, workers=workers)
         try:
             all_up(running)
             before = events(running)[-1]["seq"]
             server.process.send_signal(signal.SIGSTOP)
             frozen = time.monotonic()
             try:
-                def says_so():
-                    status, _, ready = running.get("/readyz")
-                    return status == 503 and "NATS" in ready["reason"]
+                def says_so():  # every worker: several answers in a row
+                    answers = [running.get("/readyz") for _ in range(3 * workers)]
+                    return all(status == 503 and "NATS" in ready["reason"]
+                               for status, _, ready in answers)
                 # two poll intervals (0.4 s), plus the HTTP round trips on a busy machine
                 running.wait(says_so, "/readyz says the NATS link is broken", timeout=1.5)
                 time.sleep(max(0.0, 2.0 - (time.monotonic() - frozen)))  # the fault: 2 s
@@ -77,6 +80,10 @@ def test_a_broker_frozen_for_two_seconds_leaves_no_blind_poller(tmp_path):
             running.wait(lambda: nodes(running)["e2e3"]["health_cause"] == "no_responders",
                          "the killed node is out for no responders", timeout=5)
             assert time.monotonic() - killed < 2.0  # seen at the next polls, not minutes
+            out = max(e["seq"] for e in events(running, before) if e["type"] == "node_down")
+            running.wait(lambda: all(running.get("/readyz")[2]["state_seq"] >= out
+                                     for _ in range(3 * workers)),
+                         "every worker has applied it (a follower tails the log)")
             assert "e2e3" not in shares(running, 30)
             status, _, ready = running.get("/readyz")
             assert status == 200 and ready["nats_connected"] and not ready["panic"]
