@@ -125,6 +125,25 @@ cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
     return True
 
 
+cdef bint _exclude(Selector self, object exclude, object now, int64_t *clock) except -1:
+    # Mark the caller's exclusions in the scratch array (True if any) and read the clock
+    # if a cap needs it. The exclusions become slots before any array is touched:
+    # iterating `exclude` runs arbitrary Python code, which may even add or remove nodes.
+    cdef list slots = None
+    if exclude:
+        index = self.index
+        slots = [index.get(node_id) for node_id in _check_exclusion(exclude)]
+    if self.capped:
+        clock[0] = monotonic_ns() if now is None else now
+    cdef bint marked = False
+    if slots:
+        for slot in slots:
+            if slot is not None:
+                self.excluded[<Py_ssize_t>slot] = EXCLUDED
+                marked = True
+    return marked
+
+
 cdef void _settle(Selector self, Py_ssize_t i, int64_t connections) noexcept nogil:
     # The ledger's load from a reported figure: picks since the sample before the last
     # stay pending (all are in the figure until there were two samples). A pick counts itself in `picks`
@@ -347,27 +366,14 @@ cdef class Selector:
 
         `now` is CLOCK_MONOTONIC in nanoseconds (`time.monotonic_ns()`, the default), the
         clock of the assignment caps."""
-        # Turn the exclusions into slots before touching any array: iterating `exclude`
-        # runs arbitrary Python code, which may fail or even add and remove nodes.
-        cdef list slots = None
-        if exclude:
-            index = self.index
-            slots = [index.get(node_id) for node_id in _check_exclusion(exclude)]
         cdef int64_t clock = 0
-        if self.capped:
-            clock = monotonic_ns() if now is None else now
+        cdef bint marked = _exclude(self, exclude, now, &clock)
         cdef Py_ssize_t i, best, n = self.n
         cdef int64_t total, weight, best_weight
         cdef int64_t *effective = self.effective
         cdef int64_t *current = self.current
         cdef uint8_t *eligible = self.eligible
         cdef uint8_t *excluded = self.excluded
-        cdef bint marked = False
-        if slots:
-            for slot in slots:
-                if slot is not None:
-                    excluded[<Py_ssize_t>slot] = EXCLUDED
-                    marked = True
         # No `with nogil`: releasing the GIL costs more than the whole loop at usual sizes.
         while True:
             best = -1
@@ -409,22 +415,13 @@ cdef class Selector:
         `exclude`: a client's fallbacks. Nothing changes: no turn is taken, no pick is
         counted, no allowance is spent."""
         cdef Py_ssize_t wanted = _check_backups(count)
-        cdef list slots = None
-        if exclude:
-            index = self.index
-            slots = [index.get(node_id) for node_id in _check_exclusion(exclude)]
         cdef int64_t clock = 0
-        if self.capped:
-            clock = monotonic_ns() if now is None else now
+        _exclude(self, exclude, now, &clock)
         cdef Py_ssize_t i, best, n = self.n
         cdef int64_t total, best_weight
         cdef int64_t *shadow = self.shadow
         cdef uint8_t *excluded = self.excluded
         cdef list chosen = []
-        if slots:
-            for slot in slots:
-                if slot is not None:
-                    excluded[<Py_ssize_t>slot] = EXCLUDED
         memcpy(shadow, self.current, n * sizeof(int64_t))
         for i in range(n):
             if not excluded[i] and not (self.eligible[i] and _available(self, i, clock, True)):
