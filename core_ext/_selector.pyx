@@ -397,10 +397,11 @@ cdef class Selector:
             if _take(self, best, clock):
                 break
             # Another process took the node's last place or allowance between the check
-            # and the count: undo this round's turn and choose again without it.
+            # and the count: undo this round's turn (best's too: _take made it ineligible)
+            # and choose again without it.
             current[best] += total
             for i in range(n):
-                if eligible[i] and not excluded[i]:
+                if i == best or (eligible[i] and not excluded[i]):
                     current[i] -= effective[i]
             excluded[best] = UNAVAILABLE
             marked = True
@@ -463,16 +464,22 @@ cdef class Selector:
 
     def state(self):
         """Everything needed to continue exactly where this selector is (plain data)."""
-        return _snapshot.dump(*self.watermarks, [self.node(nid) for nid in self.node_ids])
+        cdef Py_ssize_t i
+        views = []
+        for i in range(self.n):  # the reported latch: a pending-picks block is in the load
+            views.append({**self.node(self.node_ids[i]), "overloaded": bool(self.latched[i])})
+        return _snapshot.dump(*self.watermarks, views)
 
     @classmethod
     def from_state(cls, state, ledger=None):
-        """The inverse of `state()`: a selector whose next picks are this one's. With a
-        ledger that others share, the load they count is kept unless this one reports."""
+        """The inverse of `state()`: a selector whose next picks are this one's. On a
+        ledger where another selector already holds a node, the load counted there is
+        kept: it has every pick since, which this state cannot know."""
         high, low, rows = _snapshot.parse(state)
         cdef Selector selector = cls(high, low, ledger)
         cdef Py_ssize_t i
         for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
+            fresh = not selector.ledger.holds(nid)
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
             i = selector.index[nid]
             selector.current[i] = current
@@ -482,7 +489,7 @@ cdef class Selector:
             selector.latched[i] = overloaded
             selector.connections[i] = conns or 0
             selector.capacity[i] = cap or 0
-            if selector.reports:
+            if fresh:
                 ledger_set(_field(selector, i, LOAD), (conns or 0) + pending)
             selector.ramp[i] = ramp
             selector._reweigh(i)

@@ -135,20 +135,11 @@ class Ledger:
         """The byte offset of `node_id`'s slot, shared with every process that claimed the
         same id and has not released it; a slot nobody holds is reset before reuse."""
         key = digest(node_id)
-        start = int.from_bytes(key[:8], "little") % self.slots
         with self.locked():
-            free = None
-            for step in range(self.slots):
-                offset = HEADER_SIZE + (start + step) % self.slots * SLOT_SIZE
-                holders = self.get(offset, HOLDERS)
-                stored = self.memory[offset + DIGEST:offset + DIGEST + DIGEST_SIZE]
-                if holders > 0 and stored == key:
-                    self.set(offset, HOLDERS, holders + 1)
-                    return offset
-                if holders <= 0 and free is None:
-                    free = offset
-                if stored == bytes(DIGEST_SIZE):  # never used: the key is not further on
-                    break
+            held, free = self._find(key)
+            if held is not None:
+                self.set(held, HOLDERS, self.get(held, HOLDERS) + 1)
+                return held
             if free is None:
                 raise LedgerError(f"the ledger's {self.slots} slots are all held; cannot "
                                   f"add node {node_id!r}")
@@ -157,6 +148,28 @@ class Ledger:
             self.set(free, HOLDERS, 1)
             self.set(free, MARK, -1)
             return free
+
+    def holds(self, node_id: str) -> bool:
+        """Whether a selector (in any process) holds `node_id`'s slot now."""
+        with self.locked():
+            return self._find(digest(node_id))[0] is not None
+
+    def _find(self, key: bytes) -> tuple[int | None, int | None]:
+        """(the held slot with this key, the first slot nobody holds), probing from the
+        key's place up to the first slot never used: the key is not further on."""
+        start = int.from_bytes(key, "little") % self.slots
+        free = None
+        for step in range(self.slots):
+            offset = HEADER_SIZE + (start + step) % self.slots * SLOT_SIZE
+            holders = self.get(offset, HOLDERS)
+            stored = self.memory[offset + DIGEST:offset + DIGEST + DIGEST_SIZE]
+            if holders > 0 and stored == key:
+                return offset, free
+            if holders <= 0 and free is None:
+                free = offset
+            if stored == bytes(DIGEST_SIZE):
+                break
+        return None, free
 
     def release(self, offset: int) -> None:
         """This selector no longer holds the slot (its node was removed)."""

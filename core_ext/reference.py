@@ -272,22 +272,25 @@ class Selector:
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this selector is (plain data)."""
-        return _snapshot.dump(*self._watermarks, (self.node(n.id) for n in self._nodes))
+        return _snapshot.dump(*self._watermarks, (
+            {**self.node(n.id), "overloaded": n.latched} for n in self._nodes))
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], ledger: Ledger | None = None) -> Selector:
-        """The inverse of `state()`: a selector whose next picks are this one's. With a
-        ledger that others share, the load they count is kept unless this one reports."""
+        """The inverse of `state()`: a selector whose next picks are this one's. On a
+        ledger where another selector already holds a node, the load counted there is
+        kept: it has every pick since, which this state cannot know."""
         high, low, rows = _snapshot.parse(state)
         selector = cls(high, low, ledger)
         for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
+            fresh = not selector.ledger.holds(nid)
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
             node = selector._index[nid]
             node.current = current
             node.up, node.draining, node.overloaded = up, draining, overloaded
             node.latched = overloaded
             node.connections, node.capacity, node.ramp = conns, cap, ramp
-            if selector.ledger.reports:
+            if fresh:
                 with selector.ledger.locked():
                     selector.ledger.set(node.cell, LOAD, (conns or 0) + pending)
             selector._reweigh(node)

@@ -252,3 +252,35 @@ def _follower(implementation, path, start, results):
     while (node := selector.pick()) is not None:
         taken[node] += 1
     results.put(dict(taken))
+
+
+def test_a_selector_joining_held_slots_keeps_their_counts(Selector, shared):
+    """A follower taking over as leader, or a selector rebuilt for new watermarks, joins
+    slots others hold: the picks counted there since its state was taken are kept."""
+    follower = Selector(ledger=shared(False))
+    follower.add("n1", 1)
+    follower.report("n1", connections=50, capacity=100)
+    stale = follower.state()
+    assert sum(follower.pick() is not None for _ in range(100)) == 90
+    leader = Selector.from_state(stale, shared(True))  # says 50 connections, 0 pending
+    assert leader.pick() is None and leader.node("n1")["pending"] == 40
+
+
+def test_the_first_selector_on_a_slot_counts_from_its_own_figures(Selector, shared):
+    """Followers may start before the leader: the first to hold a node starts its load
+    from the replayed connections, not from nothing."""
+    built = Selector()
+    built.add("n1", 1)
+    built.report("n1", connections=85, capacity=100)
+    follower = Selector.from_state(built.state(), shared(False))
+    assert [follower.pick() for _ in range(6)] == ["n1"] * 5 + [None]
+
+
+def test_a_rebuild_does_not_latch_a_node_held_out_by_pending_picks(make):
+    selector = make({"a": 1})
+    selector.report("a", connections=85, capacity=100)
+    assert [selector.pick() for _ in range(6)] == ["a"] * 5 + [None]
+    rebuilt = type(selector).from_state(selector.state())
+    assert rebuilt.pick() is None  # the five are still pending
+    rebuilt.report("a", connections=86, capacity=100)  # four never came
+    assert rebuilt.pick() == "a"
