@@ -14,6 +14,7 @@ the shared watermark and assignment cap. Loopback only: the URL must be on 127.0
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -52,9 +53,9 @@ async def _ask(host: str, port: int, path: str, answers: list, refusals: list,
         writer.close()
 
 
-async def _hold(body: dict, held: Counter, sockets: list) -> None:
+async def _hold(body: dict, held: Counter, sockets: list, run: str) -> None:
     reader, writer = await asyncio.open_connection(body["ip"], body["port"])
-    writer.write(protocol.encode({"type": "hello", "uid": f"filler-{len(sockets)}"}))
+    writer.write(protocol.encode({"type": "hello", "uid": f"filler-{run}-{len(sockets)}"}))
     sockets.append(writer)
     head = await reader.readexactly(4)
     frame = orjson.loads(await reader.readexactly(int.from_bytes(head, "big")))
@@ -62,7 +63,11 @@ async def _hold(body: dict, held: Counter, sockets: list) -> None:
         held[body["node"]] += 1
 
 
-async def fill(url: str, seconds: float, concurrency: int = 8, count: int = 1) -> dict:
+async def fill(url: str, seconds: float, concurrency: int = 8, count: int = 1,
+               keep: list | None = None, most: int | None = None) -> dict:
+    """Fill for at most `seconds` (see the module docstring), and with at most about
+    `most` clients if given. The clients are closed at the end, unless `keep` is given:
+    then their sockets go there, for a later fill."""
     parts = urlsplit(url)
     assert parts.hostname == "127.0.0.1", "load goes to loopback only"
     answers: list = []
@@ -73,27 +78,33 @@ async def fill(url: str, seconds: float, concurrency: int = 8, count: int = 1) -
     held: Counter = Counter()
     sockets: list = []
     holders = []
+    run = os.urandom(4).hex()  # uids of their own: a later fill must not log these out
     started = time.monotonic()
     seen = 0
     while time.monotonic() - started < seconds:
         await asyncio.sleep(0.02)
         for _, body in answers[seen:]:
-            holders.append(asyncio.create_task(_hold(body, held, sockets)))
+            holders.append(asyncio.create_task(_hold(body, held, sockets, run)))
         seen = len(answers)
         last_answer = answers[-1][0] if answers else started
         if refusals and time.monotonic() - last_answer > 1.0 and refusals[-1] > last_answer:
             break  # refused for a whole second: every node is full
+        if most is not None and len(answers) >= most:
+            break
     stop.set()
     await asyncio.gather(*askers, return_exceptions=True)
     for _, body in answers[seen:]:
-        holders.append(asyncio.create_task(_hold(body, held, sockets)))
+        holders.append(asyncio.create_task(_hold(body, held, sockets, run)))
     await asyncio.gather(*holders, return_exceptions=True)
     per_second: dict[str, list[float]] = defaultdict(list)
     for moment, body in answers:
         per_second[body["node"]].append(moment)
     peak = {node: _busiest_second(moments) for node, moments in per_second.items()}
-    for writer in sockets:
-        writer.close()
+    if keep is None:
+        for writer in sockets:
+            writer.close()
+    else:
+        keep.extend(sockets)
     return {"held": dict(held), "peak_per_second": peak, "answered": len(answers),
             "refused": len(refusals), "seconds": round(time.monotonic() - started, 3)}
 

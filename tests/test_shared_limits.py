@@ -4,6 +4,8 @@ get-tcp-ip (tests/filler.py)."""
 
 import asyncio
 import math
+import os
+import signal
 from collections import Counter
 
 import pytest
@@ -60,5 +62,36 @@ def test_backups_neither_skew_primaries_nor_spend_the_cap(tmp_path, nats_server,
             assert len(backups) == count - 1 and body["node"] not in backups
         total = sum(WEIGHTS.values())
         assert primaries == {node: 120 * weight // total for node, weight in WEIGHTS.items()}
+    finally:
+        running.stop()
+
+
+def test_the_leader_killed_mid_fill_reopens_no_places(tmp_path, nats_server):
+    """kill -9 the leader worker once the nodes are half full, and go on filling: the
+    worker taking over joins the ledger's counts instead of resetting them from its
+    replayed state (which reopened the places taken since the last poll)."""
+    running = Cluster(tmp_path, nats_server.url, workers=2, capacity=CAPACITY,
+                      assign_rate=10_000)
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        leader = int((tmp_path / "events" / "LOCK").read_text().split()[0])
+
+        async def half_then_kill_then_full():
+            clients: list = []  # the first half stays connected
+            first = await fill(running.url(""), seconds=10, concurrency=2, keep=clients,
+                               most=150)
+            os.kill(leader, signal.SIGKILL)
+            second = await fill(running.url(""), seconds=30)
+            for writer in clients:
+                writer.close()
+            return first, second
+
+        first, second = asyncio.run(half_then_kill_then_full())
+        held = Counter(first["held"]) + Counter(second["held"])
+        limit = math.ceil(0.9 * CAPACITY)
+        assert 0 < sum(first["held"].values()) < 3 * limit, first  # killed mid-fill
+        assert all(count <= limit for count in held.values()), (first, second)
+        assert sum(held.values()) >= 3 * limit - 6, (first, second)
+        assert int((tmp_path / "events" / "LOCK").read_text().split()[0]) != leader
     finally:
         running.stop()
