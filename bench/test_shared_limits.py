@@ -31,6 +31,7 @@ def test_pick_with_the_shared_ledger(benchmark, implementation, tmp_path):
     case = "pick, 8 nodes, shared ledger + caps"
     benchmark.group = case
     selector = loaded_selector(implementation, 8)
+    Ledger.create(tmp_path / "ledger")
     selector = type(selector).from_state(
         selector.state(), Ledger.shared(tmp_path / "ledger", reports=True))
     for node_id in selector.ids():

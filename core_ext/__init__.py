@@ -9,7 +9,7 @@ import importlib
 import os
 from types import ModuleType
 
-from core_ext._rules import MAX_COUNT, MAX_WEIGHT, overloaded_after
+from core_ext._rules import MAX_COUNT, MAX_NODES, MAX_WEIGHT, overloaded_after
 from core_ext._rules import watermarks as watermarks_ppm
 from core_ext._snapshot import FORMAT_VERSION as SELECTOR_STATE_VERSION
 from core_ext.errors import (
@@ -47,6 +47,7 @@ IMPLEMENTATION = "reference" if PURE_PYTHON else "compiled"
 __all__ = [
     "IMPLEMENTATION",
     "MAX_COUNT",
+    "MAX_NODES",
     "MAX_WEIGHT",
     "PURE_PYTHON",
     "SELECTOR_STATE_VERSION",

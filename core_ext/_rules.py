@@ -22,6 +22,10 @@ MAX_LOAD = 2 * MAX_COUNT
 MAX_RATE = 1_000_000_000
 """Largest assignment cap in clients a second (one nanosecond apart)."""
 
+MAX_NODES = 10_000
+"""Most nodes one dispatcher routes (the domain refuses more): the workers' shared ledger
+has room for them several times over, so a valid event never finds it full."""
+
 MAX_BACKUPS = 64
 """Most backups one call names (clients ask for a handful)."""
 

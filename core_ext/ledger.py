@@ -86,26 +86,40 @@ class Ledger:
             self.memory = mmap.mmap(_fd, size)
         self.slots = slots
 
-    @classmethod
-    def shared(cls, path: str | os.PathLike[str], *, reports: bool,
-               slots: int = DEFAULT_SLOTS) -> Ledger:
-        """Open the ledger file at `path`, creating it if this process is the first."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    @staticmethod
+    def create(path: str | os.PathLike[str], slots: int = DEFAULT_SLOTS) -> None:
+        """Make the ledger file at `path` (it must not exist), its blocks allocated now:
+        a full disk says so here, once, instead of as a SIGBUS in the middle of a pick.
+        The dispatcher's supervisor does this before it starts any worker."""
+        if type(slots) is not int or not 1 <= slots <= 1 << 20:
+            raise LedgerError(f"a ledger has 1..{1 << 20} slots, got {slots!r}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                header = os.pread(fd, HEADER.size, 0)
-                if not header:
-                    os.ftruncate(fd, HEADER_SIZE + slots * SLOT_SIZE)
-                    os.pwrite(fd, HEADER.pack(MAGIC, VERSION, slots), 0)
-                else:
-                    magic, version, slots = HEADER.unpack(header.ljust(HEADER.size, b"\0"))
-                    if magic != MAGIC or version != VERSION:
-                        raise LedgerError(f"{path} is not a ledger of version {VERSION}")
-                    if os.fstat(fd).st_size < HEADER_SIZE + slots * SLOT_SIZE:
-                        raise LedgerError(f"{path} is shorter than its {slots} slots")
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.posix_fallocate(fd, 0, HEADER_SIZE + slots * SLOT_SIZE)
+            os.pwrite(fd, HEADER.pack(MAGIC, VERSION, slots), 0)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def shared(cls, path: str | os.PathLike[str], *, reports: bool) -> Ledger:
+        """Map the ledger file that `create` made. A file that is gone is an error, never
+        a new ledger: a worker counting on its own would let nodes overfill."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LedgerError(f"the workers' shared ledger {path} is gone; restart the "
+                              "dispatcher") from None
+        try:
+            magic, version, slots = HEADER.unpack(
+                os.pread(fd, HEADER.size, 0).ljust(HEADER.size, b"\0"))
+            if magic != MAGIC or version != VERSION:
+                raise LedgerError(f"{path} is not a ledger of version {VERSION}")
+            if not 1 <= slots <= 1 << 20 or (
+                    os.fstat(fd).st_size < HEADER_SIZE + slots * SLOT_SIZE):
+                raise LedgerError(f"{path} is shorter than its {slots} slots")
             ledger = cls(slots, reports=reports, _fd=fd)
         except BaseException:
             os.close(fd)

@@ -34,6 +34,7 @@ FIELDS = {
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (decisions.UnknownNode, 404),
     (decisions.NodeExists, 409),
+    (decisions.TooManyNodes, 409),
     (DomainError, 400),
     (cfg.ConfigError, 400),
 )

@@ -212,10 +212,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     from sanic.worker.loader import AppLoader
 
+    from core_ext.ledger import Ledger
+    from dispatcher.pacing import LEDGER_FILE
     from dispatcher.stats import DIRECTORY_VARIABLE
 
     stats_dir = tempfile.mkdtemp(prefix="imdispatch-stats-")
     os.environ[DIRECTORY_VARIABLE] = stats_dir  # the workers inherit it
+    try:  # the counts every worker picks against (pacing.open_ledger), made once here
+        Ledger.create(os.path.join(stats_dir, LEDGER_FILE))
+    except OSError as exc:
+        shutil.rmtree(stats_dir, ignore_errors=True)
+        print(f"imdispatch serve: cannot make the workers' shared ledger in {stats_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     loader = AppLoader(factory=functools.partial(create_app, config, args.config,
                                                  **log_options))

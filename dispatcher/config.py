@@ -353,6 +353,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     entries, seen = [], {}
     for index, node in enumerate(nodes):
         where = lambda k, p, i=index: error("nodes", i, k, p)  # noqa: E731
+        if index == core_ext.MAX_NODES:
+            raise where(None, f"a dispatcher routes at most {core_ext.MAX_NODES} nodes")
         values = _checked(node, NODE_KEYS, where)
         for required in ("id", "ip", "port"):
             if required not in values:

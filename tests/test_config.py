@@ -2,12 +2,14 @@
 applied as a difference against the last recorded configuration."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
 import core_ext
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
+from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.journal import Journal
 
@@ -175,3 +177,17 @@ def test_the_recorded_config_holds_every_reloadable_setting_and_no_secret():
     assert cfg.Config().with_recorded(old).poll == cfg.Config().poll
     with pytest.raises(cfg.ConfigError, match=r"recorded configuration: \[poll\] fall"):
         cfg.Config().with_recorded({**recorded, "poll": {"fall": 0}})
+
+
+def test_no_more_nodes_than_the_core_routes(monkeypatch):
+    """One limit for the file, the admin API and the selection core's shared ledger."""
+    monkeypatch.setattr(core_ext, "MAX_NODES", 3)
+    nodes = "".join(f'[[nodes]]\nid = "n{i}"\nip = "10.0.0.1"\nport = 9001\n' for i in range(4))
+    with pytest.raises(cfg.ConfigError, match=r"\[\[nodes\]\] #4.*at most 3 nodes"):
+        cfg.parse(nodes)
+    state = RoutingState()
+    for i in range(3):
+        for event in decisions.add_node(state, f"n{i}", "10.0.0.1", 9001, actor="t"):
+            state.apply(dataclasses.replace(event, seq=state.seq + 1))
+    with pytest.raises(decisions.TooManyNodes, match="at most 3 nodes"):
+        decisions.add_node(state, "n3", "10.0.0.1", 9001, actor="t")

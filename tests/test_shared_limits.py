@@ -5,12 +5,16 @@ get-tcp-ip (tests/filler.py)."""
 import asyncio
 import math
 import os
+import resource
 import signal
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 
 from tests.filler import fill
+from tests.nats_server import free_port
 from tests.test_dispatcher_e2e import WEIGHTS, Cluster
 
 CAPACITY = 100
@@ -95,3 +99,22 @@ def test_the_leader_killed_mid_fill_reopens_no_places(tmp_path, nats_server):
         assert int((tmp_path / "events" / "LOCK").read_text().split()[0]) != leader
     finally:
         running.stop()
+
+
+def test_a_disk_too_full_for_the_ledger_stops_the_start_with_one_line(tmp_path):
+    """The supervisor makes the workers' ledger (its blocks allocated) before any worker
+    starts: no worker dies half-started, which made Sanic kill the caller's whole process
+    group, and no pick can hit a SIGBUS later."""
+    config = tmp_path / "dispatcher.toml"
+    config.write_text(f'[http]\nport = {free_port()}\nworkers = 2\n'
+                      f'[eventlog]\npath = "{tmp_path / "events"}"\n')
+
+    def small_disk():  # in the child: files past 1 MiB cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    result = subprocess.run([sys.executable, "-m", "dispatcher", "serve", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            preexec_fn=small_disk)
+    assert result.returncode == 2, result.stderr
+    assert "cannot make the workers' shared ledger" in result.stderr
+    assert "File too large" in result.stderr and "Traceback" not in result.stderr

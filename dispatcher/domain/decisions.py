@@ -36,6 +36,10 @@ class NodeExists(InvalidCommand):
     """Adding a node whose id the state already has."""
 
 
+class TooManyNodes(InvalidCommand):
+    """Adding a node past `core_ext.MAX_NODES`."""
+
+
 def _check_node_id(node: Any) -> str:
     if not isinstance(node, str) or not NODE_ID.match(node):
         raise InvalidCommand(
@@ -77,6 +81,9 @@ def add_node(
     node = _check_node_id(node)
     if node in state.nodes:
         raise NodeExists(f"node {node!r} already exists")
+    if len(state.nodes) >= core_ext.MAX_NODES:
+        raise TooManyNodes(f"cannot add node {node!r}: a dispatcher routes at most "
+                           f"{core_ext.MAX_NODES} nodes")
     ip, port = _check_address(node, ip, port)
     weight = _check_weight(node, weight)
     return [ev.NodeAdded(node=node, ip=ip, port=port, weight=weight, actor=actor, reason=reason)]

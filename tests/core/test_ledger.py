@@ -20,6 +20,7 @@ SECOND = 1_000_000_000
 @pytest.fixture
 def shared(tmp_path):
     """Open handles on one ledger file: `shared(reports=...)`."""
+    Ledger.create(tmp_path / "ledger")
     return lambda reports: Ledger.shared(tmp_path / "ledger", reports=reports)
 
 
@@ -211,6 +212,23 @@ def test_a_full_or_foreign_ledger_is_refused(Selector, tmp_path):
         Selector(ledger="shared")
 
 
+def test_a_ledger_file_that_is_gone_is_an_error_never_a_new_ledger(tmp_path):
+    """A worker counting on a ledger of its own would let every node overfill."""
+    path = tmp_path / "ledger"
+    Ledger.create(path)
+    with pytest.raises(FileExistsError):
+        Ledger.create(path)  # one per run, made by the supervisor
+    shared = Ledger.shared(path, reports=True)
+    path.unlink()  # a tmp cleaner, an operator
+    with pytest.raises(LedgerError, match="is gone"):
+        Ledger.shared(path, reports=False)
+    assert not path.exists()
+    shared.close()
+    path.write_bytes(b"")
+    with pytest.raises(LedgerError, match="not a ledger"):
+        Ledger.shared(path, reports=False)
+
+
 # -- real processes -------------------------------------------------------------------
 
 
@@ -222,7 +240,7 @@ def test_processes_never_push_a_node_past_its_watermark(tmp_path, processes, imp
     ceil(0.9 x capacity), never one more."""
     context = multiprocessing.get_context("spawn")
     path = tmp_path / "ledger"
-    Ledger.shared(path, reports=True).close()
+    Ledger.create(path)
     leader = IMPLEMENTATIONS[implementation](ledger=Ledger.shared(path, reports=True))
     for i in range(8):  # the leader's reports set the loads before anyone picks
         leader.add(f"n{i}", 1 + i % 3)
