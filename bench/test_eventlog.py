@@ -13,6 +13,7 @@ import pytest
 from bench import targets
 from bench.eventstream import cluster_events
 from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog
+from dispatcher.eventlog.records import Entry
 from dispatcher.journal import Journal
 
 
@@ -21,7 +22,7 @@ async def append_all(path: Path, events, fsync: str, batch: int) -> float:
     await log.open()
     started = time.perf_counter()
     for i in range(0, len(events), batch):
-        await log.append(events[i:i + batch])
+        await log.append([Entry.of(event) for event in events[i:i + batch]])
     await log.close()
     return time.perf_counter() - started
 
@@ -31,7 +32,7 @@ async def append_concurrently(path: Path, events) -> float:
     log = FileLog(path, fsync="always")
     await log.open()
     started = time.perf_counter()
-    await asyncio.gather(*(log.append([event]) for event in events))
+    await asyncio.gather(*(log.append([Entry.of(event)]) for event in events))
     await log.close()
     return time.perf_counter() - started
 

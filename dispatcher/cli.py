@@ -196,6 +196,8 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"imdispatch serve: {args.config}: [eventlog] path: {problem}", file=sys.stderr)
         return 2
+    if not _own_the_log(args.config, config.eventlog.path):
+        return 2
     print(f"imdispatch serving http://{config.http.host}:{config.http.port} with "
           f"{config.http.workers} worker(s)", flush=True)
     log_options = {"log_level": args.log_level, "log_format": args.log_format}
@@ -300,6 +302,25 @@ class _WorkerReplacer:
         while self._deaths and now - self._deaths[0] > self.WINDOW:
             self._deaths.popleft()
         return len(self._deaths) > self.BUDGET
+
+
+def _own_the_log(config_path: str, log_path: str) -> bool:
+    """Refuse (one line, naming the holder's pid) a log that another dispatcher writes;
+    else give this run an id its workers inherit, so that they, and only they, follow the
+    one of them that leads."""
+    from os import environ
+    from uuid import uuid4
+
+    from dispatcher.eventlog.filelog import writer_pid
+    from dispatcher.runtime import RUN_ID
+
+    holder = writer_pid(log_path)
+    if holder is not None:
+        print(f"imdispatch serve: {config_path}: [eventlog] path: {log_path} is in use by "
+              f"another dispatcher (pid {holder})", file=sys.stderr)
+        return False
+    environ[RUN_ID] = uuid4().hex
+    return True
 
 
 def _log_directory_problem(path: str) -> str | None:

@@ -15,8 +15,8 @@ from dispatcher import config as cfg
 from dispatcher import leader_link
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.filelog import LogReader, LogTail
-from dispatcher.eventlog.records import GENESIS_HASH
 from dispatcher.eventlog.snapshots import SnapshotStore
+from dispatcher.journal import rebuild
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
 from imnode.tasks import cancel_and_wait
@@ -56,28 +56,13 @@ class Follower(Serving):
         log.info("following the event log from seq %d", seq)
 
     def _rebuild(self) -> tuple[RoutingState, int, bytes]:
-        """The newest snapshot that fits, plus the records after it."""
+        """The newest snapshot that fits, plus the records after it: the journal's own
+        fold (run in a thread, on a loop of its own, so a big log does not stall serving)."""
         path = Path(self.config.eventlog.path)
-        for snapshot, _, _ in SnapshotStore(path / "snapshots").candidates(2**63):
-            if snapshot is None:
-                continue
-            try:
-                state = RoutingState.from_dict(snapshot.state)
-                return self._replay(path, state, snapshot.seq, snapshot.hash)
-            except Exception as exc:  # a snapshot that does not fit: try an older one
-                log.warning("skipped snapshot at seq %d: %s", snapshot.seq, exc)
-        return self._replay(path, RoutingState(), 0, GENESIS_HASH)
-
-    @staticmethod
-    def _replay(path: Path, state: RoutingState, seq: int,
-                last_hash: bytes) -> tuple[RoutingState, int, bytes]:
-        for batch in LogReader(path).batches(seq):
-            if batch[0].prev_hash != last_hash:
-                raise ValueError("the snapshot does not belong to this log")
-            for record in batch:
-                state.apply(record.event())
-            seq, last_hash = batch[-1].seq, batch[-1].hash
-        return state, seq, last_hash
+        rebuilt = asyncio.run(rebuild(LogReader(path).read, SnapshotStore(path / "snapshots")))
+        for note in rebuilt.notes:
+            log.warning("%s", note)
+        return rebuilt.state, rebuilt.seq, rebuilt.hash
 
     async def _follow(self) -> None:
         last_cycle = None

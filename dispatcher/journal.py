@@ -1,10 +1,11 @@
 """The journal: the one writer of routing state.
 
-It stamps events with their seq and time, applies them to the `RoutingState`, appends
-them to the event log and takes snapshots; on start it rebuilds the state from the newest
-usable snapshot plus the log's tail. Applying comes before logging so that decisions always
-see every accepted event; if the log then fails, `failure` says so and the dispatcher must
-stop being ready (its state is ahead of what is durable).
+It stamps events with their seq and time, encodes each once, applies what the log will
+store and hands those bytes to the event log, and takes snapshots; on start it rebuilds the
+state from the newest usable snapshot plus the log's tail. An event the log would refuse
+(over its record limit) or that does not fit the state changes neither. If the log fails
+later (a full disk, its directory gone), `failure` says so and the dispatcher must stop
+being ready (its state is ahead of what is durable).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -25,7 +26,7 @@ from dispatcher.domain.events import Event, from_dict
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.base import EventLog, Recovery
 from dispatcher.eventlog.errors import LogClosed, LogCorrupted
-from dispatcher.eventlog.records import GENESIS_HASH
+from dispatcher.eventlog.records import GENESIS_HASH, Entry, Record, check_size
 from dispatcher.eventlog.snapshots import Snapshot, SnapshotStore
 
 DEFAULT_SNAPSHOT_EVERY = 10_000
@@ -73,8 +74,84 @@ class StartReport:
         ]
 
 
-class _SnapshotMismatch(Exception):
-    pass
+class SnapshotMismatch(Exception):
+    """A snapshot that does not fit the log's records: skipped, the log is the truth."""
+
+
+@dataclass(slots=True)
+class Rebuilt:
+    """The state a reader built from the log, and where the log ended."""
+
+    state: RoutingState
+    seq: int
+    hash: bytes  # the hash of record `seq`
+    replayed: int = 0  # events applied from the log
+    snapshot_seq: int | None = None  # the snapshot replay started from, if any
+    notes: list[str] = field(default_factory=list)  # snapshots skipped, and why
+
+
+async def rebuild(
+    read: Callable[[int], AsyncIterator[list[Record]]],
+    snapshots: SnapshotStore | None,
+    *,
+    end: tuple[int, bytes] | None = None,
+    selector_class: type | None = None,
+) -> Rebuilt:
+    """The routing state a log holds: the newest snapshot that fits plus the records
+    after it, else every record from the first. The one fold that every reader of the log
+    uses (the journal at start, follower workers), so they build the same state.
+
+    `read(after)` gives the verified records after a seq, in batches. `end` (the last seq
+    and its hash), when the reader knows it, is where the records must end. A snapshot
+    that does not fit is skipped with a note; damage in the log itself raises.
+    """
+    notes = []
+    candidates = snapshots.candidates(end[0] if end else 2**63) if snapshots else []
+    for snapshot, path, problem in candidates:
+        if snapshot is None:
+            notes.append(f"skipped snapshot {path.name}: {problem}")
+            continue
+        try:
+            state = RoutingState.from_dict(snapshot.state, selector_class)
+            if state.seq != snapshot.seq:
+                raise SnapshotMismatch(f"its state is at seq {state.seq}, not {snapshot.seq}")
+            rebuilt = await _replay(read, state, snapshot.hash, end)
+        except SnapshotMismatch as exc:
+            notes.append(f"skipped snapshot {path.name}: {exc}")
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError, DomainError) as exc:
+            notes.append(f"skipped snapshot {path.name}: it does not fit: {exc!r}")
+            continue
+        rebuilt.snapshot_seq = snapshot.seq
+        break
+    else:
+        rebuilt = await _replay(read, RoutingState(selector_class), GENESIS_HASH, end)
+    rebuilt.notes = notes
+    return rebuilt
+
+
+async def _replay(
+    read: Callable[[int], AsyncIterator[list[Record]]], state: RoutingState,
+    start_hash: bytes, end: tuple[int, bytes] | None,
+) -> Rebuilt:
+    """Apply the records after `state.seq`, checking they chain from `start_hash`."""
+    seq, last_hash, count = state.seq, start_hash, 0
+    if end is not None and end[0] == seq:
+        if end[1] != start_hash:
+            raise SnapshotMismatch(f"its hash differs from the log's record {seq}")
+        return Rebuilt(state, seq, start_hash)
+    apply, decode, loads = state.apply, from_dict, orjson.loads
+    async for batch in read(seq):
+        if batch[0].prev_hash != last_hash:
+            raise SnapshotMismatch(f"the log's record {seq} has another hash")
+        for record in batch:
+            apply(decode(loads(record.payload)))
+        count += len(batch)
+        seq, last_hash = batch[-1].seq, batch[-1].hash
+    if end is not None and seq != end[0]:
+        raise LogCorrupted(f"replay ended at seq {seq} but the log ends at {end[0]}",
+                           segment="", offset=0, seq=seq + 1)
+    return Rebuilt(state, seq, last_hash, count)
 
 
 class Journal:
@@ -115,79 +192,48 @@ class Journal:
         if self.snapshots is not None:
             for name in self.snapshots.discard_after(report.recovery.last_seq):
                 report.notes.append(f"removed snapshot {name}: past the log's end")
-        for snapshot, path, problem in self._snapshot_candidates(report.recovery.last_seq):
-            if snapshot is None:
-                report.notes.append(f"skipped snapshot {path.name}: {problem}")
-                continue
-            try:
-                state = RoutingState.from_dict(snapshot.state, self._selector_class)
-                report.replayed = await self._replay(state, snapshot.seq, snapshot.hash)
-            except _SnapshotMismatch as exc:
-                report.notes.append(f"skipped snapshot {path.name}: {exc}")
-                continue
-            except (KeyError, TypeError, ValueError, DomainError) as exc:
-                report.notes.append(f"skipped snapshot {path.name}: it does not fit: {exc}")
-                continue
-            report.snapshot_seq = self._snapshot_seq = snapshot.seq
-            break
-        else:
-            state = RoutingState(self._selector_class)
-            report.replayed = await self._replay(state, 0, GENESIS_HASH)
-        self.state = state
-
-    def _snapshot_candidates(self, last_seq: int) -> list:
-        return self.snapshots.candidates(last_seq) if self.snapshots else []
-
-    async def _replay(self, state: RoutingState, after: int, expected_hash: bytes) -> int:
-        """Apply the log's records after `after`, checking they chain from `expected_hash`."""
-        if after == self.log.last_seq:
-            if self.log.last_hash != expected_hash:
-                raise _SnapshotMismatch(f"its hash differs from the log's record {after}")
-            return 0
-        count = 0
-        apply, decode, loads = state.apply, from_dict, orjson.loads
-        async for batch in self.log.read(after):
-            if count == 0 and batch[0].prev_hash != expected_hash:
-                raise _SnapshotMismatch(f"the log's record {after} has another hash")
-            for record in batch:
-                apply(decode(loads(record.payload)))
-            count += len(batch)
-        if state.seq != self.log.last_seq:
-            raise LogCorrupted(
-                f"replay ended at seq {state.seq} but the log ends at {self.log.last_seq}",
-                segment="", offset=0, seq=state.seq + 1,
-            )
-        return count
+        rebuilt = await rebuild(self.log.read, self.snapshots,
+                                end=(self.log.last_seq, self.log.last_hash),
+                                selector_class=self._selector_class)
+        report.notes += rebuilt.notes
+        report.snapshot_seq, report.replayed = rebuilt.snapshot_seq, rebuilt.replayed
+        self._snapshot_seq = rebuilt.snapshot_seq or 0
+        self.state = rebuilt.state
 
     # -- recording --------------------------------------------------------------------
 
     async def record(self, events: Sequence[Event]) -> list[Event]:
-        """Stamp, apply and log events; returns them stamped once durable per fsync policy.
+        """Stamp, encode, apply and log events; returns them stamped once durable per
+        fsync policy.
 
-        Stamping, applying and queueing happen before the first await, so concurrent
-        callers never interleave. What is applied is the event as the log stores it
-        (encoded, then decoded), so the live state is exactly what a replay will build. If
-        an event cannot be stored or does not fit the state, the ones before it are still
-        recorded and the error is raised after.
+        Each event is encoded once and checked against the log's limit before anything
+        changes; what is applied is those bytes decoded, and the log is handed the same
+        bytes, so the live state is exactly what a replay will build. If an event cannot
+        be stored or does not fit the state, it changes nothing, the ones before it are
+        still recorded, and the error is raised after. All this happens before the first
+        await, so concurrent callers never interleave.
         """
         if self._closing:
             raise LogClosed("the journal is closing; routing state changes are refused")
         if self.log.failure is not None:
             raise LogClosed("the event log failed; routing state changes are refused")
         stamped: list[Event] = []
+        entries: list[Entry] = []
         now = self.clock()
         error: Exception | None = None
         for event in events:
             try:
-                stored = orjson.dumps(dataclasses.replace(event, seq=self.state.seq + 1, time=now))
-                event = from_dict(orjson.loads(stored))
-                self.state.apply(event)
+                entry = Entry.of(dataclasses.replace(event, seq=self.state.seq + 1, time=now))
+                check_size(entry, self.log.max_payload)
+                event = entry.event()
+                self.state.apply(event)  # unchanged if it does not fit
             except Exception as exc:
                 error = exc
                 break
             stamped.append(event)
-        if stamped:
-            durable = self.log.append(stamped)
+            entries.append(entry)
+        if entries:
+            durable = self.log.append(entries)
             self._maybe_snapshot(durable)
             durable.add_done_callback(partial(_log_when_durable, stamped))
             await asyncio.shield(durable)  # a cancelled caller must not cancel the write

@@ -20,7 +20,7 @@ from dispatcher import admin, leader_link
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
-from dispatcher.eventlog.errors import LogLocked
+from dispatcher.eventlog.errors import LogLocked, LogMissing
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.follower import Follower
@@ -52,12 +52,15 @@ class Leader(Serving):
     role = "leader"
 
     def __init__(self, config: cfg.Config, config_path: str | Path | None = None,
-                 stats: WorkerStats | None = None) -> None:
+                 stats: WorkerStats | None = None, *, takeover: bool = False) -> None:
+        """`takeover`: taking the log over from a dead leader, so it must be there (no
+        new, empty log where it vanished)."""
         super().__init__(config, stats)
         self.config_path = Path(config_path) if config_path else None
         path = Path(config.eventlog.path)
         log = FileLog(path, fsync=config.eventlog.fsync,
-                      segment_bytes=config.eventlog.segment_bytes)
+                      segment_bytes=config.eventlog.segment_bytes, create=not takeover,
+                      run_id=os.environ.get(RUN_ID))
         log.on_sync = self.stats.fsync.observe
         self.stats.appended = lambda: log.appended
         self.journal = Journal(log, SnapshotStore(path / "snapshots"),
@@ -255,10 +258,12 @@ class Leader(Serving):
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
-        await self.journal.close()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+        try:
+            await self.journal.close()  # raises if the log failed: the caller says so
+        finally:
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.drain()
 
     def poll_status(self) -> tuple[float | None, bool]:
         last = self.poller.last_cycle if self.poller is not None else None
@@ -271,6 +276,11 @@ class Leader(Serving):
 
 
 TAKEOVER_INTERVAL = 1.0
+RUN_ID = "IMDISPATCH_RUN_ID"
+"""Environment variable: the id of the `imdispatch serve` a worker belongs to. The leader
+records it in the log's lock file; a worker of the same run follows that leader, a process
+of any other run refuses to start (two dispatchers must not share a log)."""
+LOCK_RECORD_WAIT = 2.0  # how long a lock holder may take to record who it is
 
 
 async def take_over_when_leader_dies(follower: Follower,
@@ -281,12 +291,18 @@ async def take_over_when_leader_dies(follower: Follower,
     serves the state it has; `promote` switches it to the new leader before the follower
     stops. A takeover that fails half-way closes what it opened and is tried again.
     (Rebuilding the state runs on this worker's loop: a big log stalls it meanwhile.)"""
+    missing_noted = False
     while True:
         await asyncio.sleep(TAKEOVER_INTERVAL)
-        leader = Leader(follower.config, follower.config_path, follower.stats)
+        leader = Leader(follower.config, follower.config_path, follower.stats, takeover=True)
         try:
             await leader.start()
         except LogLocked:
+            continue
+        except LogMissing as exc:  # removed or moved away: its leader (if alive) has failed
+            if not missing_noted:
+                log.error("not taking over the event log: %s", exc)
+                missing_noted = True
             continue
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -304,12 +320,23 @@ async def take_over_when_leader_dies(follower: Follower,
 
 async def open_runtime(config: cfg.Config, config_path: str | Path | None = None,
                        stats: WorkerStats | None = None) -> Serving:
-    """The leader if this process gets the event log's writer lock, else a follower."""
-    leader = Leader(config, config_path, stats)
-    try:
-        await leader.start()
-    except LogLocked:
-        follower = Follower(config, config_path, stats)
-        await follower.start()
-        return follower
-    return leader
+    """The leader if this process gets the event log's writer lock, a follower if a
+    worker of the same `serve` (the same `RUN_ID`) holds it; else `LogLocked` naming the
+    holder's pid: another dispatcher has this log."""
+    run_id = os.environ.get(RUN_ID)
+    deadline = time.monotonic() + LOCK_RECORD_WAIT
+    while True:
+        leader = Leader(config, config_path, stats)
+        try:
+            await leader.start()
+            return leader
+        except LogLocked as exc:
+            if run_id is not None and exc.run_id == run_id:
+                break
+            if time.monotonic() >= deadline:
+                raise
+            # The holder may have the lock and not yet have written who it is.
+            await asyncio.sleep(0.05)
+    follower = Follower(config, config_path, stats)
+    await follower.start()
+    return follower

@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dispatcher.domain.events import Event
 from dispatcher.eventlog.errors import LogCorrupted
-from dispatcher.eventlog.records import Record
+from dispatcher.eventlog.records import Entry, Record
 from dispatcher.eventlog.segments import TornTail
 
 
@@ -39,6 +38,7 @@ class EventLog(Protocol):
 
     last_seq: int  # the last seq appended (encoded), durable or not yet
     last_hash: bytes  # that record's hash
+    max_payload: int  # the largest event (encoded) one record holds
 
     async def open(self) -> Recovery:
         """Become a writer and recover the tail; raises if the log is damaged.
@@ -47,10 +47,11 @@ class EventLog(Protocol):
         the stream and refuses a stale one at its next append (`StaleWriter`).
         """
 
-    def append(self, events: Sequence[Event]) -> asyncio.Future:
-        """Queue events whose seq continue the log; await for durability per policy.
-
-        Encoding happens before this returns, so `last_seq` and `last_hash` are current.
+    def append(self, entries: Sequence[Entry]) -> asyncio.Future:
+        """Queue encoded events whose seq continue the log; await for durability per
+        policy. Raises (changing nothing) for an entry out of sequence or over
+        `max_payload`. Framing happens before this returns, so `last_seq` and `last_hash`
+        are current.
         """
 
     async def sync(self) -> None:

@@ -20,7 +20,26 @@ class UnsupportedFormat(EventLogError):
 
 
 class LogLocked(EventLogError):
-    """Another process has the log open for writing."""
+    """Another process has the log open for writing. `pid` and `run_id` are what it
+    recorded in the lock file (`run_id`: the `imdispatch serve` it belongs to, if any)."""
+
+    def __init__(self, message: str, *, pid: str = "unknown", run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.pid, self.run_id = pid, run_id
+
+
+class LogMissing(EventLogError):
+    """The log a writer expected to find is not there (its directory, lock file or
+    segments vanished): a new, empty log must not silently take its place."""
+
+
+class LogReplaced(EventLogError):
+    """The files an open log writes to are no longer the ones at its path (the directory
+    or a file was removed, moved or replaced): what it writes would be lost."""
+
+
+class RecordTooLarge(EventLogError, ValueError):
+    """An event whose encoding is larger than the log stores in one record."""
 
 
 class LogClosed(EventLogError):

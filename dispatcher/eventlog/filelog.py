@@ -1,7 +1,11 @@
 """The file event log: segment files in a directory, the embedded default backend.
 
 One process writes (an advisory lock on `<dir>/LOCK` keeps a second one out); any number
-may read. Appends are encoded at once, in order, then written by a background task in
+may read. The writer checks, before every write and every second, that the directory, lock
+file and segment it holds open are still the ones at their paths: a log removed, moved or
+replaced under it fails (`LogReplaced`) instead of taking writes that nobody will find.
+
+Appends are framed at once, in order, then written by a background task in
 groups: whatever arrived while the previous write was in flight goes out in one write
 (group commit). The fsync policy says when data is forced to disk:
 
@@ -31,7 +35,14 @@ import orjson
 from dispatcher.domain import events as ev
 from dispatcher.eventlog import records
 from dispatcher.eventlog.base import Recovery
-from dispatcher.eventlog.errors import LogClosed, LogCorrupted, LogLocked
+from dispatcher.eventlog.errors import (
+    EventLogError,
+    LogClosed,
+    LogCorrupted,
+    LogLocked,
+    LogMissing,
+    LogReplaced,
+)
 from dispatcher.eventlog.segments import (
     SEGMENT_HEADER,
     Segment,
@@ -44,6 +55,8 @@ from dispatcher.eventlog.segments import (
 
 FSYNC_POLICIES = ("always", "batch", "never")
 CLEAN_MARKER = "CLEAN"
+LOCK_FILE = "LOCK"
+CHECK_INTERVAL = 1.0  # seconds between checks that an idle log is still in place
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
@@ -58,6 +71,8 @@ class FileLog:
         fsync_interval: float = 0.05,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         salvage: bool = False,
+        create: bool = True,
+        run_id: str | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
@@ -68,10 +83,15 @@ class FileLog:
         self.fsync_interval = fsync_interval
         self.segment_bytes = segment_bytes
         self.salvage = salvage
+        self.create = create  # False: the log must exist (never make a new one in its place)
+        self.run_id = run_id  # recorded in LOCK: the `imdispatch serve` this writer belongs to
+        self.max_payload = records.MAX_PAYLOAD
         self.last_seq = 0
         self.last_hash = records.GENESIS_HASH
+        self._dir_fd: int | None = None  # the directory, held open to notice it is replaced
         self._lock_fd: int | None = None
         self._fd: int | None = None  # the active (last) segment, opened for appending
+        self._segment: Path | None = None  # its path
         self._size = 0  # logical size of the active segment, queued writes included
         self._queue: list[tuple[str, object]] = []  # ("data", bytes) | ("rotate", (seq, hash))
         self._waiters: list[asyncio.Future] = []
@@ -88,35 +108,80 @@ class FileLog:
     # -- opening ----------------------------------------------------------------------
 
     async def open(self) -> Recovery:
-        """Lock the log for writing and recover its tail (blocks briefly: start-up only)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        """Lock the log for writing and recover its tail (blocks briefly: start-up only).
+
+        With `create=False` the log must be there already (`LogMissing` if its directory,
+        lock file or segments are gone): a worker taking over from a dead writer must not
+        start a new, empty log where the old one vanished.
+        """
+        if self.create:
+            self.path.mkdir(parents=True, exist_ok=True)
         try:
+            self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise LogMissing(f"no event log at {self.path}") from None
+        try:
+            self._lock()
+            if not self.create and not list_segments(self.path):
+                raise LogMissing(f"event log {self.path} has no segment files any more")
             recovery = self._recover()
+            self._drop_clean_marker()
         except BaseException:
-            self._unlock()
+            self._release()
             raise
         self.last_seq = recovery.last_seq
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="eventlog")
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         return recovery
 
     def _lock(self) -> None:
-        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        flags = os.O_RDWR | (os.O_CREAT if self.create else 0)
+        try:
+            fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            raise LogMissing(f"event log {self.path} has no {LOCK_FILE} file any more") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            pid, run_id = _holder(fd)
             os.close(fd)
             raise LogLocked(
-                f"event log {self.path} is open for writing by another process (pid {holder})"
+                f"event log {self.path} is open for writing by another process (pid {pid})",
+                pid=pid, run_id=run_id,
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{self.run_id or ''}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+    def _release(self) -> None:
+        """Close every file the writer holds; closing the lock file releases the lock."""
+        for name in ("_fd", "_lock_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    def _check_in_place(self) -> None:
+        """Raise `LogReplaced` unless the directory, lock file and segment this writer
+        holds open are still the ones at their paths. (The open descriptors keep those
+        inodes alive, so a recreated file can never reuse one and pass for the old.)"""
+        held_files = ((self._dir_fd, self.path), (self._lock_fd, self.path / LOCK_FILE),
+                      (self._fd, self._segment))
+        for fd, path in held_files:
+            if fd is None or path is None:
+                continue
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except OSError:
+                current = None
+            if held.st_nlink == 0 or current is None or (
+                    (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino)):
+                raise LogReplaced(
+                    f"{path} is no longer the file this process writes (removed, moved or "
+                    "replaced while the dispatcher ran): later events would be lost"
+                )
 
     def _recover(self) -> Recovery:
         recovery = Recovery()
@@ -132,7 +197,7 @@ class FileLog:
             self._open_segment(1, records.GENESIS_HASH)
             self._size = SEGMENT_HEADER.size
             return recovery
-        marker = self._take_clean_marker()
+        marker = self._read_clean_marker()
         last = paths[-1]
         stat = last.stat()
         if marker is not None and marker.get("segment") == last.name and (
@@ -141,7 +206,7 @@ class FileLog:
             # file). Records are verified anyway whenever they are read.
             recovery.last_seq = self.last_seq = marker["last_seq"]
             self.last_hash = bytes.fromhex(marker["last_hash"])
-            self._fd = os.open(last, os.O_WRONLY | os.O_APPEND)
+            self._fd, self._segment = os.open(last, os.O_WRONLY | os.O_APPEND), last
             self._size = stat.st_size
             return recovery
         # The marker vouches the segment was whole at that size: damage within it cannot
@@ -177,7 +242,7 @@ class FileLog:
                 os.fsync(handle.fileno())
         recovery.last_seq = seq
         self.last_seq, self.last_hash = seq, last_hash
-        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        self._fd, self._segment = os.open(segment.path, os.O_WRONLY | os.O_APPEND), segment.path
         self._size = end
         return recovery
 
@@ -189,17 +254,22 @@ class FileLog:
         again.notes[:0] = recovery.notes
         return again
 
-    def _take_clean_marker(self) -> dict | None:
-        """The clean-shutdown marker, removed at once: a crash from here on gets a scan."""
-        marker = self.path / CLEAN_MARKER
+    def _read_clean_marker(self) -> dict | None:
+        """The clean-shutdown marker. It stays until recovery succeeded: damage that it
+        proves is corruption stays refused at every start, never taken for a torn tail."""
         try:
-            raw = orjson.loads(marker.read_bytes())
+            raw = orjson.loads((self.path / CLEAN_MARKER).read_bytes())
         except (OSError, ValueError):
             raw = None
+        return raw if isinstance(raw, dict) else None
+
+    def _drop_clean_marker(self) -> None:
+        """Once the log is recovered and about to be written: a crash from here on gets
+        a full scan."""
+        marker = self.path / CLEAN_MARKER
         if marker.exists():
             marker.unlink()
-            _fsync_directory(self.path)
-        return raw if isinstance(raw, dict) else None
+            os.fsync(self._dir_fd)
 
     def _open_segment(self, first_seq: int, prev_hash: bytes) -> None:
         """Create the next segment (writer thread, or start-up) and make it the active one.
@@ -210,44 +280,43 @@ class FileLog:
         """
         if self._fd is not None and self.fsync != "never":
             os.fsync(self._fd)
-        path = self.path / segment_name(first_seq)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        name = segment_name(first_seq)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+        fd = os.open(name, flags, 0o644, dir_fd=self._dir_fd)
         try:
             _write_all(fd, encode_header(first_seq, prev_hash))
             if self.fsync != "never":
                 os.fsync(fd)
-                _fsync_directory(self.path)
+                os.fsync(self._dir_fd)
         except BaseException:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            os.unlink(name, dir_fd=self._dir_fd)
             raise
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = fd
+        self._fd, self._segment = fd, self.path / name
 
     # -- appending --------------------------------------------------------------------
 
-    def append(self, events: Sequence[ev.Event]) -> asyncio.Future:
-        """Queue stamped events (seq must continue the log); await the result for durability.
+    def append(self, entries: Sequence[records.Entry]) -> asyncio.Future:
+        """Queue encoded events (seq must continue the log); await the result for durability.
 
-        Encoding happens now, so `last_seq`/`last_hash` are current when this returns; the
+        Framing happens now, so `last_seq`/`last_hash` are current when this returns; the
         future completes once the events are written (and fsynced, with `always`).
         """
         if self._failure is not None or self._closing or self._fd is None:
             raise LogClosed(f"event log {self.path} is not open for appending") from self._failure
         loop = asyncio.get_running_loop()
-        # Encode everything before touching the log's state: a bad event changes nothing.
+        # Check everything before touching the log's state: a refused entry changes nothing.
         seq, prev, size = self.last_seq, self.last_hash, self._size
         operations: list[tuple[str, object]] = []
         chunk = bytearray()
-        for event in events:
+        for entry in entries:
             seq += 1
-            if event.seq != seq:
-                raise ValueError(f"event seq {event.seq} does not continue the log at {seq - 1}")
-            payload = orjson.dumps(event)
-            if len(payload) > records.MAX_PAYLOAD:
-                raise ValueError(f"event {seq} is {len(payload)} bytes, over the record limit")
-            data, digest = records.encode(seq, prev, payload)
+            if entry.seq != seq:
+                raise ValueError(f"event seq {entry.seq} does not continue the log at {seq - 1}")
+            records.check_size(entry, self.max_payload)
+            data, digest = records.encode(seq, prev, entry.payload)
             if size + len(data) > self.segment_bytes and size > SEGMENT_HEADER.size:
                 if chunk:
                     operations.append(("data", bytes(chunk)))
@@ -259,13 +328,9 @@ class FileLog:
             prev = digest
         if chunk:
             operations.append(("data", bytes(chunk)))
-        if self._writer is None:
-            self._wakeup = asyncio.Event()
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="eventlog")
-            self._writer = loop.create_task(self._write_loop())
         self._queue += operations
         self.last_seq, self.last_hash, self._size = seq, prev, size
-        self.appended += len(events)
+        self.appended += len(entries)
         waiter = loop.create_future()
         self._waiters.append(waiter)
         self._wakeup.set()
@@ -309,23 +374,30 @@ class FileLog:
             os.fdatasync(self._fd)
 
     async def _idle(self) -> None:
-        """Wait for appends; with `batch`, fsync what is still unsynced when it is due."""
+        """Wait for appends; meanwhile check every `CHECK_INTERVAL` that the log is still
+        in place and, with `batch`, fsync what is still unsynced when it is due."""
         self._wakeup.clear()
-        if not (self._dirty and self.fsync == "batch"):
-            await self._wakeup.wait()
-            return
-        due = self._last_sync + self.fsync_interval - time.monotonic()
+        wait = CHECK_INTERVAL
+        if self._dirty and self.fsync == "batch":
+            wait = max(self._last_sync + self.fsync_interval - time.monotonic(), 0)
         try:
-            await asyncio.wait_for(self._wakeup.wait(), max(due, 0))
+            await asyncio.wait_for(self._wakeup.wait(), wait)
         except TimeoutError:
             try:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
-            except OSError as exc:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._tend)
+            except (OSError, EventLogError) as exc:
                 self._fail(exc, [])
+
+    def _tend(self) -> None:
+        """Writer thread, while idle: the check, and the fsync `batch` owes."""
+        self._check_in_place()
+        if self.fsync == "batch":
+            self._sync()
 
     def _write(self, batch: list[tuple[str, object]], sync: bool) -> None:
         """Writer thread: the queued operations in order, one write per segment, then an
-        fsync if asked."""
+        fsync if asked. Nothing is written to a log that is no longer in place."""
+        self._check_in_place()
         pending = bytearray()
         for kind, item in batch:
             if kind == "rotate":
@@ -363,7 +435,7 @@ class FileLog:
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
         """Verified records after `after`, in batches (one await per batch, not per record)."""
         reader = LogReader(self.path)
-        for batch in reader.batches(after):
+        async for batch in reader.read(after):
             yield batch
         torn = reader.torn
         if torn is not None and torn.seq <= self.last_seq:  # the writer knows it was whole
@@ -386,29 +458,30 @@ class FileLog:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._writer
             self._executor.shutdown(wait=True)
-        if self._fd is not None:
-            if self._failure is None and self.fsync != "never":
-                self._write_clean_marker()
-            os.close(self._fd)
-            self._fd = None
-        self._unlock()
+        if self._fd is not None and self._failure is None:
+            try:
+                self._check_in_place()  # a marker in a directory that replaced ours would lie
+            except LogReplaced as exc:
+                self._failure = exc
+            else:
+                if self.fsync != "never":
+                    self._write_clean_marker()
+        self._release()
         if self._failure is not None:
             raise LogClosed(f"event log {self.path}: write failed: {self._failure}")
 
-
     def _write_clean_marker(self) -> None:
-        last_segment = list_segments(self.path)[-1]
         marker = self.path / CLEAN_MARKER
         stat = os.fstat(self._fd)
         marker.with_suffix(".tmp").write_bytes(orjson.dumps({
-            "segment": last_segment.name,
+            "segment": self._segment.name,
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             "last_seq": self.last_seq,
             "last_hash": self.last_hash.hex(),
         }))
         os.replace(marker.with_suffix(".tmp"), marker)
-        _fsync_directory(self.path)
+        os.fsync(self._dir_fd)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -419,12 +492,27 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[os.write(fd, view):]
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _holder(fd: int) -> tuple[str, str | None]:
+    """(pid, run id) as the lock's holder recorded them in the lock file."""
+    fields = os.pread(fd, 256, 0).decode(errors="replace").split()
+    return (fields[0] if fields else "unknown"), (fields[1] if len(fields) > 1 else None)
+
+
+def writer_pid(path: str | os.PathLike) -> str | None:
+    """The pid recorded by the process that has the log at `path` open for writing, or
+    None if none has. (It tries the lock for an instant: a writer starting at that moment
+    gets `LogLocked` once.)"""
     try:
-        os.fsync(fd)
+        fd = os.open(Path(path) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)[0]
     finally:
         os.close(fd)
+    return None
 
 
 # -- reading (no lock: any number of readers, also while a writer appends) --------------
@@ -487,6 +575,11 @@ class LogReader:
                 yield batch
             if torn:
                 self.torn = torn[0]
+
+    async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
+        """`batches` as the async iterator every backend's `read` is (for one fold)."""
+        for batch in self.batches(after):
+            yield batch
 
     def events(self, after: int = 0) -> Iterator[ev.Event]:
         for record in self.records(after):

@@ -52,7 +52,6 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError
 
-from dispatcher.domain import events as ev
 from dispatcher.eventlog import records
 from dispatcher.eventlog.base import Recovery
 from dispatcher.eventlog.errors import (
@@ -74,6 +73,7 @@ STREAM_NAME_IN_USE = 10058
 SUBJECTS_OVERLAP = 10065
 READ_BUFFER = 4096  # messages read ahead of the consumer of `read()`
 READ_BATCH = 1024
+HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
 
 
 @dataclass(slots=True)
@@ -122,6 +122,7 @@ class JetStreamLog:
         self.retry_for = retry_for
         self.duplicate_window = duplicate_window
         self.max_inflight = max_inflight
+        self.max_payload = records.MAX_PAYLOAD  # lowered to the server's limit at open
         self.last_seq = 0
         self.last_hash = records.GENESIS_HASH
         self._js = nc.jetstream(timeout=timeout)
@@ -179,6 +180,7 @@ class JetStreamLog:
             raw = await self._js.get_msg(self.stream, last)
             self.last_hash = self._record(last, raw.headers, raw.data).hash
         self.last_seq = self._acked = recovery.last_seq = last
+        self.max_payload = min(records.MAX_PAYLOAD, self.nc.max_payload - HEADER_ROOM)
         self._ack_prefix = self.nc.new_inbox()
         self._ack_sub = await self.nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
         self._opened = True
@@ -279,10 +281,10 @@ class JetStreamLog:
 
     # -- appending --------------------------------------------------------------------
 
-    def append(self, events: Sequence[ev.Event]) -> asyncio.Future:
-        """Queue stamped events (seq must continue the log); await the result for the acks.
+    def append(self, entries: Sequence[records.Entry]) -> asyncio.Future:
+        """Queue encoded events (seq must continue the log); await the result for the acks.
 
-        Encoding happens now, so `last_seq`/`last_hash` are current when this returns.
+        Framing happens now, so `last_seq`/`last_hash` are current when this returns.
         """
         if self._failure is not None or self._closing or not self._opened:
             raise LogClosed(
@@ -295,11 +297,12 @@ class JetStreamLog:
             self._sender = loop.create_task(self._send_loop())
         seq, prev = self.last_seq, self.last_hash
         outgoing = []
-        for event in events:
+        for entry in entries:  # all checked before any is queued: a refusal changes nothing
             seq += 1
-            if event.seq != seq:
-                raise ValueError(f"event seq {event.seq} does not continue the log at {seq - 1}")
-            payload = orjson.dumps(event)
+            if entry.seq != seq:
+                raise ValueError(f"event seq {entry.seq} does not continue the log at {seq - 1}")
+            records.check_size(entry, self.max_payload)
+            payload = entry.payload
             digest = records.record_hash(seq, prev, payload)
             outgoing.append(_Outgoing(seq, payload, {
                 FORMAT_HEADER: FORMAT,

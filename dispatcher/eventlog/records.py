@@ -26,6 +26,7 @@ import orjson
 
 from dispatcher.domain import events as ev
 from dispatcher.domain.errors import MalformedEvent
+from dispatcher.eventlog.errors import RecordTooLarge
 
 MAGIC = b"IMDR"
 HEADER = struct.Struct(">4sIIQ32s")
@@ -69,8 +70,31 @@ def encode(seq: int, prev_hash: bytes, payload: bytes) -> tuple[bytes, bytes]:
     )
 
 
-def event_payload(event: ev.Event) -> bytes:
-    return orjson.dumps(event)
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An event encoded once, as every backend stores it: the journal applies these very
+    bytes (decoded) and the log writes them, so the live state is what a replay builds."""
+
+    seq: int
+    payload: bytes
+
+    @classmethod
+    def of(cls, event: ev.Event) -> Entry:
+        """Encode a stamped event (raises `TypeError` for what JSON cannot hold)."""
+        return cls(event.seq, orjson.dumps(event))
+
+    def event(self) -> ev.Event:
+        """The event exactly as a reader of the log will see it."""
+        return Record(self.seq, b"", self.payload, b"").event()
+
+
+def check_size(entry: Entry, limit: int) -> None:
+    """Refuse a record larger than a backend stores (`limit`: its `max_payload`)."""
+    if len(entry.payload) > limit:
+        raise RecordTooLarge(
+            f"event {entry.seq} is {len(entry.payload)} bytes encoded, over the event "
+            f"log's record limit of {limit} bytes"
+        )
 
 
 class Damage(Exception):

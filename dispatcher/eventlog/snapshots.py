@@ -7,12 +7,17 @@ next record's chain starts from that hash, so a snapshot that does not belong to
 is noticed (and skipped). Only `imdispatch verify`, which replays the log, proves that a
 snapshot's state is the one its records build. Files are written to a temporary name,
 fsynced and renamed, so a crash leaves either the old snapshot or the new one, never half.
+
+A file that does not check out (not a JSON object, a seq that is no positive integer or
+not the one its name says, a malformed hash, a state that is not an object, a name that is
+not `snapshot-<20 digits>.json`) is skipped with a note: the log is the truth.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import orjson
 
 SNAPSHOT_FORMAT = 1
 KEEP = 2
+NAME = re.compile(r"snapshot-(\d{20})\.json")
 
 
 @dataclass(slots=True)
@@ -35,7 +41,8 @@ class SnapshotStore:
         self.directory = Path(directory)
 
     def save(self, snapshot: Snapshot) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Not `parents=True`: a log directory removed meanwhile must not be recreated.
+        self.directory.mkdir(exist_ok=True)
         path = self.directory / f"snapshot-{snapshot.seq:020d}.json"
         temporary = path.with_suffix(".tmp")
         state = orjson.dumps(snapshot.state)
@@ -60,32 +67,59 @@ class SnapshotStore:
         log): they can never match again, and would crowd out new snapshots."""
         removed = []
         for path in self._paths():
-            if int(path.stem.removeprefix("snapshot-")) > last_seq:
+            if _name_seq(path) > last_seq:
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed
 
     def candidates(self, max_seq: int) -> list[tuple[Snapshot | None, Path, str]]:
-        """Snapshots up to `max_seq`, newest first, as (snapshot or None, path, problem)."""
-        found = []
+        """Snapshots up to `max_seq`, newest first, as (snapshot or None, path, problem);
+        then files that look like snapshots but are not named as one (never used)."""
+        found: list[tuple[Snapshot | None, Path, str]] = []
         for path in reversed(self._paths()):
             try:
-                raw = orjson.loads(path.read_bytes())
-                if raw.get("format") != SNAPSHOT_FORMAT:
-                    raise ValueError(f"format {raw.get('format')!r} is not {SNAPSHOT_FORMAT}")
-                if hashlib.sha256(orjson.dumps(raw["state"])).hexdigest() != raw["state_sha256"]:
-                    raise ValueError("the state does not match its checksum")
-                snapshot = Snapshot(raw["seq"], bytes.fromhex(raw["hash"]), raw["state"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                snapshot = _load(path)
+            except (OSError, ValueError) as exc:
                 found.append((None, path, f"unreadable: {exc}"))
                 continue
             if snapshot.seq > max_seq:
                 found.append((None, path, f"seq {snapshot.seq} is past the log's end {max_seq}"))
                 continue
             found.append((snapshot, path, ""))
+        if self.directory.is_dir():
+            found += [(None, path, "not a snapshot name (snapshot-<20 digits>.json)")
+                      for path in sorted(self.directory.glob("snapshot-*.json"))
+                      if not NAME.fullmatch(path.name)]
         return found
 
     def _paths(self) -> list[Path]:
+        """The files named as snapshots, oldest first."""
         if not self.directory.is_dir():
             return []
-        return sorted(self.directory.glob("snapshot-*.json"))
+        return sorted(path for path in self.directory.glob("snapshot-*.json")
+                      if NAME.fullmatch(path.name))
+
+
+def _name_seq(path: Path) -> int:
+    return int(NAME.fullmatch(path.name).group(1))
+
+
+def _load(path: Path) -> Snapshot:
+    """The snapshot in `path`; `ValueError` saying why if it does not check out."""
+    raw = orjson.loads(path.read_bytes())
+    if not isinstance(raw, dict):
+        raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+    if raw.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"format {raw.get('format')!r} is not {SNAPSHOT_FORMAT}")
+    seq, digest, state = raw.get("seq"), raw.get("hash"), raw.get("state")
+    if type(seq) is not int or seq < 1:
+        raise ValueError(f"seq {seq!r} is not a positive integer")
+    if seq != _name_seq(path):
+        raise ValueError(f"seq {seq} is not the one its name says")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"hash {digest!r} is not 64 hex digits")
+    if not isinstance(state, dict):
+        raise ValueError("its state is not a JSON object")
+    if hashlib.sha256(orjson.dumps(state)).hexdigest() != raw.get("state_sha256"):
+        raise ValueError("the state does not match its checksum")
+    return Snapshot(seq, bytes.fromhex(digest), state)

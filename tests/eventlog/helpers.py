@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dispatcher.domain import events as ev
 from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog, LogReader
+from dispatcher.eventlog.records import Entry
 
 
 def stamped_events(count: int, start: int = 1, seed: int = 0) -> list[ev.Event]:
@@ -35,6 +36,11 @@ def stamped_events(count: int, start: int = 1, seed: int = 0) -> list[ev.Event]:
     return out
 
 
+def entries(events: list[ev.Event]) -> list[Entry]:
+    """The events encoded as the journal hands them to a log."""
+    return [Entry.of(event) for event in events]
+
+
 def write(path, events, *, batch: int = 17, crash: bool = True, **options):
     """Append `events` to the log at `path` in batches; return the log and its recovery.
 
@@ -46,7 +52,7 @@ def write(path, events, *, batch: int = 17, crash: bool = True, **options):
         log = FileLog(path, **options)
         recovery = await log.open()
         for i in range(0, len(events), batch):
-            await log.append(events[i:i + batch])
+            await log.append(entries(events[i:i + batch]))
         await log.close()
         if crash:
             (Path(path) / CLEAN_MARKER).unlink(missing_ok=True)

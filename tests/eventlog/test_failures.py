@@ -18,7 +18,7 @@ from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog, LogReader
 from dispatcher.eventlog.segments import list_segments
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.journal import Journal
-from tests.eventlog.helpers import reopen, stamped_events, write
+from tests.eventlog.helpers import entries, reopen, stamped_events, write
 
 
 @pytest.mark.parametrize(("fsync", "synced_first"), [("always", True), ("batch", False)])
@@ -33,7 +33,7 @@ def test_fsync_always_acknowledges_only_after_the_fsync(tmp_path, monkeypatch, f
         log = FileLog(tmp_path, fsync=fsync, fsync_interval=60)
         await log.open()
         order.clear()
-        durable = log.append(stamped_events(3))
+        durable = log.append(entries(stamped_events(3)))
         durable.add_done_callback(lambda _: order.append("acked"))
         await durable
         await log.close()
@@ -55,18 +55,18 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
 def test_failed_rotation_fails_the_log_cleanly(tmp_path, monkeypatch):
     real_open = os.open
 
-    def refuse_new_segments(path, flags, *args):
+    def refuse_new_segments(path, flags, *args, **options):
         if str(path).endswith(".seg") and flags & os.O_CREAT and list_segments(tmp_path):
             raise OSError(28, "No space left on device")
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **options)
 
     async def run():
         log = FileLog(tmp_path, fsync="batch", segment_bytes=4096)
         await log.open()
-        await log.append(stamped_events(10))
+        await log.append(entries(stamped_events(10)))
         monkeypatch.setattr(os, "open", refuse_new_segments)
         with pytest.raises(LogClosed, match="No space left"):
-            await log.append(stamped_events(60, start=11))
+            await log.append(entries(stamped_events(60, start=11)))
         with pytest.raises(LogClosed):
             await log.close()
         monkeypatch.undo()
@@ -88,11 +88,11 @@ def test_failed_deferred_fsync_does_not_spin(tmp_path, monkeypatch):
         log = FileLog(tmp_path, fsync="batch", fsync_interval=0.01)
         await log.open()
         monkeypatch.setattr(os, "fdatasync", broken_sync)
-        await log.append(stamped_events(3))  # written; the fsync comes later and fails
+        await log.append(entries(stamped_events(3)))  # written; the fsync comes later and fails
         await asyncio.sleep(0.3)
         assert isinstance(log.failure, OSError) and len(calls) <= 2
         with pytest.raises(LogClosed):
-            log.append(stamped_events(1, start=4))
+            log.append(entries(stamped_events(1, start=4)))
         with pytest.raises(LogClosed):
             await log.close()
 

@@ -4,6 +4,7 @@ import asyncio
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from dispatcher.eventlog import records
 from dispatcher.eventlog.errors import LogClosed, LogCorrupted, LogLocked, UnsupportedFormat
 from dispatcher.eventlog.filelog import CLEAN_MARKER, FileLog, LogReader
 from dispatcher.eventlog.segments import Segment, list_segments
-from tests.eventlog.helpers import payloads, reopen, stamped_events, write
+from tests.eventlog.helpers import entries, payloads, reopen, stamped_events, write
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
@@ -59,7 +60,7 @@ def test_append_must_continue_the_sequence(tmp_path):
         await log.open()
         try:
             with pytest.raises(ValueError, match="event seq 5 does not continue the log at 0"):
-                log.append(stamped_events(1, start=5))
+                log.append(entries(stamped_events(1, start=5)))
             assert log.last_seq == 0
         finally:
             await log.close()
@@ -96,7 +97,7 @@ def test_appends_after_close_are_refused(tmp_path):
         await log.open()
         await log.close()
         with pytest.raises(LogClosed):
-            log.append(stamped_events(1))
+            log.append(entries(stamped_events(1)))
 
     asyncio.run(run())
 
@@ -105,16 +106,17 @@ def test_write_failure_fails_waiters_and_later_appends(tmp_path):
     async def run():
         log = FileLog(tmp_path, fsync="always")
         await log.open()
-        await log.append(stamped_events(3))
+        await log.append(entries(stamped_events(3)))
         import os
 
         os.close(log._fd)  # the disk goes away under the writer
         log._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail with EBADF
+        log._segment = Path(os.devnull)  # (and it is in place: this is a write failure)
         with pytest.raises(LogClosed, match="write failed"):
-            await log.append(stamped_events(1, start=4))
+            await log.append(entries(stamped_events(1, start=4)))
         assert isinstance(log.failure, OSError)
         with pytest.raises(LogClosed):
-            log.append(stamped_events(1, start=5))
+            log.append(entries(stamped_events(1, start=5)))
         with pytest.raises(LogClosed):
             await log.close()
 
@@ -133,7 +135,7 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
         log = FileLog(tmp_path, fsync="always")
         await log.open()
         events = stamped_events(200)
-        await asyncio.gather(*(log.append([e]) for e in events))
+        await asyncio.gather(*(log.append(entries([e])) for e in events))
         await log.close()
 
     asyncio.run(run())

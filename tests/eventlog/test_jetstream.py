@@ -18,7 +18,7 @@ from dispatcher.eventlog.errors import (
 )
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.journal import Journal
-from tests.eventlog.helpers import stamped_events
+from tests.eventlog.helpers import entries, stamped_events
 from tests.nats_server import NatsServer, run_with_client
 
 _names = itertools.count(1)
@@ -51,7 +51,7 @@ async def write(nc, where, events, batch=7, **options):
     log = JetStreamLog(nc, **where, **options)
     await log.open()
     for i in range(0, len(events), batch):
-        await log.append(events[i:i + batch])
+        await log.append(entries(events[i:i + batch]))
     await log.close()
     return log
 
@@ -118,7 +118,7 @@ def test_reopen_continues_seq_and_hash_chain(run, where):
         assert (recovery.last_seq, log.last_seq, log.last_hash) == (
             25, first.last_seq, first.last_hash,
         )
-        await log.append(events[25:])
+        await log.append(entries(events[25:]))
         await log.close()
         got = await read_all(nc, where)
         assert [r.seq for r in got] == list(range(1, 41))
@@ -175,21 +175,21 @@ def test_stale_writer_cannot_interleave(run, where):
         first, second = JetStreamLog(nc, **where), JetStreamLog(nc, **where)
         await first.open()
         await second.open()
-        await first.append(events[:1])
+        await first.append(entries(events[:1]))
         other = stamped_events(1, seed=1)  # another event for the same seq
-        durable = second.append(other)  # second still believes the log is empty
+        durable = second.append(entries(other))  # second still believes the log is empty
         assert second.last_seq == 1
         with pytest.raises(StaleWriter, match="another writer appended"):
             await durable
         assert isinstance(second.failure, StaleWriter)
         with pytest.raises(LogClosed):
-            second.append(events[1:2])
+            second.append(entries(events[1:2]))
         with pytest.raises(LogClosed):
             await second.close()
-        await first.append(events[1:2])  # the first writer is unaffected
+        await first.append(entries(events[1:2]))  # the first writer is unaffected
         log = JetStreamLog(nc, **where)
         await log.open()
-        await log.append(events[2:])  # an identical record is no conflict: it is the same
+        await log.append(entries(events[2:]))  # an identical record is no conflict: it is the same
         await log.close()
         await first.close()
         info = await nc.jetstream().stream_info(where["stream"])
@@ -236,7 +236,7 @@ def test_a_retried_publish_is_not_stored_twice(run, where):
         log._on_ack = lose_some_acks
         await log.open()
         for event in events:
-            await log.append([event])
+            await log.append(entries([event]))
         await log.close()
         assert dropped == [2, 4]
         assert [r.payload for r in await read_all(nc, where)] == [
@@ -340,12 +340,12 @@ def test_close_waits_for_acks_and_keeps_the_connection(run, where):
     async def body(nc):
         log = JetStreamLog(nc, **where)
         await log.open()
-        futures = [log.append(events[i:i + 10]) for i in range(0, 500, 10)]
+        futures = [log.append(entries(events[i:i + 10])) for i in range(0, 500, 10)]
         await log.close()
         assert all(f.done() and f.exception() is None for f in futures)
         assert nc.is_connected
         with pytest.raises(LogClosed):
-            log.append(stamped_events(1, start=501))
+            log.append(entries(stamped_events(1, start=501)))
         assert len(await read_all(nc, where)) == 500
 
     run(body)
@@ -361,8 +361,8 @@ def test_appends_survive_a_server_restart(run, where, tmp_path, crash):
         async def body(nc):
             log = JetStreamLog(nc, **where, timeout=0.5, retry_for=30.0)
             await log.open()
-            await log.append(events[:100])
-            futures = [log.append(events[i:i + 5]) for i in range(100, 1500, 5)]
+            await log.append(entries(events[:100]))
+            futures = [log.append(entries(events[i:i + 5])) for i in range(100, 1500, 5)]
             await asyncio.sleep(0.005)  # some published, some acknowledged, some queued
             await asyncio.to_thread(server.restart, crash=crash)
             await asyncio.gather(*futures)

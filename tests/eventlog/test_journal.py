@@ -4,6 +4,7 @@ import asyncio
 import tempfile
 
 import hypothesis
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,7 +12,9 @@ from hypothesis import strategies as st
 from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.errors import RecordTooLarge
 from dispatcher.eventlog.filelog import FileLog, LogReader
+from dispatcher.eventlog.records import MAX_PAYLOAD
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.journal import Journal
 
@@ -207,3 +210,47 @@ def test_event_that_does_not_fit_is_refused_and_earlier_ones_kept(tmp_path):
 
     asyncio.run(run())
     assert [e.type for e in LogReader(tmp_path).events()] == ["node_added"]
+
+
+def test_an_event_the_log_refuses_changes_nothing_and_the_log_goes_on(tmp_path):
+    """Over the record limit: refused before the state changes, so later events still
+    continue the log and a restart rebuilds exactly the live state."""
+    huge = {"balance": {}, "nodes": [{"id": "x" * (MAX_PAYLOAD // 2)}, {"id": "y" * 10}] * 2}
+
+    async def run():
+        journal = Journal(FileLog(tmp_path / "log", fsync="always"))
+        await journal.open()
+        await journal.record(decisions.add_node(journal.state, "n1", "10.0.0.1", 9000, 3,
+                                                  actor="admin"))
+        with pytest.raises(RecordTooLarge, match="over the event log's record limit"):
+            await journal.record([ev.ConfigReloaded(source="big.toml", config=huge)])
+        assert journal.state.seq == 1 and journal.state.config is None
+        await journal.record(decisions.set_weight(journal.state, "n1", 5, actor="admin"))
+        live = journal.state.to_dict()
+        await journal.close()
+        again = Journal(FileLog(tmp_path / "log"))
+        await again.open()
+        assert again.state.to_dict() == live
+        await again.close()
+
+    asyncio.run(run())
+    assert [r.event().type for r in LogReader(tmp_path / "log").records()] == [
+        "node_added", "node_weight_set"]
+
+
+def test_the_bytes_applied_are_the_bytes_stored(tmp_path):
+    """One encoding: the live state holds the event decoded from the very record written
+    (a tuple becomes the list a replay sees), and the payload is encoded once."""
+
+    async def run():
+        journal = Journal(FileLog(tmp_path / "log", fsync="always"))
+        await journal.open()
+        config = {"balance": {}, "servers": ("a", "b")}
+        [stored] = await journal.record([ev.ConfigReloaded(source="t.toml", config=config)])
+        await journal.close()
+        return stored, journal.state.config
+
+    stored, live_config = asyncio.run(run())
+    [record] = LogReader(tmp_path / "log").records()
+    assert record.event() == stored and live_config == {"balance": {}, "servers": ["a", "b"]}
+    assert record.payload == orjson.dumps(stored)

@@ -166,7 +166,7 @@ def test_salvage_keeps_the_good_prefix(tmp_path):
 CHILD = textwrap.dedent("""
     import asyncio, sys
     from dispatcher.eventlog.filelog import FileLog
-    from tests.eventlog.helpers import stamped_events
+    from tests.eventlog.helpers import entries, stamped_events
 
     async def main():
         log = FileLog(sys.argv[1], fsync="always")
@@ -174,7 +174,7 @@ CHILD = textwrap.dedent("""
         events = stamped_events(100_000, start=recovery.last_seq + 1)
         for i in range(0, len(events), 3):
             batch = events[i:i + 3]
-            await log.append(batch)
+            await log.append(entries(batch))
             print(batch[-1].seq, flush=True)  # acknowledged: durable from here on
 
     asyncio.run(main())
