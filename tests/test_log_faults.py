@@ -168,12 +168,12 @@ def test_a_second_serve_on_the_same_log_is_refused(tmp_path, nats_server):
             f"port = {running.http_port}\n", f"port = {free_port()}\n", 1))
         second = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--config",
                                    str(other)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, err = second.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            second.send_signal(signal.SIGKILL)
-            second.communicate()
+            os.killpg(second.pid, signal.SIGKILL)  # its workers too
+            second.wait()
             raise AssertionError("a second serve runs on the same log") from None
         assert second.returncode == 2
         assert err.strip() == (f"imdispatch serve: {other}: [eventlog] path: "
