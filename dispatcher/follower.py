@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ class Follower(Serving):
         self._following: asyncio.Task | None = None
         self._leader_failure: str | None = None  # the leader's event log failed: why
         self._leader_link_fault: str | None = None  # the leader's NATS link is dead: why
+        self._status: leader_link.LeaderStatus | None = None  # the latest one read
+        self._cycle: float | None = None  # the leader's last cycle this state has caught up to
 
     @property
     def state(self) -> RoutingState:
@@ -65,7 +68,7 @@ class Follower(Serving):
         return rebuilt.state, rebuilt.seq, rebuilt.hash
 
     async def _follow(self) -> None:
-        last_cycle = None
+        failed: str | None = None  # the error said last: each one once, not every 50 ms
         while True:
             try:
                 for record in self._tail.poll():
@@ -73,13 +76,24 @@ class Follower(Serving):
                     self._state.apply(event)
                     if event.type == "config_reloaded":
                         self._take_settings()
-            except Exception:  # keep serving the last state; say so
-                log.exception("cannot follow the event log")
-            cycle = leader_link.last_cycle(self.config)
-            if cycle != last_cycle:  # the leader polled: its figures are fresh
-                last_cycle = cycle
-                self.poll_happened()
+                if failed is not None:
+                    log.warning("following the event log again")
+                failed = None
+            except Exception as exc:  # keep serving the last state; say so
+                if repr(exc) != failed:
+                    log.exception("cannot follow the event log")
+                failed = repr(exc)
+            self.take_cycle()
             await asyncio.sleep(TAIL_INTERVAL)
+
+    def take_cycle(self) -> None:
+        """Once the leader has polled and this state has that cycle's events, it is as
+        fresh as the leader's: refresh the load figures and count the age from there."""
+        self._status = status = leader_link.read_status(self.config)
+        if (status is not None and status.last_cycle != self._cycle
+                and status.seq <= self._state.seq):
+            self._cycle = status.last_cycle
+            self.poll_happened()
 
     def _take_settings(self) -> None:
         """The settings the leader recorded with the last configuration it applied (slow
@@ -90,7 +104,12 @@ class Follower(Serving):
             log.error("keeping the previous settings: %s", exc)
 
     def poll_status(self) -> tuple[float | None, bool]:
-        return leader_link.read_status(self.config)
+        """As old as the leader's last cycle that this state has caught up to: a follower
+        still applying a cycle's events is not fresh yet (it would answer from nodes
+        whose health it does not know)."""
+        status = self._status
+        age = None if self._cycle is None else max(0.0, time.time() - self._cycle)
+        return age, bool(status is not None and status.nats_connected)
 
     async def ask_leader(self) -> None:
         """Learn whether the leader's event log failed or its NATS link delivers nothing

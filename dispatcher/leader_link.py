@@ -9,7 +9,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -27,39 +27,36 @@ def admin_socket(config: cfg.Config) -> Path:
     return Path(config.eventlog.path) / SOCKET
 
 
+class LeaderStatus(NamedTuple):
+    """What the leader wrote after its last poll cycle."""
+
+    last_cycle: float  # when it ended (wall clock)
+    nats_connected: bool
+    seq: int  # the leader's state then: a follower has that cycle once it is this far
+
+
 def write_status(leader: Any) -> None:
-    """After a poll cycle: when it ended (wall clock) and whether NATS is connected."""
+    """After a poll cycle: when it ended, whether NATS is connected, and the seq the
+    leader's state had reached (the cycle's own events included)."""
     path = Path(leader.config.eventlog.path) / STATUS
     temporary = path.with_suffix(".tmp")
     temporary.write_bytes(orjson.dumps({
         "last_cycle": time.time(),
         "nats_connected": bool(leader.nc is not None and leader.nc.is_connected),
+        "seq": leader.state.seq,
         "pid": os.getpid(),
     }))
     os.replace(temporary, path)
 
 
-def _status(config: cfg.Config) -> dict[str, Any] | None:
+def read_status(config: cfg.Config) -> LeaderStatus | None:
+    """The leader's status after its last poll cycle, if it wrote a readable one."""
     try:
         status = orjson.loads((Path(config.eventlog.path) / STATUS).read_bytes())
-        return status if isinstance(status, dict) else None
-    except (OSError, ValueError):
+        return LeaderStatus(float(status["last_cycle"]), bool(status["nats_connected"]),
+                            int(status["seq"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def last_cycle(config: cfg.Config) -> float | None:
-    """When (wall clock) the leader's last poll cycle ended, if it wrote one."""
-    status = _status(config)
-    return status.get("last_cycle") if status else None
-
-
-def read_status(config: cfg.Config) -> tuple[float | None, bool]:
-    """(seconds since the leader's last poll cycle or None, NATS connected)."""
-    status = _status(config)
-    try:
-        return max(0.0, time.time() - status["last_cycle"]), bool(status["nats_connected"])
-    except (KeyError, TypeError):
-        return None, False
 
 
 async def serve_admin(leader: Any) -> asyncio.AbstractServer:

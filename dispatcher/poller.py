@@ -133,7 +133,9 @@ class Poller:
         self.figures = {node_id: result.connections
                         for node_id, result in zip(node_ids, results, strict=True)
                         if isinstance(result, NodeStatus)}
-        if events:
+        if events and self.journal.failure is None:
+            # A failed log refuses every change (the dispatcher is not ready then, and
+            # says why); the cycle still counts, so the loads follow the fresh figures.
             await self.journal.record(events)
         self.cycles += 1
         self.last_cycle = time.monotonic()

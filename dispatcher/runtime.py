@@ -66,6 +66,7 @@ class Leader(Serving):
         self.journal = Journal(log, SnapshotStore(path / "snapshots"),
                                snapshot_every=config.eventlog.snapshot_every)
         self.nc: Any = None
+        self._status_failed: OSError | None = None  # said once, until it works again
         self.poller: Poller | None = None
         self.service: Service | None = None
         self._connecting: asyncio.Task | None = None
@@ -173,7 +174,14 @@ class Leader(Serving):
         self.stats.poll_cycle.observe(self.poller.last_duration)
         self.stats.poll_failures = dict(self.poller.failures)
         self.poll_happened(self.poller.figures)
-        leader_link.write_status(self)
+        try:
+            leader_link.write_status(self)
+        except OSError as exc:  # the log directory is gone, say: the log fails on it too
+            if self._status_failed is None:
+                log.warning("cannot write the status for the other workers: %s", exc)
+            self._status_failed = exc
+        else:
+            self._status_failed = None
 
     async def _pick_endpoint(self, request: Any) -> bytes:
         """`imdispatch.pick`: the get-tcp-ip answer for a JSON body with its parameters."""
@@ -325,8 +333,11 @@ async def open_runtime(config: cfg.Config, config_path: str | Path | None = None
     holder's pid: another dispatcher has this log."""
     run_id = os.environ.get(RUN_ID)
     deadline = time.monotonic() + LOCK_RECORD_WAIT
+    # A worker started in place of a dead one (its settings come from the log) finds the
+    # log there, as a takeover does: a log that vanished is an error, never a new one.
+    replacing = config.source == cfg.FROM_LOG
     while True:
-        leader = Leader(config, config_path, stats)
+        leader = Leader(config, config_path, stats, takeover=replacing)
         try:
             await leader.start()
             return leader

@@ -52,6 +52,7 @@ class Cluster:
             raise
 
     def _configure_and_start(self, workers, slow_start, assign_rate, http_extra):
+        self.workers = workers
         self.http_port = free_port()
         self.config = self.tmp / "dispatcher.toml"
         self.config.write_text(
@@ -96,7 +97,9 @@ class Cluster:
         if stderr is not None:
             stderr.close()  # the child has its own copy
         assert self.dispatcher.stdout.readline().startswith("imdispatch serving")
-        self.wait(lambda: self.get("/readyz")[0] == 200, "the dispatcher is ready")
+        # every worker: a follower is ready once it has applied the leader's last cycle
+        self.wait(lambda: all(self.get("/readyz")[0] == 200 for _ in range(3 * self.workers)),
+                  "the dispatcher is ready")
 
     def url(self, path):
         return f"http://127.0.0.1:{self.http_port}{path}"

@@ -174,3 +174,25 @@ def test_dead_workers_are_replaced_and_keep_the_reloaded_settings(two_workers):
     assert weights(running)["e2e3"] == 5
     running.dispatcher.terminate()
     assert running.dispatcher.wait(timeout=15) == 0
+
+
+def test_a_follower_behind_the_leaders_last_cycle_is_not_ready(tmp_path):
+    """It would answer from nodes whose health it does not know yet: 503s from a worker
+    that said ready (seen at start, when the leader's first cycle lands)."""
+    from types import SimpleNamespace
+
+    from dispatcher import config as cfg
+    from dispatcher import leader_link
+    from dispatcher.follower import Follower
+
+    config = cfg.parse(f'[eventlog]\npath = "{tmp_path}"\n')
+    follower = Follower(config)
+    leader = SimpleNamespace(config=config, nc=None, state=SimpleNamespace(seq=3))
+    leader_link.write_status(leader)  # the leader's first cycle took it to seq 3
+    follower.take_cycle()
+    ready, details = follower.readiness()
+    assert not ready and details["reason"] == "no poll cycle yet"
+    follower.state.seq = 3  # (as if it had applied the three events)
+    follower.take_cycle()
+    ready, details = follower.readiness()
+    assert ready, details

@@ -254,3 +254,23 @@ def test_the_bytes_applied_are_the_bytes_stored(tmp_path):
     [record] = LogReader(tmp_path / "log").records()
     assert record.event() == stored and live_config == {"balance": {}, "servers": ["a", "b"]}
     assert record.payload == orjson.dumps(stored)
+
+
+def test_an_admin_change_over_the_record_limit_is_413_and_changes_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from dispatcher import admin
+
+    async def run():
+        journal = Journal(FileLog(tmp_path / "log", fsync="always"))
+        await journal.open()
+        journal.log.max_payload = 120  # a record limit no node_added fits in
+        runtime = SimpleNamespace(journal=journal, state=journal.state)
+        status, body = await admin.execute(
+            runtime, "add", {"id": "n1", "ip": "10.0.0.1", "port": 9000,
+                             "reason": "r" * 200}, "admin")
+        assert status == 413 and body["error"].startswith("nothing changed")
+        assert journal.state.seq == 0 and journal.failure is None
+        await journal.close()
+
+    asyncio.run(run())
