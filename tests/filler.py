@@ -28,7 +28,7 @@ RECONNECT_EVERY = 20  # requests per HTTP connection, so the kernel spreads them
 
 
 async def _ask(host: str, port: int, path: str, answers: list, refusals: list,
-               stop: asyncio.Event, count: int) -> None:
+               stop: asyncio.Event, count: int, most: int | None) -> None:
     reader = writer = None
     asked = 0
     while not stop.is_set():
@@ -46,6 +46,8 @@ async def _ask(host: str, port: int, path: str, answers: list, refusals: list,
         body = orjson.loads(await reader.readexactly(length))
         if status == 200:
             answers.append((time.monotonic(), body))
+            if most is not None and len(answers) >= most:
+                stop.set()
         else:
             refusals.append(time.monotonic())
             await asyncio.sleep(0.01)
@@ -74,7 +76,8 @@ async def fill(url: str, seconds: float, concurrency: int = 8, count: int = 1,
     refusals: list = []
     stop = asyncio.Event()
     askers = [asyncio.create_task(_ask(parts.hostname, parts.port, "/get-tcp-ip", answers,
-                                       refusals, stop, count)) for _ in range(concurrency)]
+                                       refusals, stop, count, most))
+              for _ in range(concurrency)]
     held: Counter = Counter()
     sockets: list = []
     holders = []
@@ -89,7 +92,7 @@ async def fill(url: str, seconds: float, concurrency: int = 8, count: int = 1,
         last_answer = answers[-1][0] if answers else started
         if refusals and time.monotonic() - last_answer > 1.0 and refusals[-1] > last_answer:
             break  # refused for a whole second: every node is full
-        if most is not None and len(answers) >= most:
+        if stop.is_set():
             break
     stop.set()
     await asyncio.gather(*askers, return_exceptions=True)

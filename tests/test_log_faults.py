@@ -40,13 +40,13 @@ def test_a_removed_log_directory_fails_the_log_and_no_worker_starts_another(
             assert "event log" in body["error"]
         failed = {}
 
-        def leader_says_failed():
-            answer = running.get("/readyz")
-            if answer[2]["role"] == "leader":
+        def leader_says_failed():  # within a second: at its next write or idle check
+            answer = running.get("/readyz")  # (the PUTs may all have met the follower)
+            if answer[2]["role"] == "leader" and answer[0] == 503:
                 failed.update(status=answer[0], **answer[2])
             return bool(failed)
 
-        running.wait(leader_says_failed, "the leader answered /readyz")
+        running.wait(leader_says_failed, "the leader says its log failed", timeout=5)
         assert failed["status"] == 503 and failed["event_log"] == "failed"
         assert "no longer the file this process writes" in failed["reason"]
         # The follower must not recreate the log and lead beside the failed leader.
