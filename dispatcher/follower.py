@@ -14,10 +14,11 @@ from typing import Any
 
 from dispatcher import config as cfg
 from dispatcher import leader_link
-from dispatcher.domain.state import RoutingState
+from dispatcher.domain.state import NodeRecord, RoutingState
 from dispatcher.eventlog.filelog import LogReader, LogTail
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.journal import rebuild
+from dispatcher.query import PickRequest
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
 from imnode.tasks import cancel_and_wait
@@ -71,11 +72,7 @@ class Follower(Serving):
         failed: str | None = None  # the error said last: each one once, not every 50 ms
         while True:
             try:
-                for record in self._tail.poll():
-                    event = record.event()
-                    self._state.apply(event)
-                    if event.type == "config_reloaded":
-                        self._take_settings()
+                self._apply_tail()
                 if failed is not None:
                     log.warning("following the event log again")
                 failed = None
@@ -85,6 +82,33 @@ class Follower(Serving):
                 failed = repr(exc)
             self.take_cycle()
             await asyncio.sleep(TAIL_INTERVAL)
+
+    def _apply_tail(self) -> int:
+        """Apply what the leader appended since the last look; how many events."""
+        applied = 0
+        for record in self._tail.poll():
+            event = record.event()
+            self._state.apply(event)
+            applied += 1
+            if event.type == "config_reloaded":
+                self._take_settings()
+        return applied
+
+    def choose(self, request: PickRequest) -> list[NodeRecord]:
+        """As every worker does; but before refusing a client, read the log's tail: the
+        leader may have just recorded what makes a node available (its first poll, a
+        node coming back), which the 50 ms tail has not reached yet."""
+        chosen = super().choose(request)
+        if chosen or self._tail is None:
+            return chosen
+        try:
+            caught_up = self._apply_tail()
+        except Exception:  # the follow loop says why, once
+            return chosen
+        if caught_up:
+            self.take_cycle()
+            chosen = super().choose(request)
+        return chosen
 
     def take_cycle(self) -> None:
         """Once the leader has polled and this state has that cycle's events, it is as

@@ -83,14 +83,19 @@ def test_a_log_directory_moved_away_is_noticed_while_idle(tmp_path, nats_server)
     assert {n["id"]: n["weight"] for n in replay}["e2e1"] == 4  # what was acknowledged
 
 
-def test_damage_after_a_clean_stop_stays_refused_until_salvaged(tmp_path, nats_server):
+def stopped_after_one_change(tmp_path, nats_server):
+    """A dispatcher that recorded weight 7 for e2e1 and stopped cleanly; (it, its log)."""
     running = Cluster(tmp_path, nats_server.url)
-    events = tmp_path / "events"
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
         assert running.admin("PUT", "/admin/nodes/e2e1", {"weight": 7})[0] == 200
     finally:
         running.stop()
+    return running, tmp_path / "events"
+
+
+def test_damage_after_a_clean_stop_stays_refused_until_salvaged(tmp_path, nats_server):
+    running, events = stopped_after_one_change(tmp_path, nats_server)
     assert running.dispatcher.returncode == 0 and (events / CLEAN_MARKER).exists()
     segment = sorted(events.glob("*.seg"))[-1]
     data = bytearray(segment.read_bytes())
@@ -115,13 +120,7 @@ def test_damage_after_a_clean_stop_stays_refused_until_salvaged(tmp_path, nats_s
 
 
 def test_odd_snapshot_files_are_skipped_with_a_note(tmp_path, nats_server):
-    running = Cluster(tmp_path, nats_server.url)
-    events = tmp_path / "events"
-    try:
-        running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
-        assert running.admin("PUT", "/admin/nodes/e2e1", {"weight": 7})[0] == 200
-    finally:
-        running.stop()
+    running, events = stopped_after_one_change(tmp_path, nats_server)
     snapshots = events / "snapshots"
     good = sorted(snapshots.glob("snapshot-*.json"))[-1]
     raw = json.loads(good.read_text())

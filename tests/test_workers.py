@@ -196,3 +196,34 @@ def test_a_follower_behind_the_leaders_last_cycle_is_not_ready(tmp_path):
     follower.take_cycle()
     ready, details = follower.readiness()
     assert ready, details
+
+
+def test_a_follower_reads_the_tail_before_refusing_a_client(tmp_path):
+    """The leader's first poll lands in the log a moment before the follower's 50 ms
+    tail reads it: a client asking then must not get a 503 the log already disproves."""
+    import asyncio
+
+    from dispatcher import config as cfg
+    from dispatcher.domain import decisions
+    from dispatcher.eventlog.filelog import FileLog
+    from dispatcher.follower import Follower
+    from dispatcher.journal import Journal
+    from dispatcher.query import DEFAULT
+
+    async def run():
+        config = cfg.parse(f'[eventlog]\npath = "{tmp_path}"\n')
+        journal = Journal(FileLog(tmp_path))
+        await journal.open()
+        await journal.record(decisions.add_node(journal.state, "n1", "10.0.0.1", 9000,
+                                                actor="config"))
+        follower = Follower(config)
+        await follower.start()
+        try:
+            assert follower.choose(DEFAULT) == []  # nobody knows n1's health yet
+            await journal.record(decisions.mark_up(journal.state, "n1"))  # the first poll
+            assert [node.id for node in follower.choose(DEFAULT)] == ["n1"]
+        finally:
+            await follower.stop()
+            await journal.close()
+
+    asyncio.run(run())
