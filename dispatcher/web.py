@@ -32,13 +32,14 @@ from dispatcher.metrics import exposition
 from dispatcher.query import QueryError, from_query_string
 from dispatcher.runtime import open_runtime, take_over_when_leader_dies
 from dispatcher.serving import Serving
-from dispatcher.stats import SharedStats
+from dispatcher.stats import DIRECTORY_VARIABLE, SharedStats
 from imnode import logs
 from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.http")
 TOKEN_VARIABLE = "IMDISPATCH_ADMIN_TOKEN"
 _apps = itertools.count(1)
+SUPERVISOR_CHECK = 0.5  # seconds between a worker's looks at whether its supervisor lives
 JSON = "application/json"
 
 
@@ -85,6 +86,8 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
+        if os.environ.get(DIRECTORY_VARIABLE):  # one worker of several
+            app.ctx.orphaned = app.loop.create_task(_stop_with_the_supervisor(app))
         # A worker started in place of a dead one holds the file as `serve` read it at
         # start, older than any reload since: it takes its settings from the log.
         replacement = os.environ.get(leader_link.REPLACEMENT)
@@ -104,7 +107,8 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     @app.before_server_stop
     async def no_takeover(app: Sanic) -> None:
         """All workers stop together: one must not take the log over as the leader goes."""
-        await cancel_and_wait(getattr(app.ctx, "takeover", None))
+        await cancel_and_wait(getattr(app.ctx, "takeover", None),
+                              getattr(app.ctx, "orphaned", None))
 
     @app.after_server_stop
     async def stop(app: Sanic) -> None:
@@ -204,6 +208,18 @@ def create_app(config: cfg.Config, config_path: str | None = None,
         _admin_routes(ops, holder, tokens)
     app.blueprint(ops)
     return app
+
+
+async def _stop_with_the_supervisor(app: Sanic) -> None:
+    """In a worker of several: stop gracefully once the supervisor is gone, even killed
+    by SIGKILL (this process is then adopted by another). Orphaned workers would go on
+    holding the port and the event log's lock, and a restarted `serve` would refuse that
+    log."""
+    supervisor = os.getppid()
+    while os.getppid() == supervisor:
+        await asyncio.sleep(SUPERVISOR_CHECK)
+    log.warning("worker %d: the supervisor %d is gone: stopping", os.getpid(), supervisor)
+    app.stop(terminate=False)
 
 
 async def _promote(holder: list[Serving], follower: Follower) -> None:

@@ -8,6 +8,7 @@ import resource
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,39 @@ def test_a_follower_reads_the_tail_before_refusing_a_client(tmp_path):
             await journal.close()
 
     asyncio.run(run())
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path, nats_server):
+    """SIGKILL leaves the supervisor no time to stop its workers: they stop by themselves,
+    freeing the port and the event log, so the dispatcher can simply be started again.
+    (Sanic's multiprocessing manager process is left behind; it holds neither.)"""
+    running = Cluster(tmp_path, nats_server.url, workers=2)
+    try:
+        lock = (tmp_path / "events" / "LOCK").resolve()
+        assert _holders(lock)  # the leader (the follower holds the port with it)
+        running.dispatcher.send_signal(signal.SIGKILL)
+        running.dispatcher.wait()
+        running.wait(lambda: not _holders(lock), "no worker holds the event log", timeout=20)
+        running.start_dispatcher()  # same port, same log: nothing holds them
+        assert running.get("/readyz")[0] == 200
+    finally:
+        running.stop()
+
+
+def _holders(path):
+    """Pids of the live processes that have `path` open."""
+    pids = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if Path(os.readlink(fd)) == path and "Z" not in _state(fd.parts[2]):
+                pids.add(fd.parts[2])
+        except OSError:
+            continue
+    return pids
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
