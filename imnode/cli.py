@@ -9,15 +9,12 @@ import argparse
 import asyncio
 import ipaddress
 import os
-import re
 import sys
 from importlib.metadata import version
 
 from imnode import logs
+from imnode.contract import NODE_ID, node_address
 from imnode.natsauth import connect_options
-
-NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-"""Node ids are NATS subject tokens (`imnode.<id>.status`): no dots, spaces or wildcards."""
 
 
 def _node_id(text: str) -> str:
@@ -39,11 +36,9 @@ def _host_port(text: str) -> tuple[str, int]:
 def _ip_port(text: str) -> tuple[str, int]:
     host, port = _host_port(text)
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"the advertised address must be an IP (clients get no DNS lookup): {text!r}"
-        ) from None
+        host = node_address(host)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"the advertised address {exc}") from None
     if port == 0:
         raise argparse.ArgumentTypeError("the advertised port cannot be 0")
     return host, port
@@ -111,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     from imnode.server import NodeConfig
 
     host, port = args.listen
-    if args.advertise is None:
+    if args.advertise is None:  # clients are sent where it listens: the same rule
         try:
             if ipaddress.ip_address(host).is_unspecified:
                 parser.error("--advertise IP:PORT is needed when listening on all interfaces")
         except ValueError:
             parser.error(f"--listen needs an IP address, got {host!r}")
+        try:
+            node_address(host)
+        except ValueError as exc:
+            parser.error(f"--advertise IP:PORT is needed: the --listen address {exc}")
     if args.drain_timeout < args.drain_window:
         parser.error("--drain-timeout must not be shorter than --drain-window")
     logs.configure(args.log_level, args.log_format)

@@ -85,6 +85,13 @@ def test_empty_config_is_all_defaults():
         (("weight = 5", "weight = 5.5"), r":30: \[\[nodes\]\] #1 weight: must be an integer"),
         (("port = 9001\nweight", "weight"), r"\[\[nodes\]\] #1: `port` is required"),
         (('ip = "10.0.0.1"', "ip = 16909060"), r"#1 ip: must be an IP address"),
+        # addresses no client can connect to (issue 13), one rule with the admin API's
+        (('ip = "10.0.0.2"', 'ip = "224.0.0.1"'), r":34: \[\[nodes\]\] #2 ip: .*\(multicast\)"),
+        (('ip = "10.0.0.2"', 'ip = "0.0.0.0"'), r":34: \[\[nodes\]\] #2 ip: .*unspecified"),
+        (('ip = "10.0.0.2"', 'ip = "::"'), r":34: \[\[nodes\]\] #2 ip: .*unspecified"),
+        (('ip = "10.0.0.2"', 'ip = "255.255.255.255"'), r":34: .* ip: .*broadcast"),
+        (('ip = "10.0.0.2"', 'ip = "::ffff:224.0.0.1"'), r":34: .* ip: .*multicast"),
+        (('ip = "10.0.0.2"', 'ip = "fe80::1%eth0"'), r":34: \[\[nodes\]\] #2 ip: .*scope id"),
         (("[poll]", "[pol]"), r":10: \[pol\]: unknown table"),
         (('servers = ["nats://127.0.0.1:4222"]', 'servers = ["127.0.0.1:4222"]'),
          r":8: \[nats\] servers: must be nats://"),
@@ -94,6 +101,19 @@ def test_empty_config_is_all_defaults():
 def test_errors_name_file_line_and_key(edit, message):
     with pytest.raises(cfg.ConfigError, match=message):
         cfg.parse(GOOD.replace(*edit, 1), "dispatcher.toml")
+
+
+def test_a_long_scope_id_is_refused_without_repeating_it():
+    scoped = "fe80::1%" + "x" * 60_000
+    with pytest.raises(cfg.ConfigError, match=r"#2 ip: .*scope id") as refused:
+        cfg.parse(GOOD.replace('ip = "10.0.0.2"', f'ip = "{scoped}"', 1), "dispatcher.toml")
+    assert len(str(refused.value)) < 400
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "10.0.0.1", "::1", "2001:db8::1", "fe80::1"])
+def test_unicast_addresses_are_kept_in_their_canonical_form(ip):
+    config = cfg.parse(GOOD.replace('ip = "10.0.0.2"', f'ip = "{ip}"', 1))
+    assert config.nodes[1].ip == ip
 
 
 def test_unreadable_file(tmp_path):
@@ -191,3 +211,20 @@ def test_no_more_nodes_than_the_core_routes(monkeypatch):
             state.apply(dataclasses.replace(event, seq=state.seq + 1))
     with pytest.raises(decisions.TooManyNodes, match="at most 3 nodes"):
         decisions.add_node(state, "n3", "10.0.0.1", 9001, actor="t")
+
+
+@pytest.mark.parametrize("text", ["", '[http]\nport = 8081\n'])
+def test_a_config_without_nodes_is_warned_about_once_saying_how_to_add_them(
+        tmp_path, caplog, text):
+    path = tmp_path / "dispatcher.toml"
+    path.write_text(text)
+    with caplog.at_level("WARNING", logger="imdispatch"):
+        cfg.load(path)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"{path} has no [[nodes]]" in warning and "\n" not in warning
+    assert "[[nodes]] tables (id, ip, port)" in warning and "POST /admin/nodes" in warning
+    caplog.clear()
+    path.write_text(GOOD)
+    with caplog.at_level("WARNING", logger="imdispatch"):
+        cfg.load(path)
+    assert not caplog.records

@@ -8,17 +8,13 @@ the state it follows.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from typing import Any
 
 import core_ext
 from dispatcher.domain import events as ev
 from dispatcher.domain.errors import DomainError
 from dispatcher.domain.state import RoutingState
-
-NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-"""Node ids become NATS subject tokens (`imnode.<id>.status`): no dots, wildcards or spaces."""
+from imnode.contract import NODE_ID, node_address
 
 DEFAULT_LOAD_STEP = 0.01
 """A load report is recorded when connections moved by at least this share of capacity."""
@@ -50,14 +46,12 @@ def _check_node_id(node: Any) -> str:
 
 def _check_address(node: str, ip: Any, port: Any) -> tuple[str, int]:
     try:
-        if not isinstance(ip, str):
-            raise ValueError(ip)
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        raise InvalidCommand(f"node {node!r}: ip must be an IP address, got {ip!r}") from None
+        address = node_address(ip)
+    except ValueError as exc:
+        raise InvalidCommand(f"node {node!r}: ip {exc}") from None
     if type(port) is not int or not 1 <= port <= 65535:
         raise InvalidCommand(f"node {node!r}: port must be an int in 1..65535, got {port!r}")
-    return str(address), port
+    return address, port
 
 
 def _check_weight(node: str, weight: Any) -> int:

@@ -4,7 +4,6 @@ node's process is gone) and a node that says it is draining take it out at once.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import orjson
 
 import core_ext
+from imnode.contract import node_address
 
 MAX_REPLY = 64 * 1024  # a status reply is a few hundred bytes; more is not a status
 
@@ -64,7 +64,10 @@ def parse_status(node_id: str, data: bytes) -> NodeStatus | Failure:
         if replier != node_id:
             return Failure("identity_mismatch",
                            f"node {node_id!r} was asked, {replier[:64]!r} answered")
-        ipaddress.ip_address(_require(reply, "ip", (str,)))
+        try:
+            node_address(_require(reply, "ip", (str,)))
+        except ValueError as exc:
+            raise ValueError(f"`ip` {exc}") from None
         port = _require(reply, "port", (int,))
         connections = _require(reply, "connections", (int,))
         capacity = _require(reply, "capacity", (int,))
