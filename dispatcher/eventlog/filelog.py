@@ -135,6 +135,24 @@ class FileLog:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         return recovery
 
+    def check(self) -> None:
+        """Raise what `open()` would (`LogLocked`, `LogCorrupted`, `UnsupportedFormat`,
+        `OSError`: a LOCK that is a directory, a segment that cannot be opened for
+        writing), opening as the writer will, without touching a record (no torn tail is
+        cut: the writer does that and says so), and close again: the supervisor's check
+        before it starts the workers that open the log."""
+        if self.create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise LogMissing(f"no event log at {self.path}") from None
+        try:
+            self._lock()
+            self._recover(dry=True)
+        finally:
+            self._release()
+
     def _lock(self) -> None:
         flags = os.O_RDWR | (os.O_CREAT if self.create else 0)
         try:
@@ -183,7 +201,9 @@ class FileLog:
                     "replaced while the dispatcher ran): later events would be lost"
                 )
 
-    def _recover(self) -> Recovery:
+    def _recover(self, *, dry: bool = False) -> Recovery:
+        """Find the end of the log and open its last segment for appending. `dry`: only
+        see that it can be done (no file removed, truncated or created)."""
         recovery = Recovery()
         paths = list_segments(self.path)
         if paths and paths[-1].stat().st_size < SEGMENT_HEADER.size:
@@ -192,8 +212,12 @@ class FileLog:
                 f"removed {paths[-1].name}: {paths[-1].stat().st_size} bytes, "
                 "an unfinished segment header"
             )
-            paths.pop().unlink()
+            unfinished = paths.pop()
+            if not dry:
+                unfinished.unlink()
         if not paths:
+            if dry:
+                return recovery
             self._open_segment(1, records.GENESIS_HASH)
             self._size = SEGMENT_HEADER.size
             return recovery
@@ -235,7 +259,7 @@ class FileLog:
             recovery.salvaged = exc  # the scan got as far as the good prefix: keep that
         if torn:
             recovery.torn = torn[0]
-        if end < len(segment.data):
+        if end < len(segment.data) and not dry:
             recovery.dropped_bytes = len(segment.data) - end
             with open(segment.path, "r+b") as handle:
                 handle.truncate(end)
