@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.demo import screen
+from dispatcher.demo import lifetime, screen
 from dispatcher.demo.nats_server import NatsServerMissing, nats_server_binary
+from dispatcher.demo.stack import check_port_free
 from tests.nats_server import free_port
+from tests.test_workers import _field, _state
 
 
 def demo(*args, env=None):
@@ -56,7 +59,15 @@ def test_the_demo_shows_failover_slow_start_drain_and_weights_then_leaves_nothin
     connected = [int(m) for m in re.findall(r"clients (\d+)/60 connected", out)]
     assert max(connected) >= 50, connected  # the population grew and stayed connected
     assert "curl 'http://127.0.0.1:" in out and "micro ls" in out
-    assert out.rstrip().endswith("stopped: nothing of the demo is left running")
+    audit = re.search(r"^  (\S+) audit --log (\S+)$", out, re.MULTILINE)
+    assert os.access(audit.group(1), os.X_OK), audit.group(0)  # runnable as printed
+    if shutil.which("nats") is None:
+        assert "go install github.com/nats-io/natscli/nats@latest" in out
+    *_, stopped, removed = out.rstrip().splitlines()
+    assert stopped == "stopped: nothing of the demo is left running"
+    workdir = Path(re.search(r"\(logs in (\S+)\)", out).group(1))
+    assert removed == f"removed {workdir} (logs, config, event log): --workdir PATH keeps them"
+    assert audit.group(2).startswith(str(workdir)) and not workdir.exists()
     ports = ports_in(out)
     assert len(ports) >= 5  # dispatcher, nats-server, three nodes
     assert not [port for port in ports if listening(port)]
@@ -124,6 +135,76 @@ def test_a_taken_port_is_a_clear_error():
     assert process.returncode == 2
     assert f"port {port} on 127.0.0.1 is taken (the dispatcher's HTTP port)" in err
     assert "--http-port" in err
+
+
+def test_a_start_up_error_comes_before_the_clean_up_it_causes():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = subprocess.run(
+            [sys.executable, "-m", "dispatcher", "demo", "--http-port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+    assert process.returncode == 2
+    said = process.stdout
+    assert said.index(f"port {port} on 127.0.0.1 is taken") < said.index("stopping:")
+    assert said.index("stopped:") < said.index("removed ")
+
+
+def time_wait_on(port):
+    """Whether a TCP socket on 127.0.0.1:`port` is in TIME_WAIT (state 06)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(row.split()[1] == f"0100007F:{port:04X}" and row.split()[3] == "06"
+               for row in rows)
+
+
+def test_a_port_left_in_time_wait_by_the_last_run_is_free_for_the_next():
+    """The server end closes first, as the last demo's dispatcher did on quitting."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()
+        client.recv(1)  # the FIN
+        client.close()
+    assert time_wait_on(port)
+    check_port_free(port, "the dispatcher's HTTP port", "--http-port")  # no error
+    process, _started = started_demo("--http-port", str(port))
+    assert listening(port)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+
+
+def descendants(pid):
+    """Pids of the live processes below `pid` (children, their children, ...)."""
+    parents = {stat.parts[2]: _field(stat, 1) for stat in Path("/proc").glob("[0-9]*/stat")}
+    found, frontier = set(), {str(pid)}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return {int(child) for child in found if "Z" not in _state(child)}
+
+
+def test_a_demo_killed_with_sigkill_takes_every_child_with_it():
+    process, started = started_demo("--http-port", str(free_port()))
+    children = descendants(process.pid)
+    assert len(children) >= 5  # nats-server, three imnodes, the dispatcher
+    for pid in children:  # what `pkill -f imdispatch-demo-child` (README) matches
+        assert lifetime.MARK in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 5
+    while alive := {pid for pid in children if "Z" not in _state(pid)}:
+        if time.monotonic() > deadline:
+            for pid in alive:  # leave nothing behind for the next test
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"still running 5 s after the demo's SIGKILL: {sorted(alive)}")
+        time.sleep(0.05)
+    assert not [port for port in ports_in(started) if listening(port)]
 
 
 def test_a_missing_nats_server_says_how_to_install_it(tmp_path, monkeypatch):

@@ -38,16 +38,14 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         return asyncio.run(_demo(args, workdir))
-    except (DemoError, NatsServerMissing) as exc:
-        print(f"imdispatch demo: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `imdispatch demo | head`: stopped cleanly all the same
         return 0
     finally:
         if keep:
             _say(f"logs, config and the event log are in {workdir}")
-        else:
+        else:  # said, since the hints pointed there (`audit --log`)
             shutil.rmtree(workdir, ignore_errors=True)
+            _say(f"removed {workdir} (logs, config, event log): --workdir PATH keeps them")
 
 
 class Keys:
@@ -97,11 +95,15 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         print(f"starting nats-server, {len(nodes)} imnodes and the dispatcher "
               f"(logs in {workdir}) ...", flush=True)
         try:
-            await asyncio.to_thread(stack.start)
+            await stack.start()
         except Interrupted:
             return 0
+        except (DemoError, NatsServerMissing) as exc:  # said first, before the clean-up
+            print(f"imdispatch demo: {exc}", file=sys.stderr, flush=True)
+            return 2
         tips = screen.hints(stack.url, stack.nats.url, args.token, str(stack.events_path),
-                            nodes[0].id)
+                            nodes[0].id, imdispatch=_imdispatch_command(),
+                            nats_installed=shutil.which("nats") is not None)
         print(f"dispatcher: {stack.url}  (admin token: {args.token})\n"
               f"nats-server: {stack.nats.url}\nnodes: " + ", ".join(
                   f"{n.id} 127.0.0.1:{n.port} weight {n.weight} capacity {n.capacity}"
@@ -118,6 +120,17 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         await asyncio.to_thread(stack.stop)
         _say("stopped: nothing of the demo is left running")
     return 0
+
+
+def _imdispatch_command() -> str:
+    """`imdispatch` as a shell here can run it: the script beside this Python (what
+    `make demo` runs is not on PATH), relative to the working directory when under it."""
+    script = Path(sys.executable).parent / "imdispatch"
+    if not script.is_file():
+        return f"{sys.executable} -m dispatcher"
+    with contextlib.suppress(ValueError):
+        return str(script.relative_to(Path.cwd()))
+    return str(script)
 
 
 def _say(text: str) -> None:

@@ -48,8 +48,8 @@ def script(stack: Stack) -> list[Moment]:
     async def kill(stack: Stack) -> None:
         stack.kill_node(victim)
 
-    async def restart(stack: Stack) -> None:
-        await asyncio.to_thread(stack.start_node, victim)
+    async def restart(stack: Stack) -> None:  # in the loop's (main) thread: see Stack.start
+        stack.start_node(victim)
 
     def update(node_id: str, **change: Any) -> Callable[[Stack], Awaitable[None]]:
         async def act(stack: Stack) -> None:

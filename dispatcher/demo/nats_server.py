@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -52,11 +53,13 @@ class NatsServer:
     """One nats-server process on 127.0.0.1 with JetStream storing in `store_dir`."""
 
     def __init__(
-        self, store_dir: str | os.PathLike, *, port: int | None = None, args: tuple[str, ...] = ()
+        self, store_dir: str | os.PathLike, *, port: int | None = None, args: tuple[str, ...] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.args = args
+        self.preexec_fn = preexec_fn  # run in the child before exec (the demo's lifetime)
         self.log_path = self.store_dir.with_name(f"{self.store_dir.name}.log")
         self.process: subprocess.Popen | None = None
 
@@ -69,6 +72,12 @@ class NatsServer:
         the server enables it, recovering the store, before it starts accepting)."""
         if self.process is not None and self.process.poll() is None:
             return self
+        self.launch()
+        return self.wait_accepting(timeout)
+
+    def launch(self) -> None:
+        """Start the process, without waiting for it (in the thread that must be its
+        parent, see `preexec_fn`)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [
             nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port),
@@ -78,7 +87,10 @@ class NatsServer:
             # its own process group: a terminal's Ctrl-C reaches the demo or test, which
             # stops it last, not the broker first
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            process_group=0)
+                                            process_group=0, preexec_fn=self.preexec_fn)
+
+    def wait_accepting(self, timeout: float = 10.0) -> NatsServer:
+        """Return once the launched server accepts connections; raise if it exits first."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

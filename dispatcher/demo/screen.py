@@ -54,8 +54,14 @@ def visible(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [event for event in events if event.get("type") not in QUIET_EVENTS]
 
 
-def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str) -> list[str]:
-    """What to try while the demo runs: HTTP with curl, NATS with the nats CLI."""
+NATS_CLI = ("  (no nats CLI here: it is natscli, https://github.com/nats-io/natscli/releases,"
+            " or go install github.com/nats-io/natscli/nats@latest)")
+
+
+def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str, *,
+          imdispatch: str = "imdispatch", nats_installed: bool = True) -> list[str]:
+    """What to try while the demo runs: HTTP with curl, NATS with the nats CLI, the log
+    with `imdispatch` (named as it runs from here: `make demo` activates no venv)."""
     auth = f"-H 'Authorization: Bearer {token}'"
     return [
         f"  open {url}/dashboard in a browser",
@@ -70,7 +76,8 @@ def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str) -
         f"  nats -s {nats_url} req imdispatch.pick '{{\"uid\": \"alice\"}}'",
         f"  nats -s {nats_url} req imdispatch.nodes ''",
         f"  nats -s {nats_url} req imnode.{node_id}.status ''",
-        f"  imdispatch audit --log {events_path}",
+        *([] if nats_installed else [NATS_CLI]),
+        f"  {imdispatch} audit --log {events_path}",
     ]
 
 

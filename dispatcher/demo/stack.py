@@ -2,17 +2,18 @@
 process listening on 127.0.0.1 only, with its output in a log file in the work directory.
 
 Children run in their own process group, so a Ctrl-C reaches the demo alone and it stops
-them in order (dispatcher, nodes, broker) instead of all of them dying at once.
+them in order (dispatcher, nodes, broker) instead of all of them dying at once; and they
+die with the demo if it is killed (see `lifetime`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from dispatcher.demo.nats_server import NatsServer, free_port
+from dispatcher.demo import lifetime
+from dispatcher.demo.nats_server import NatsServer, NatsServerMissing, free_port
 
 WEIGHTS = (3, 2, 1)
 CAPACITY_MARGIN = 2.0  # each node can hold this many times its share of the clients
@@ -59,7 +61,10 @@ def plan_nodes(count: int, clients: int, base_port: int | None) -> list[DemoNode
 
 
 def check_port_free(port: int, what: str, option: str) -> None:
+    """Refuse a port another socket holds, as the server about to bind it would. Not one
+    in TIME_WAIT (left by the last run): the servers set SO_REUSEADDR, so must the probe."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -76,7 +81,9 @@ class Stack:
         self.nodes = {node.id: node for node in nodes}
         self.http_port = http_port
         self.token = token
-        self.nats = NatsServer(workdir / "nats", port=nats_port)
+        self._preexec = lifetime.die_with_parent()
+        self.nats = NatsServer(workdir / "nats", port=nats_port, args=("-n", lifetime.MARK),
+                               preexec_fn=self._preexec)
         self.dispatcher: subprocess.Popen | None = None
         self.stopping = threading.Event()  # set from the demo's loop: start() gives up
         self._logs: list[IO[bytes]] = []
@@ -89,29 +96,38 @@ class Stack:
     def events_path(self) -> Path:
         return self.workdir / "events"
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Spawn here, in the main thread (the children's parent thread: they die with
+        it); wait in threads, so that the loop hears a Ctrl-C meanwhile."""
         check_port_free(self.http_port, "the dispatcher's HTTP port", "--http-port")
         check_port_free(self.nats.port, "the NATS port", "--nats-port")
         for node in self.nodes.values():
             check_port_free(node.port, f"imnode {node.id}", "--node-base-port")
-        self.nats.start()
+        try:
+            self.nats.launch()
+            await asyncio.to_thread(self.nats.wait_accepting)
+        except NatsServerMissing:
+            raise
+        except RuntimeError as exc:  # it exited or did not answer: its log says why
+            raise DemoError(str(exc)) from None
         for node_id in self.nodes:
             if self.stopping.is_set():
                 raise Interrupted
             self.start_node(node_id)
         self._write_config()
         self.dispatcher = self._spawn(
-            "dispatcher", [sys.executable, "-m", "dispatcher", "serve", "--config",
-                           str(self.workdir / "dispatcher.toml")],
+            "dispatcher", lifetime.python_argv("-m", "dispatcher", "serve", "--config",
+                                               str(self.workdir / "dispatcher.toml")),
             {"IMDISPATCH_ADMIN_TOKEN": f"demo:{self.token}"})
-        self._wait_ready()
+        await asyncio.to_thread(self._wait_ready)
 
     def start_node(self, node_id: str) -> None:
+        """Start (or restart) a node: from the main thread, see `start`."""
         node = self.nodes[node_id]
-        node.process = self._spawn(f"imnode-{node.id}", [
-            sys.executable, "-m", "imnode", "serve", "--id", node.id,
+        node.process = self._spawn(f"imnode-{node.id}", lifetime.python_argv(
+            "-m", "imnode", "serve", "--id", node.id,
             "--listen", f"127.0.0.1:{node.port}", "--nats", self.nats.url,
-            "--capacity", str(node.capacity)])
+            "--capacity", str(node.capacity)))
 
     def kill_node(self, node_id: str) -> None:
         """SIGKILL: the node's process is gone at once, as in a crash."""
@@ -131,11 +147,13 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str],
                env: dict[str, str] | None = None) -> subprocess.Popen:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("the demo's children are spawned from its main thread only")
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 -- closed in stop()
         self._logs.append(log)
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, process_group=0,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})}, preexec_fn=self._preexec)
 
     def _write_config(self) -> None:
         nodes = "".join(f'[[nodes]]\nid = "{n.id}"\nip = "127.0.0.1"\nport = {n.port}\n'
