@@ -207,6 +207,14 @@ def test_a_demo_killed_with_sigkill_takes_every_child_with_it():
     assert not [port for port in ports_in(started) if listening(port)]
 
 
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_an_http_port_it_could_not_wait_for_is_refused_at_once(port):
+    process = demo("--http-port", port)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert f"--http-port must be 1 to 65535, not {port}" in err
+
+
 def test_a_missing_nats_server_says_how_to_install_it(tmp_path, monkeypatch):
     process = demo("--http-port", str(free_port()),
                    env={"IMDISPATCH_NATS_SERVER": str(tmp_path / "nats-server")})

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         print("imdispatch demo: --nodes must be at least 1 and --clients not negative",
               file=sys.stderr)
         return 2
+    if not 0 < args.http_port < 65536:  # 0 too: the demo must know where it listens
+        print(f"imdispatch demo: --http-port must be 1 to 65535, not {args.http_port}",
+              file=sys.stderr)
+        return 2
     keep = args.workdir is not None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imdispatch-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -54,8 +54,8 @@ def visible(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [event for event in events if event.get("type") not in QUIET_EVENTS]
 
 
-NATS_CLI = ("  (no nats CLI here: it is natscli, https://github.com/nats-io/natscli/releases,"
-            " or go install github.com/nats-io/natscli/nats@latest)")
+NATS_CLI = ("  (nats is natscli: https://github.com/nats-io/natscli/releases or "
+            "go install github.com/nats-io/natscli/nats@latest)")
 
 
 def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str, *,
