@@ -1,5 +1,6 @@
 """`imdispatch audit`'s table fits a 120-column terminal, even with a `config_reloaded`
-event (a whole configuration in one cell) in the log; `--json` keeps every byte."""
+event (a whole configuration in one cell) in the log, one line an event whatever a reason
+holds; `--json` keeps every byte."""
 
 import asyncio
 
@@ -34,6 +35,8 @@ def test_the_audit_table_fits_120_columns_and_json_keeps_everything(tmp_path):
         await journal.record(decisions.mark_up(state, "node-1"))
         await journal.record(decisions.set_draining(state, "node-2", True, actor="admin:ops",
                                                     reason="kernel upgrade " + "x" * 300))
+        await journal.record(decisions.set_draining(state, "node-3", True, actor="admin:ops",
+                                                    reason="one\ntwo \x1b[2Jgone"))
         await journal.close()
 
     asyncio.run(build())
@@ -47,6 +50,8 @@ def test_the_audit_table_fits_120_columns_and_json_keeps_everything(tmp_path):
     assert any("node_up" in line and "node-1" in line for line in lines)
     assert any("kernel upgrade" in line and line.endswith("...") for line in lines)
     assert "--json shows them whole" in table.stderr
+    assert len(lines) == 1 + 9 and "\x1b" not in table.stdout  # one line an event
+    assert any("one\\x0atwo \\x1b[2Jgone" in line for line in lines)
     whole = orjson.loads(imdispatch("audit", "--log", path, "--json").stdout)
     config = next(event for event in whole if event["type"] == "config_reloaded")["config"]
     assert [node["id"] for node in config["nodes"]] == [f"node-{i}" for i in range(1, 6)]
