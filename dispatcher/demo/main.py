@@ -133,7 +133,8 @@ def _imdispatch_command() -> str:
     if not script.is_file():
         return f"{sys.executable} -m dispatcher"
     with contextlib.suppress(ValueError):
-        return str(script.relative_to(Path.cwd()))
+        relative = script.relative_to(Path.cwd())
+        return str(relative) if relative.parent != Path(".") else f"./{relative}"  # not PATH
     return str(script)
 
 
