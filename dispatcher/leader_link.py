@@ -1,12 +1,21 @@
 """How workers reach the leader (the worker that writes the event log): a Unix socket in
 the log directory for admin commands, and a status file the leader rewrites after every
-poll cycle so that followers know how fresh the state is."""
+poll cycle so that followers know how fresh the state is.
+
+The socket is the service's own: mode 0600 whatever the umask, and the leader serves only
+peers running as its own uid (SO_PEERCRED). It trusts the actor a command names (the
+follower that sent it checked the bearer token); a process of that uid could name any
+actor, but it could as well read the tokens from the workers' environment."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import socket
+import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +30,8 @@ REPLACEMENT = "IMDISPATCH_REPLACEMENT_WORKER"
 SOCKET = "admin.sock"
 STATUS = "STATUS"
 MAX_COMMAND = 1 << 20
+PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+log = logging.getLogger("imdispatch")
 
 
 def admin_socket(config: cfg.Config) -> Path:
@@ -65,6 +76,12 @@ async def serve_admin(leader: Any) -> asyncio.AbstractServer:
     path.unlink(missing_ok=True)  # left by a leader that died
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refusal = _refusal(writer)
+        if refusal is not None:
+            log.warning("admin socket %s: %s", path, refusal)
+            writer.write(orjson.dumps({"status": 403, "body": {"error": refusal}}) + b"\n")
+            writer.close()
+            return
         try:
             command = orjson.loads(await reader.readline())
             status, body = await admin.execute(leader, command["op"], command["args"],
@@ -76,7 +93,38 @@ async def serve_admin(leader: Any) -> asyncio.AbstractServer:
             await writer.drain()
         writer.close()
 
-    return await asyncio.start_unix_server(handle, path=str(path), limit=MAX_COMMAND)
+    return await asyncio.start_unix_server(handle, sock=_bind_private(path), limit=MAX_COMMAND)
+
+
+def _bind_private(path: Path) -> socket.socket:
+    """A Unix socket bound at `path` that only its owner can connect to, whatever the
+    umask: bound in a fresh 0700 directory, made 0600 there (out of anyone else's reach)
+    and only then moved into place, so it is never reachable with a wider mode."""
+    private = Path(tempfile.mkdtemp(prefix=".admin-", dir=path.parent))
+    staged = private / SOCKET
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(staged))
+        os.chmod(staged, 0o600)
+        os.replace(staged, path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        staged.unlink(missing_ok=True)
+        private.rmdir()
+    return sock
+
+
+def _refusal(writer: asyncio.StreamWriter) -> str | None:
+    """Why this peer may not send admin commands (it runs as another user), or None."""
+    sock = writer.get_extra_info("socket")
+    pid, uid, _ = PEER_CREDENTIALS.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+    if uid == os.geteuid():
+        return None
+    return (f"refused pid {pid} running as uid {uid}: only this service's uid "
+            f"{os.geteuid()} may send admin commands")
 
 
 async def forward_admin(config: cfg.Config, op: str, args: dict[str, Any],
