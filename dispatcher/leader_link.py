@@ -100,8 +100,8 @@ def _bind_private(path: Path) -> socket.socket:
     """A Unix socket bound at `path` that only its owner can connect to, whatever the
     umask: bound in a fresh 0700 directory, made 0600 there (out of anyone else's reach)
     and only then moved into place, so it is never reachable with a wider mode."""
-    private = Path(tempfile.mkdtemp(prefix=".admin-", dir=path.parent))
-    staged = private / SOCKET
+    private = Path(tempfile.mkdtemp(prefix=".a-", dir=path.parent))
+    staged = private / "s"  # short names: a socket's path has at most 107 bytes
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(staged))
