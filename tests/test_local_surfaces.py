@@ -5,6 +5,7 @@ refused by the admin API, by imnode's --advertise, and in a NATS status reply.""
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -27,7 +28,7 @@ try:
 except OSError as exc:
     print(json.dumps({"refused": type(exc).__name__}))
     sys.exit()
-client.sendall(json.dumps({"op": "remove", "args": {"id": "e2e1"},
+client.sendall(json.dumps({"op": "remove", "args": {"node_id": "e2e1"},
                            "actor": "admin:forged"}).encode() + b"\\n")
 print(client.makefile().readline().strip() or '{"closed": true}')
 """
@@ -76,6 +77,11 @@ def test_the_admin_socket_is_the_services_own_whatever_the_umask(
         for path in [directory, *directory.rglob("*")]:  # nobody else writes the log
             assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH), path
         assert as_nobody(socket_path) == {"refused": "PermissionError"}
+
+        with socket.socket(socket.AF_UNIX) as own:  # the service's uid is served
+            own.connect(str(socket_path))
+            own.sendall(b'{"op": "nodes", "args": {}, "actor": "test"}\n')
+            assert json.loads(own.makefile().readline())["status"] == 200
 
         socket_path.chmod(0o666)  # loosened by hand: the peer's uid is still checked
         reply = as_nobody(socket_path)
