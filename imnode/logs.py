@@ -6,6 +6,11 @@ collectors, or a human line for a terminal.
 Fields passed with `extra=` (an event's figures, a node id) become keys of the JSON object
 and `key=value` pairs on the human line. Nothing here logs secrets: callers never pass
 tokens or passwords, and the NATS options are not logged.
+
+Log volume is bounded whatever a client sends: a message or field is cut at `MAX_TEXT`
+characters and a traceback at `MAX_TRACEBACK`, and each call site may write a burst of
+`BURST` warnings or errors, then one every `1 / REFILL` seconds; what it drops meanwhile is
+counted in the `dropped` field of its next line.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from typing import Any
 
 import orjson
 
+MAX_TEXT = 1000  # characters of a message or a field
+MAX_TRACEBACK = 4000  # characters of a traceback: its head and its tail, the error itself
+BURST = 20  # warnings and errors one call site writes at once ...
+REFILL = 1.0  # ... and then a second
 FORMATS = ("auto", "json", "text")
 LEVELS = ("debug", "info", "warning", "error")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -42,7 +51,7 @@ class JsonFormatter(logging.Formatter):
         entry.update((key, value) for key, value in _fields(record).items()
                      if key not in entry)  # extras after, never over, the standard keys
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         try:
@@ -75,6 +84,55 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def _cut(text: str, limit: int, tail: int = 0) -> str:
+    """`text` within about `limit` characters: its head, and its last `tail` ones."""
+    if len(text) <= limit:
+        return text
+    head = limit - tail
+    return f"{text[:head]}...[{len(text) - limit} characters cut]...{text[len(text) - tail:]}"
+
+
+class Bounded(logging.Filter):
+    """Keeps every record short and drops floods from one call site (a client that makes
+    the same error happen thousands of times a second must not fill the disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sites: dict[tuple[str, int], list[float]] = {}  # site -> [allowance, time, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and not self._allowed(record):
+            return False
+        message = record.getMessage()
+        if len(message) > MAX_TEXT:
+            record.msg, record.args = _cut(message, MAX_TEXT), None
+        for key, value in _fields(record).items():
+            if isinstance(value, str) and len(value) > MAX_TEXT:
+                setattr(record, key, _cut(value, MAX_TEXT))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _cut(logging.Formatter().formatException(record.exc_info),
+                                   MAX_TRACEBACK, tail=MAX_TRACEBACK // 2)
+        return True
+
+    def _allowed(self, record: logging.LogRecord) -> bool:
+        site = (record.pathname, record.lineno)
+        now = time.monotonic()
+        state = self._sites.get(site)
+        if state is None:
+            if len(self._sites) > 10_000:  # call sites are few; bound it all the same
+                self._sites.clear()
+            state = self._sites[site] = [float(BURST), now, 0]
+        state[0] = min(float(BURST), state[0] + (now - state[1]) * REFILL)
+        state[1] = now
+        if state[0] < 1.0:
+            state[2] += 1
+            return False
+        state[0] -= 1.0
+        if state[2]:
+            record.dropped, state[2] = state[2], 0
+        return True
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Send this process's logs to stderr at `level`, as `fmt` says (idempotent)."""
     if fmt not in FORMATS:
@@ -83,6 +141,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(Bounded())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -4,8 +4,10 @@ requests with nonsense, HTTP requests built to break things, a flood of connecti
 import asyncio
 import http.client
 import json
+import resource
 import socket
 import string
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -280,3 +282,160 @@ def test_without_a_token_there_is_no_admin_api_at_all(tmp_path, nats_server):
     finally:
         running.stop()
 
+
+
+def raw(port, data, timeout=15):
+    """Send `data` on a fresh connection; everything answered until the server closes
+    (or `timeout` seconds pass: what came so far)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    answer = b""
+    try:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    return answer
+
+
+def parsed(answer):
+    """(status, headers, JSON body) of one raw HTTP/1.1 answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in
+               (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def test_a_url_with_control_bytes_is_a_400_and_writes_no_log(tmp_path, nats_server):
+    """It had no answer, and three chained tracebacks repeating the URL: 332 kB of log."""
+    log = tmp_path / "dispatcher.log"
+    running = Cluster(tmp_path, nats_server.url, log_file=log)
+    try:
+        before = log.stat().st_size
+        for _ in range(50):
+            answer = raw(running.http_port, b"GET /get-tcp-ip?uid=" + b"\x01" * 15_000
+                         + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            code, headers, body = parsed(answer)
+            assert code == 400 and headers["content-type"] == "application/json"
+            assert "not valid" in body["error"] and "\x01" not in body["error"]
+        assert raw(running.http_port, b"GET /get-tcp-ip?uid=a\x7fb HTTP/1.1\r\n\r\n")[:12] \
+            == b"HTTP/1.1 400"
+        written = log.read_bytes()[before:]
+        assert written.count(b"\n") <= 1 and len(written) < 1000, written[:2000]
+        assert running.get("/get-tcp-ip")[0] == 200
+    finally:
+        running.stop()
+
+
+HALF_A_BODY = b"Content-Length: 100\r\n\r\n{"
+
+
+def test_a_request_that_never_finishes_arriving_is_timed_out(dispatcher):
+    """Sanic timed out a silence, never a slow body: each of these held a connection and
+    its buffers (8,000 of them: 43 -> 126 MB, none closed after 12 s)."""
+    port, auth = dispatcher.http_port, f"Authorization: Bearer {SECRET}\r\n".encode()
+    requests = [
+        b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\n" + auth + HALF_A_BODY,  # with the token
+        b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n",  # the head never ends
+    ]
+    answers = [None] * (len(requests) + 1)
+
+    def send(index, data):
+        answers[index] = raw(port, data, timeout=15)  # REQUEST_TIMEOUT is 10 s
+
+    def trickle():  # a byte every 2 s: never silent for long, never done
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        answer = b""
+        try:
+            for byte in b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n" + b"X" * 20:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(2)
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                answer += sock.recv(65536)
+                break
+        finally:
+            sock.close()
+        answers[-1] = answer
+
+    threads = [threading.Thread(target=send, args=item) for item in enumerate(requests)]
+    threads.append(threading.Thread(target=trickle))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for answer in answers:
+        code, headers, body = parsed(answer)
+        assert code == 408 and headers["connection"] == "close", answer
+        assert body == {"error": "the request did not arrive in time"}
+
+
+def test_an_admin_request_without_the_token_is_refused_before_its_body(dispatcher):
+    for request in (b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\n" + HALF_A_BODY,
+                    b"PUT /admin/nodes/e2e1 HTTP/1.1\r\nHost: x\r\n"
+                    b"Authorization: Bearer wrong\r\n" + HALF_A_BODY,
+                    b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                    b"\r\n\r\n5\r\n{"):
+        code, headers, body = parsed(raw(dispatcher.http_port, request, timeout=3))
+        assert code == 401 and headers["www-authenticate"] == "Bearer", (request, code)
+        assert headers["connection"] == "close" and "token" in body["error"]
+    # a whole body that came with the headers is passed over; the connection is kept
+    connection = http.client.HTTPConnection("127.0.0.1", dispatcher.http_port, timeout=5)
+    try:
+        for _ in range(2):
+            connection.request("POST", "/admin/nodes", body=b'{"id": "x"}')
+            response = connection.getresponse()
+            assert response.status == 401 and json.loads(response.read())["error"]
+    finally:
+        connection.close()
+
+
+def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, monkeypatch):
+    """1,100 connections against 1,024 open files: every new get-tcp-ip failed (the
+    kernel refused the accept). Now the quietest connections are closed first."""
+    limit = 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2000:  # this test's own 1,100 sockets
+        if hard != resource.RLIM_INFINITY and hard < 2000:
+            pytest.skip(f"needs 2,000 open files, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2000, hard))
+    popen = subprocess.Popen
+
+    def limited(args, *rest, **options):  # the dispatcher only: its hard limit too
+        if "dispatcher" in args:
+            options["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                               (limit, limit))
+        return popen(args, *rest, **options)
+
+    monkeypatch.setattr(subprocess, "Popen", limited)
+    running = Cluster(tmp_path, nats_server.url)
+    monkeypatch.undo()
+    slow = []
+    try:
+        soft, hard = resource.prlimit(running.dispatcher.pid, resource.RLIMIT_NOFILE)
+        assert (soft, hard) == (limit, limit)
+        request = (b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                   + SECRET.encode() + b"\r\n" + HALF_A_BODY)
+        for _ in range(1100):
+            sock = socket.create_connection(("127.0.0.1", running.http_port), timeout=5)
+            sock.sendall(request)
+            slow.append(sock)
+        answers = [request_status(running) for _ in range(20)]
+        assert answers == [200] * 20, answers
+        assert running.dispatcher.poll() is None
+    finally:
+        for sock in slow:
+            sock.close()
+        running.stop()
+
+
+def request_status(running):
+    try:
+        return request(running, "GET", "/get-tcp-ip?uid=newcomer")[0]
+    except OSError as exc:
+        return type(exc).__name__

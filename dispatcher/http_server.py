@@ -1,0 +1,178 @@
+"""The dispatcher's HTTP/1.1 server around Sanic: limits no client can get past, and the
+listening sockets.
+
+- A request, headers and body, must arrive within `REQUEST_TIMEOUT` of its first byte
+  (Sanic times out only a silence, and a body never: a client sending a byte every few
+  seconds held a connection for good).
+- A URL the parser refuses (a control byte) is a 400, not three chained tracebacks.
+- A worker holds at most `connection_cap()` connections, below its file limit: past it,
+  the longest-quiet connections that are not being answered are closed, so new clients
+  are served (the kernel would refuse them with EMFILE otherwise).
+- `AdminSide` marks connections of the `[http] admin_listen` socket.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+from time import monotonic
+from typing import Any
+
+from sanic.exceptions import BadRequest, BadURL, RequestTimeout
+from sanic.http import Http, Stage
+from sanic.request import Request
+from sanic.server.protocols.http_protocol import HttpProtocol
+from sanic.server.socket import bind_socket
+
+RESERVED_FILES = 64  # kept for the event log, NATS, the ledger, the admin socket, ...
+EVICT_SHARE = 16  # past the cap, this share of the connections is closed at once
+HARD_CLOSE_AFTER = 1.0  # seconds a timed-out connection has to take its 408
+
+
+class ListenError(Exception):
+    """A socket the server cannot listen on; the message is one line for the operator."""
+
+
+def listen(host: str, port: int, backlog: int, setting: str) -> socket.socket:
+    """A listening socket, made before any worker starts: a taken port is one line."""
+    try:
+        return bind_socket(host, port, backlog=backlog)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenError(f"cannot listen on {where} ({setting}): "
+                          f"{exc.strerror or exc}") from None
+
+
+def raise_file_limit() -> int:
+    """Lift this process's soft limit on open files to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an infinite hard limit some systems refuse
+            pass
+    return soft
+
+
+def connection_cap(file_limit: int | None = None) -> int:
+    """Connections one worker holds at most: its file limit less what it needs besides."""
+    if file_limit is None:
+        file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if file_limit == resource.RLIM_INFINITY:
+        file_limit = 1 << 20
+    return max(16, file_limit - max(RESERVED_FILES, file_limit // 16))
+
+
+class GuardedRequest(Request):
+    """Sanic's request, whose error for a URL httptools refuses does not repeat the URL
+    (15 kB of control bytes came back in the answer and in every log line)."""
+
+    def __init__(self, url_bytes: bytes, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(url_bytes, *args, **kwargs)
+        except BadURL:
+            raise BadURL("the URL is not valid (control characters or spaces in it?)",
+                         quiet=True) from None
+
+
+class GuardedHttp(Http):
+    """Sanic's HTTP/1.1 state machine, knowing when the current request began."""
+
+    __slots__ = ("began",)
+
+    def __init__(self, protocol: HttpProtocol) -> None:
+        super().__init__(protocol)
+        self.began: float | None = None
+        self.request_body = None  # read by the timeout check before the first request
+
+    def init_for_request(self) -> None:
+        super().init_for_request()
+        # bytes already buffered (pipelined) start the request now; else its first byte
+        self.began = monotonic() if self.recv_buffer else None
+
+    def receiving(self) -> bool:
+        """Whether the request's head or body is still arriving."""
+        return self.stage is Stage.REQUEST or bool(self.request_body)
+
+    def refuse_body(self) -> None:
+        """Answer without waiting for the body (it may never come), then close; a body
+        already here is passed over as usual and the connection kept."""
+        if self.request_body is True and len(self.recv_buffer) >= self.request_bytes_left:
+            return
+        self.request_body = None
+        self.keep_alive = False
+
+    def create_empty_request(self) -> None:
+        """The stand-in request Sanic makes to answer an error: with a URL it can parse."""
+        try:
+            super().create_empty_request()
+        except BadRequest:
+            self.url = None
+            super().create_empty_request()
+
+
+class GuardedProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol with a deadline for whole requests and a connection cap.
+    The cap is set per worker (`GuardedProtocol.cap`) once its file limit is known."""
+
+    HTTP_CLASS = GuardedHttp
+    cap = connection_cap()
+    admin_side = False
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.request_class = GuardedRequest
+
+    def connection_made(self, transport: Any) -> None:
+        if len(self.connections) >= self.cap:
+            _evict(self.connections, max(1, self.cap // EVICT_SHARE))
+        super().connection_made(transport)
+        self.conn_info.ctx.admin_side = self.admin_side
+
+    def data_received(self, data: bytes) -> None:
+        http = self.http  # None before the connection's task has started
+        if http is not None and http.began is None:
+            http.began = monotonic()
+        super().data_received(data)
+
+    def check_timeouts(self) -> None:
+        """Sanic's rules, except that a request being received is timed from its first
+        byte, not from its last one; checked again right when its deadline falls."""
+        http = self._http
+        if not self._task or http is None:
+            return
+        if not http.receiving() or http.began is None:
+            return super().check_timeouts()
+        left = http.began + self.request_timeout - monotonic()
+        if left > 0:
+            self._callback_check_timeouts = self.loop.call_later(
+                min(left + 0.01, max(0.1, self.keep_alive_timeout / 2)), self.check_timeouts)
+            return
+        http.exception = RequestTimeout("the request did not arrive in time")
+        http.refuse_body()
+        self._task.cancel()
+        self._callback_check_timeouts = self.loop.call_later(HARD_CLOSE_AFTER, self.abort)
+
+
+async def receive_body(request: Request) -> None:
+    """Read the body of a streaming route's request (Sanic lifts the size limit for
+    those): within `REQUEST_MAX_SIZE`, else 413."""
+    request.stream.request_max_size = request.app.config.REQUEST_MAX_SIZE
+    await request.receive_body()
+
+
+class AdminSide(GuardedProtocol):
+    """Connections of the `[http] admin_listen` socket."""
+
+    admin_side = True
+
+
+def _evict(connections: set, count: int) -> None:
+    """Close the `count` longest-quiet connections that are not being answered."""
+    idle = [c for c in connections
+            if c.transport is not None and (c.http is None or c.http.stage is Stage.IDLE
+                                            or c.http.receiving())]
+    idle.sort(key=lambda c: c._time)
+    for connection in idle[:count]:
+        connection.abort()
