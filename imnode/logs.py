@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -96,9 +97,10 @@ class Bounded(logging.Filter):
     """Keeps every record short and drops floods from one call site (a client that makes
     the same error happen thousands of times a second must not fill the disk)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self._sites: dict[tuple[str, int], list[float]] = {}  # site -> [allowance, time, dropped]
+        self._clock = clock
+        self._sites: dict[tuple[str, int], list[float]] = {}  # [allowance, time, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING and not self._allowed(record):
@@ -116,7 +118,7 @@ class Bounded(logging.Filter):
 
     def _allowed(self, record: logging.LogRecord) -> bool:
         site = (record.pathname, record.lineno)
-        now = time.monotonic()
+        now = self._clock()
         state = self._sites.get(site)
         if state is None:
             if len(self._sites) > 10_000:  # call sites are few; bound it all the same
