@@ -40,6 +40,9 @@ def data(snapshot: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
             "last_poll_age_s": details["last_poll_age_s"],
             "stale_after_s": details["stale_after_s"], "event_log": details["event_log"],
             "workers": figures["workers"],
+            "picks": picks(figures),
+            "refused": {f"{via} {reason}": count
+                        for (via, reason), count in sorted(figures["refusals"].items())},
         },
         "nodes": [{
             "id": node["id"], "address": f"{node['ip']}:{node['port']}",
@@ -49,7 +52,14 @@ def data(snapshot: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
             "connections": node["connections"], "capacity": node["capacity"],
             "recent_share": recent[node["id"]] / total if total else None,
             "assigned_total": figures["assignments"].get(node["id"], 0),
+            "assigned_nats": figures["nats_assignments"].get(node["id"], 0),
         } for node in nodes],
         "chart": {"start": seconds.start, "step_s": 1, "per_node": chart},
         "events": snapshot["changes"][-EVENTS_SHOWN:][::-1],
     }
+
+
+def picks(figures: dict[str, Any]) -> dict[str, int]:
+    """Clients assigned since start, by how they asked: get-tcp-ip or `imdispatch.pick`."""
+    nats = sum(figures["nats_assignments"].values())
+    return {"http": sum(figures["assignments"].values()) - nats, "nats": nats}

@@ -1,6 +1,8 @@
 """A follower worker: it serves picks from a copy of the routing state that it keeps by
 reading the event log as the leader writes it (so its state lags the log by at most one
-tail interval), and sends admin commands to the leader. Its settings come from the log
+tail interval), and sends admin commands to the leader. It has its own NATS connection
+for its instance of the `imdispatch` micro service (picks over NATS survive the leader's
+death), and never polls. Its settings come from the log
 too (the last `config_reloaded`), never from the file, so every worker runs with the
 same ones."""
 
@@ -18,6 +20,7 @@ from dispatcher.domain.state import NodeRecord, RoutingState
 from dispatcher.eventlog.filelog import LogReader, LogTail
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.journal import rebuild
+from dispatcher.nats_service import ServiceLink
 from dispatcher.query import PickRequest
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
@@ -46,6 +49,7 @@ class Follower(Serving):
         self._leader_link_fault: str | None = None  # the leader's NATS link is dead: why
         self._status: leader_link.LeaderStatus | None = None  # the latest one read
         self._cycle: float | None = None  # the leader's last cycle this state has caught up to
+        self.link = ServiceLink(self, config.nats)
 
     @property
     def state(self) -> RoutingState:
@@ -57,6 +61,7 @@ class Follower(Serving):
         self._tail = LogTail(self.config.eventlog.path, seq, last_hash)
         self._start_pacing()
         self._following = asyncio.get_running_loop().create_task(self._follow())
+        self.link.start()
         log.info("following the event log from seq %d", seq)
 
     def _rebuild(self) -> tuple[RoutingState, int, bytes]:
@@ -171,3 +176,4 @@ class Follower(Serving):
 
     async def stop(self) -> None:
         await cancel_and_wait(self._following, self._pacing)
+        await self.link.close()

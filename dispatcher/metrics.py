@@ -90,12 +90,22 @@ def _counters(figures: dict[str, Any]) -> Iterator[Metric]:
     for (route, status), count in sorted(figures["requests"].items()):
         requests.add_metric([route, str(status)], count)
     yield requests
-    assignments = CounterMetricFamily("imdispatch_assignments",
-                                      "Clients handed to each node (get-tcp-ip, primary only)",
-                                      labels=["node"])
+    assignments = CounterMetricFamily(
+        "imdispatch_assignments",
+        "Clients handed to each node (primary only), by how the pick came: "
+        "get-tcp-ip (http) or imdispatch.pick (nats)", labels=["node", "via"])
+    by_nats = figures["nats_assignments"]
     for node, count in sorted(figures["assignments"].items()):
-        assignments.add_metric([node], count)
+        assignments.add_metric([node, "http"], count - by_nats.get(node, 0))
+        assignments.add_metric([node, "nats"], by_nats.get(node, 0))
     yield assignments
+    refusals = CounterMetricFamily(
+        "imdispatch_pick_refusals",
+        "Picks that found no node, by reason: no_node (none can take a client), excluded "
+        "(the request excluded every node that could)", labels=["via", "reason"])
+    for (via, reason), count in sorted(figures["refusals"].items()):
+        refusals.add_metric([via, reason], count)
+    yield refusals
     failures = CounterMetricFamily("imdispatch_poll_failures",
                                    "Status requests that failed, by cause", labels=["cause"])
     for cause, count in sorted(figures["poll_failures"].items()):

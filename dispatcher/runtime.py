@@ -9,14 +9,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import nats
-import orjson
 
-from dispatcher import admin, leader_link
+from dispatcher import admin, leader_link, nats_service
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
@@ -26,28 +24,18 @@ from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.follower import Follower
 from dispatcher.journal import Journal
 from dispatcher.poller import Poller
-from dispatcher.query import QueryError, from_json
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
-from imnode.micro import Service, ServiceError
-from imnode.natsauth import connect_options
+from imnode.micro import Service
 from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch")
-DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per new client"
-
-
-def nats_options(config: cfg.NatsConfig) -> dict[str, Any]:
-    """nats-py connect() options from the [nats] table (credentials are never logged)."""
-    return {"servers": list(config.servers), **connect_options(
-        user=config.user, password=config.password, token=config.token, creds=config.creds,
-        nkey_seed=config.nkey_seed, tls_ca=config.tls_ca, tls_cert=config.tls_cert,
-        tls_key=config.tls_key)}
 
 
 class Leader(Serving):
-    """The worker that holds the event log: it polls, records events, answers the
-    micro service and runs admin commands (for the other workers too)."""
+    """The worker that holds the event log: it polls, records events, runs admin
+    commands (for the other workers too) and, as every worker does, answers the micro
+    service."""
 
     role = "leader"
 
@@ -73,6 +61,8 @@ class Leader(Serving):
         self._link_lost = asyncio.Event()  # set by the poller: the connection delivers nothing
         self._abandoned_links = 0
         self._closing: set[asyncio.Task] = set()  # abandoned connections being closed
+        self._stopping = False  # stop() closes the link: its disconnect is no news
+        self.serving_nats = asyncio.Event()  # set once the micro service answers
         self._admin_server: asyncio.AbstractServer | None = None
 
     @property
@@ -118,30 +108,21 @@ class Leader(Serving):
 
         def current_only(handler: Callable[..., Any]) -> Callable[..., Any]:
             async def call(*args: Any) -> None:
-                if link == self._abandoned_links:  # an abandoned link's goodbyes are not news
+                # an abandoned link's goodbyes, or our own close's, are not news
+                if link == self._abandoned_links and not self._stopping:
                     await handler(*args)
             return call
 
-        while True:
-            try:
-                return await nats.connect(
-                    name="imdispatch", max_reconnect_attempts=-1, reconnect_time_wait=1,
-                    connect_timeout=2, error_cb=current_only(self._nats_error),
-                    disconnected_cb=current_only(self._disconnected),
-                    reconnected_cb=current_only(self._reconnected),
-                    **nats_options(self.config.nats),
-                )
-            except Exception as exc:
-                log.warning("NATS unreachable (%s); serving the last known state", exc)
-                await asyncio.sleep(1.0)
+        return await nats_service.connect(
+            self.config.nats, error_cb=current_only(self._nats_error),
+            disconnected_cb=current_only(self._disconnected),
+            reconnected_cb=current_only(self._reconnected))
 
     async def _attach(self, nc: Any) -> None:
         self.nc = nc
         self.poller.attach(nc)
-        self.service = Service(nc, "imdispatch", version("imdispatch"), DESCRIPTION)
-        await self.service.add_endpoint("pick", "imdispatch.pick", self._pick_endpoint)
-        await self.service.add_endpoint("nodes", "imdispatch.nodes", self._nodes_endpoint)
-        await self.service.start()
+        self.service = await nats_service.serve(nc, self)
+        self.serving_nats.set()
         await self._record_polling(ev.PollingResumed(actor="dispatcher",
                                                      reason="new NATS connection"))
         log.info("NATS connected; polling %d nodes; micro service imdispatch %s",
@@ -153,6 +134,7 @@ class Leader(Serving):
         broker); its subscriptions, the service's among them, go with it. Not stopped
         first: draining a subscription waits for a PONG that a dead link never reads."""
         old, self.nc, self.service = self.nc, None, None
+        self.serving_nats.clear()
         self._abandoned_links += 1
         reason = self.poller.link_fault or "NATS link delivers nothing"
         self.poller.detach()
@@ -182,21 +164,6 @@ class Leader(Serving):
             self._status_failed = exc
         else:
             self._status_failed = None
-
-    async def _pick_endpoint(self, request: Any) -> bytes:
-        """`imdispatch.pick`: the get-tcp-ip answer for a JSON body with its parameters."""
-        try:
-            pick = from_json(orjson.loads(request.data) if request.data else {})
-        except (QueryError, orjson.JSONDecodeError) as exc:
-            raise ServiceError(400, str(exc)) from None
-        chosen = self.choose(pick)
-        if not chosen:
-            raise ServiceError(503, "no IM node can take a client now")
-        return self.answer(chosen, pick.count > 1)
-
-    async def _nodes_endpoint(self, request: Any) -> bytes:
-        """`imdispatch.nodes`: the node list of `GET /admin/nodes`, read-only."""
-        return orjson.dumps(self.state.node_views())
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("NATS: %s", exc or type(exc).__name__)
@@ -257,6 +224,7 @@ class Leader(Serving):
         return events
 
     async def stop(self) -> None:
+        self._stopping = True
         await cancel_and_wait(self._connecting, self._pacing, *self._closing)
         if self._admin_server is not None:
             self._admin_server.close()
@@ -284,6 +252,7 @@ class Leader(Serving):
 
 
 TAKEOVER_INTERVAL = 1.0
+HANDOVER_WAIT = 5.0  # at most this long two service instances in the new leader's process
 RUN_ID = "IMDISPATCH_RUN_ID"
 """Environment variable: the id of the `imdispatch serve` a worker belongs to. The leader
 records it in the log's lock file; a worker of the same run follows that leader, a process
@@ -322,7 +291,12 @@ async def take_over_when_leader_dies(follower: Follower,
         promote(leader)
         log.warning("worker %d took over as leader: the previous leader is gone",
                     os.getpid())
-        await follower.stop()
+        try:  # the follower's service instance answers until the leader's does
+            await asyncio.wait_for(leader.serving_nats.wait(), HANDOVER_WAIT)
+        except TimeoutError:
+            pass  # NATS is away: the leader's instance comes with it
+        finally:
+            await follower.stop()
         return
 
 

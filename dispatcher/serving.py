@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,6 +21,19 @@ from dispatcher.stats import WorkerStats
 log = logging.getLogger("imdispatch")
 UNCERTAIN = ("timeout", "bad_reply")
 """Down causes that panic mode doubts (see `Serving.update_panic`)."""
+NO_NODE = "no IM node can take a client now"
+
+
+class Refusal(NamedTuple):
+    """Why a pick found no node, as HTTP (503) and NATS (error 503) both say it."""
+
+    reason: str  # the metric label: "no_node" or "excluded"
+    message: str
+    retry_after: int  # seconds, with jitter
+
+    def body(self) -> bytes:
+        """The JSON of the 503: {"error", "retry_after"}."""
+        return orjson.dumps({"error": self.message, "retry_after": self.retry_after})
 
 
 class Serving:
@@ -81,6 +94,22 @@ class Serving:
             return [nodes[node_id]]
         others = selector.backups(request.count - 1, (*request.exclude, node_id))
         return [nodes[node_id], *(nodes[other] for other in others)]
+
+    def refusal(self, request: PickRequest) -> Refusal:
+        """What to say when `choose(request)` found nothing. A client that excluded every
+        node that could take it (it failed to reach them) is told so: that is not the
+        cluster being full, and it is counted apart."""
+        excluded = set(request.exclude)
+        nodes = self.state.nodes.values()
+        if excluded and nodes:
+            if all(record.id in excluded for record in nodes):
+                return Refusal("excluded", "every node is excluded by the request",
+                               self.retry_after())
+            able = [r.id for r in nodes if r.health == "up" and not r.draining]
+            if able and excluded.issuperset(able):
+                return Refusal("excluded", "every node that is up is excluded by the request",
+                               self.retry_after())
+        return Refusal("no_node", NO_NODE, self.retry_after())
 
     def answer(self, chosen: list[NodeRecord], backups: bool) -> bytes:
         """The get-tcp-ip JSON body: {"node","ip","port"} and, if asked, "backups".

@@ -59,7 +59,9 @@ class WorkerStats:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}  # (route, status) -> count
-        self.assignments: dict[str, int] = {}  # node -> clients handed to it
+        self.assignments: dict[str, int] = {}  # node -> clients handed to it (any way)
+        self.nats_assignments: dict[str, int] = {}  # node -> those picked over NATS
+        self.refusals: dict[tuple[str, str], int] = {}  # (via, reason) -> picks refused
         self.latency = Histogram(LATENCY_BOUNDS)  # get-tcp-ip handler time
         self.poll_cycle = Histogram(POLL_BOUNDS)  # the leader's
         self.fsync = Histogram(FSYNC_BOUNDS)  # the leader's
@@ -72,15 +74,28 @@ class WorkerStats:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def picked(self, node_id: str | None, seconds: float) -> None:
-        """One get-tcp-ip answer: the node chosen (200), or None (503), and the handler's
-        time. Backups are not counted as assignments: the client may never use them."""
+    def picked(self, node_id: str | None, seconds: float, reason: str = "no_node") -> None:
+        """One get-tcp-ip answer: the node chosen (200), or None (503, refused for
+        `reason`), and the handler's time. Backups are not counted as assignments: the
+        client may never use them."""
         if node_id is None:
             self.request("/get-tcp-ip", 503)
+            self.refused(reason, "http")
         else:
             self.request("/get-tcp-ip", 200)
-            self.assignments[node_id] = self.assignments.get(node_id, 0) + 1
+            self.assigned(node_id, "http")
         self.latency.observe(seconds)
+
+    def assigned(self, node_id: str, via: str) -> None:
+        """A client handed to `node_id` by a pick over `via` ("http" or "nats")."""
+        self.assignments[node_id] = self.assignments.get(node_id, 0) + 1
+        if via == "nats":
+            self.nats_assignments[node_id] = self.nats_assignments.get(node_id, 0) + 1
+
+    def refused(self, reason: str, via: str) -> None:
+        """A pick over `via` that found no node, for `reason` (see `Serving.refusal`)."""
+        key = (via, reason)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
 
     def tick(self, now: float) -> None:
         """Once a second: the assignments of the second that passed, for the chart."""
@@ -95,6 +110,8 @@ class WorkerStats:
             "requests": [[route, status, count]
                          for (route, status), count in self.requests.items()],
             "assignments": dict(self.assignments),
+            "nats_assignments": dict(self.nats_assignments),
+            "refusals": [[via, reason, count] for (via, reason), count in self.refusals.items()],
             "latency": self.latency.as_dict(),
             "poll_cycle": self.poll_cycle.as_dict(),
             "fsync": self.fsync.as_dict(),
@@ -107,15 +124,17 @@ class WorkerStats:
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of several workers' `as_dict()`s (same shape, plus `workers`)."""
     total: dict[str, Any] = {"workers": len(parts), "requests": {}, "assignments": {},
-                             "poll_failures": {}, "appends": 0, "history": {}}
+                             "nats_assignments": {}, "refusals": {}, "poll_failures": {},
+                             "appends": 0, "history": {}}
     for name in HISTOGRAMS:
         total[name] = None
     for part in parts:
-        for route, status, count in part["requests"]:
-            key = (route, status)
-            total["requests"][key] = total["requests"].get(key, 0) + count
-        for table in ("assignments", "poll_failures"):
-            for key, count in part[table].items():
+        for table in ("requests", "refusals"):  # lists of [key, key, count]
+            for first, second, count in part.get(table, ()):
+                key = (first, second)
+                total[table][key] = total[table].get(key, 0) + count
+        for table in ("assignments", "nats_assignments", "poll_failures"):
+            for key, count in part.get(table, {}).items():
                 total[table][key] = total[table].get(key, 0) + count
         total["appends"] += part["appends"]
         for second, counts in part["history"]:

@@ -46,6 +46,7 @@ class NatsLink:
         self.connected = asyncio.Event()
         self.duplicate = False
         self._draining: asyncio.Task | None = None
+        self._closing = False  # close() is ours: the disconnect it makes is no news
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._connect())
@@ -102,16 +103,20 @@ class NatsLink:
         return orjson.dumps({"node_id": self.node.config.node_id, "draining": True})
 
     async def _error(self, exc: Exception) -> None:
-        log.warning("NATS: %s", exc or type(exc).__name__)  # one line, not nats-py's traceback
+        if not self._closing:  # one line, not nats-py's traceback
+            log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def _disconnected(self) -> None:
-        log.warning("NATS disconnected; clients stay connected, status resumes on reconnect")
+        if not self._closing:
+            log.warning("NATS disconnected; clients stay connected, status resumes on "
+                        "reconnect")
 
     async def _reconnected(self) -> None:
         log.info("NATS reconnected; resubscribing and announcing sessions")
         await self.node.resync()
 
     async def close(self) -> None:
+        self._closing = True
         await cancel_and_wait(self._task)
         if self.service is not None:
             with contextlib.suppress(Exception):
