@@ -1,9 +1,9 @@
 """The dispatcher's HTTP/1.1 server around Sanic: limits no client can get past, and the
 listening sockets.
 
-- A request, headers and body, must arrive within `REQUEST_TIMEOUT` of its first byte
-  (Sanic times out only a silence, and a body never: a client sending a byte every few
-  seconds held a connection for good).
+- A request, head and body, must arrive within `REQUEST_TIMEOUT` of its first byte (Sanic
+  times a head from its last byte, so a byte every few seconds held a connection for
+  good, and a body only at the response timeout, 60 s).
 - A URL the parser refuses (a control byte) is a 400, not three chained tracebacks.
 - A worker holds at most `connection_cap()` connections, below its file limit: past it,
   the longest-quiet connections that are not being answered are closed, so new clients
@@ -128,6 +128,7 @@ class GuardedProtocol(HttpProtocol):
         if len(self.connections) >= self.cap:
             _evict(self.connections, max(1, self.cap // EVICT_SHARE))
         super().connection_made(transport)
+        self._time = monotonic()  # not 0: the newest must not look the quietest
         self.conn_info.ctx.admin_side = self.admin_side
 
     def data_received(self, data: bytes) -> None:
@@ -146,8 +147,8 @@ class GuardedProtocol(HttpProtocol):
             return super().check_timeouts()
         left = http.began + self.request_timeout - monotonic()
         if left > 0:
-            self._callback_check_timeouts = self.loop.call_later(
-                min(left + 0.01, max(0.1, self.keep_alive_timeout / 2)), self.check_timeouts)
+            self._callback_check_timeouts = self.loop.call_later(left + 0.01,
+                                                                 self.check_timeouts)
             return
         http.exception = RequestTimeout("the request did not arrive in time")
         http.refuse_body()
