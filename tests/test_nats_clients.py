@@ -20,7 +20,7 @@ from tests.imnode.test_micro import scatter
 from tests.nats_server import NatsServer, free_port
 from tests.schemas import schema
 from tests.test_dispatcher_e2e import WEIGHTS, Cluster
-from tests.test_observability import scraped, value
+from tests.test_observability import CHROMIUM, dump_dom, scraped, value
 
 
 def all_up(running):
@@ -82,8 +82,11 @@ def test_every_worker_is_an_instance_and_nats_picks_are_counted(two_workers):
                     for reply in served]
     assert sum(per_instance) == 40 and len(per_instance) == 2  # each request answered once
     data = two_workers.get("/dashboard/data")[2]
-    assert data["dispatcher"]["picks"]["nats"] == 40
+    assert data["dispatcher"]["picks"] == {"http": 10, "nats": 40}
     assert sum(node["assigned_total"] for node in data["nodes"]) == 50
+    assert sum(node["assigned_nats"] for node in data["nodes"]) == 40
+    if CHROMIUM:  # and the page shows them
+        assert "picks: 10 get-tcp-ip, 40 NATS" in dump_dom(two_workers)
 
 
 def test_a_refusal_says_why_with_retry_after_over_http_and_nats(two_workers):
