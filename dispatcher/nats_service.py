@@ -28,6 +28,7 @@ log = logging.getLogger("imdispatch")
 NAME = "imdispatch"
 DESCRIPTION = "Dispatcher for IM long-connection servers: picks one server per new client"
 READY_CHECK = 0.05  # seconds between a new follower's looks at whether it is ready
+PING_INTERVAL = 5.0  # a follower's link with no PONG for 3 of these is replaced by nats-py
 
 
 def nats_options(config: cfg.NatsConfig) -> dict[str, Any]:
@@ -98,9 +99,11 @@ class ServiceLink:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        # no poller checks this link (the leader's checks its own): nats-py's pings do
         self.nc = await connect(self.config, error_cb=self._error,
                                 disconnected_cb=self._disconnected,
-                                reconnected_cb=self._reconnected)
+                                reconnected_cb=self._reconnected,
+                                ping_interval=PING_INTERVAL, max_outstanding_pings=3)
         while not self.serving.readiness()[0]:  # a worker just started (one replacing a
             await asyncio.sleep(READY_CHECK)  # dead one, say) would refuse picks meanwhile
         self.service = await serve(self.nc, self.serving)
