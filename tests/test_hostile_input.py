@@ -288,15 +288,20 @@ def raw(port, data, timeout=15):
     """Send `data` on a fresh connection; everything answered until the server closes
     (or `timeout` seconds pass: what came so far)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    answer = b""
     try:
         sock.sendall(data)
+        return read_all(sock)
+    finally:
+        sock.close()
+
+
+def read_all(sock, answer=b""):
+    """What `sock` receives until the server closes it or its timeout passes."""
+    try:
         while chunk := sock.recv(65536):
             answer += chunk
     except TimeoutError:
         pass
-    finally:
-        sock.close()
     return answer
 
 
@@ -357,7 +362,7 @@ def test_a_request_that_never_finishes_arriving_is_timed_out(dispatcher):
                     answer = sock.recv(65536)
                 except TimeoutError:
                     continue
-                answer += sock.recv(65536)
+                answer = read_all(sock, answer)
                 break
         finally:
             sock.close()
