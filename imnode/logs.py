@@ -9,8 +9,9 @@ tokens or passwords, and the NATS options are not logged.
 
 Log volume is bounded whatever a client sends: a message or field is cut at `MAX_TEXT`
 characters and a traceback at `MAX_TRACEBACK`, and each call site may write a burst of
-`BURST` warnings or errors, then one every `1 / REFILL` seconds; what it drops meanwhile is
-counted in the `dropped` field of its next line.
+`BURST` warnings or errors (any line, for libraries: Sanic logs a client's aborted request
+at info), then one every `1 / REFILL` seconds; what it drops meanwhile is counted in the
+`dropped` field of its next line.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAX_TEXT = 1000  # characters of a message or a field
 MAX_TRACEBACK = 4000  # characters of a traceback: its head and its tail, the error itself
 BURST = 20  # warnings and errors one call site writes at once ...
 REFILL = 1.0  # ... and then a second
+OWN_LOGGERS = ("imdispatch", "imnode")  # their info lines are never dropped
 FORMATS = ("auto", "json", "text")
 LEVELS = ("debug", "info", "warning", "error")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -103,7 +105,8 @@ class Bounded(logging.Filter):
         self._sites: dict[tuple[str, int], list[float]] = {}  # [allowance, time, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and not self._allowed(record):
+        limited = record.levelno >= logging.WARNING or not record.name.startswith(OWN_LOGGERS)
+        if limited and not self._allowed(record):
             return False
         message = record.getMessage()
         if len(message) > MAX_TEXT:
