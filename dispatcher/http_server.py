@@ -77,23 +77,28 @@ class GuardedRequest(Request):
 
 
 class GuardedHttp(Http):
-    """Sanic's HTTP/1.1 state machine, knowing when the current request began."""
+    """Sanic's HTTP/1.1 state machine, knowing when the current request began: a
+    connection's first request at its accept (a connection that sends nothing is a
+    request that never arrives), a later one at its first byte."""
 
-    __slots__ = ("began",)
+    __slots__ = ("began", "requests")
 
     def __init__(self, protocol: HttpProtocol) -> None:
         super().__init__(protocol)
-        self.began: float | None = None
-        self.request_body = None  # read by the timeout check before the first request
+        self.began: float | None = monotonic()
+        self.requests = 0
+        self.request_body = self.response = None  # read by the timeout check meanwhile
 
     def init_for_request(self) -> None:
         super().init_for_request()
-        # bytes already buffered (pipelined) start the request now; else its first byte
-        self.began = monotonic() if self.recv_buffer else None
+        self.requests += 1
+        if self.requests > 1:  # bytes already buffered (pipelined) start it now
+            self.began = monotonic() if self.recv_buffer else None
 
     def receiving(self) -> bool:
-        """Whether the request's head or body is still arriving."""
-        return self.stage is Stage.REQUEST or bool(self.request_body)
+        """Whether a request's head or body is still arriving (or the first is awaited)."""
+        return (self.stage is Stage.REQUEST or bool(self.request_body)
+                or (self.stage is Stage.IDLE and self.requests <= 1 and self.response is None))
 
     def refuse_body(self) -> None:
         """Answer without waiting for the body (it may never come), then close; a body

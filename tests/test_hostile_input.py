@@ -347,6 +347,7 @@ def test_a_request_that_never_finishes_arriving_is_timed_out(dispatcher):
         b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n",  # the head never ends
     ]
     answers = [None] * (len(requests) + 1)
+    closed = []
 
     def send(index, data):
         answers[index] = raw(port, data, timeout=15)  # REQUEST_TIMEOUT is 10 s
@@ -368,12 +369,20 @@ def test_a_request_that_never_finishes_arriving_is_timed_out(dispatcher):
             sock.close()
         answers[-1] = answer
 
+    def silent():  # sends nothing: closed after 10 s, not kept 30 s as an idle keep-alive
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            try:
+                closed.append(sock.recv(1) == b"")
+            except TimeoutError:
+                closed.append(False)
+
     threads = [threading.Thread(target=send, args=item) for item in enumerate(requests)]
-    threads.append(threading.Thread(target=trickle))
+    threads += [threading.Thread(target=trickle), threading.Thread(target=silent)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert closed == [True]
     for answer in answers:
         code, headers, body = parsed(answer)
         assert code == 408 and headers["connection"] == "close", answer
