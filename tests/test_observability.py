@@ -69,7 +69,7 @@ def test_metrics_add_up_across_workers(two_workers):
     assert value(samples, "imdispatch_http_requests_total", route="/get-tcp-ip",
                  status="400") == 1
     assert value(samples, "imdispatch_http_requests_total", route="other", status="404") == 1
-    assigned = {node: value(samples, "imdispatch_assignments_total", node=node)
+    assigned = {node: value(samples, "imdispatch_assignments_total", node=node, via="http")
                 for node in WEIGHTS}
     assert sum(assigned.values()) == 120
     assert value(samples, "imdispatch_get_tcp_ip_seconds_count") == 120
