@@ -8,16 +8,20 @@ listening sockets.
 - A worker holds at most `connection_cap()` connections, below its file limit: past it,
   the longest-quiet connections that are not being answered are closed, so new clients
   are served (the kernel would refuse them with EMFILE otherwise).
-- `AdminSide` marks connections of the `[http] admin_listen` socket.
+- `AdminListener` serves the `[http] admin_listen` socket in each worker; its
+  connections are marked as the admin side's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import resource
 import socket
 from time import monotonic
 from typing import Any
 
+from sanic import Sanic
 from sanic.exceptions import BadRequest, BadURL, RequestTimeout
 from sanic.http import Http, Stage
 from sanic.request import Request
@@ -172,6 +176,37 @@ class AdminSide(GuardedProtocol):
     """Connections of the `[http] admin_listen` socket."""
 
     admin_side = True
+
+
+class AdminListener:
+    """The `admin_listen` socket (bound by `serve`, passed to every worker), served by this
+    worker's app beside the public one. Not as a second Sanic server: Sanic ran the app's
+    stop listeners again for it, on a loop that had stopped, and spun at exit."""
+
+    GRACE = 5.0  # seconds admin requests in flight have to finish at a stop
+
+    def __init__(self, sock: socket.socket, backlog: int) -> None:
+        self.sock, self.backlog = sock, backlog
+        self.server: asyncio.Server | None = None
+        self.connections: set[AdminSide] = set()
+
+    async def start(self, app: Sanic) -> None:
+        protocol = functools.partial(AdminSide, loop=app.loop, app=app,
+                                     connections=self.connections)
+        self.server = await app.loop.create_server(protocol, sock=self.sock,
+                                                   backlog=self.backlog)
+
+    async def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
+        deadline = monotonic() + self.GRACE
+        while self.connections and monotonic() < deadline:
+            for connection in list(self.connections):
+                connection.close_if_idle()
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
 
 
 def _evict(connections: set, count: int) -> None:

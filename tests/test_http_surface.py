@@ -55,6 +55,8 @@ def test_admin_listen_moves_the_admin_side_off_the_public_port(tmp_path, nats_se
         assert code == 201  # the leader records it, whichever worker took it
     finally:
         running.stop()
+    # stopped by itself, every worker (a stop that hangs is killed after 10 s: -9)
+    assert running.dispatcher.returncode == 0
 
 
 def test_405_says_what_is_allowed_and_health_checks_answer_head(tmp_path, nats_server):
