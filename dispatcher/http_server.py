@@ -68,18 +68,6 @@ def connection_cap(file_limit: int | None = None) -> int:
     return max(16, file_limit - max(RESERVED_FILES, file_limit // 16))
 
 
-class GuardedRequest(Request):
-    """Sanic's request, whose error for a URL httptools refuses does not repeat the URL
-    (15 kB of control bytes came back in the answer and in every log line)."""
-
-    def __init__(self, url_bytes: bytes, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().__init__(url_bytes, *args, **kwargs)
-        except BadURL:
-            raise BadURL("the URL is not valid (control characters or spaces in it?)",
-                         quiet=True) from None
-
-
 class GuardedHttp(Http):
     """Sanic's HTTP/1.1 state machine, knowing when the current request began: a
     connection's first request at its accept (a connection that sends nothing is a
@@ -112,6 +100,13 @@ class GuardedHttp(Http):
         self.request_body = None
         self.keep_alive = False
 
+    async def error_response(self, exception: Exception) -> None:
+        """Sanic's error for a URL httptools refuses repeats the URL (15 kB of control
+        bytes came back in the answer); this one does not."""
+        if isinstance(exception, BadURL):
+            exception = BadURL("the URL is not valid (control characters or spaces in it?)")
+        await super().error_response(exception)
+
     def create_empty_request(self) -> None:
         """The stand-in request Sanic makes to answer an error: with a URL it can parse."""
         try:
@@ -129,22 +124,19 @@ class GuardedProtocol(HttpProtocol):
     cap = connection_cap()
     admin_side = False
 
-    def _setup(self) -> None:
-        super()._setup()
-        self.request_class = GuardedRequest
-
     def connection_made(self, transport: Any) -> None:
         if len(self.connections) >= self.cap:
             _evict(self.connections, max(1, self.cap // EVICT_SHARE))
+        self._http = None  # until the connection's task starts (Sanic leaves it unset)
         super().connection_made(transport)
         self._time = monotonic()  # not 0: the newest must not look the quietest
         self.conn_info.ctx.admin_side = self.admin_side
 
     def data_received(self, data: bytes) -> None:
-        http = self.http  # None before the connection's task has started
+        http = self._http
         if http is not None and http.began is None:
             http.began = monotonic()
-        super().data_received(data)
+        HttpProtocol.data_received(self, data)
 
     def check_timeouts(self) -> None:
         """Sanic's rules, except that a request being received is timed from its first
