@@ -11,12 +11,13 @@ import argparse
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
@@ -27,6 +28,7 @@ from dispatcher.domain.events import EVENT_TYPES
 from imnode import logs
 
 ENVELOPE = ("type", "seq", "time", "actor", "reason", "node")
+AUDIT_WIDTH = 120  # `audit`'s table fits a 120-column terminal; --json has every byte
 log = logging.getLogger("imdispatch.supervisor")
 
 
@@ -91,14 +93,58 @@ def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = 0,
+           elidable: Collection[str] = ()) -> str:
+    """Columns two spaces apart. Past `width` characters (0: no limit), the widest of the
+    `elidable` columns is narrowed, and its longer cells end in "...", until lines fit:
+    one long cell (a whole configuration) must not pad every line of the table."""
     cells = [list(headers)]
-    cells += [["-" if value is None else str(value) for value in row] for row in rows]
+    cells += [["-" if value is None else _printable(str(value)) for value in row]
+              for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    if width:
+        widths = _narrowed(widths, [header in elidable for header in headers], width)
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        "  ".join(_elide(cell, w).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in cells
     )
+
+
+_ELIDED_MIN = 8  # an elided column keeps at least this many characters
+
+
+def _narrowed(widths: list[int], elidable: list[bool], width: int) -> list[int]:
+    """The widths, the elidable ones capped at the highest level that fits `width` (found
+    by bisection: a cell can be megabytes), none below `_ELIDED_MIN`."""
+
+    def capped(level: int) -> list[int]:
+        return [min(w, max(level, _ELIDED_MIN)) if cut else w
+                for w, cut in zip(widths, elidable, strict=True)]
+
+    def fits(level: int) -> bool:
+        return sum(capped(level)) + 2 * (len(widths) - 1) <= width
+
+    low, high = 0, max(widths)  # fits(high) is "no cap": the table as it is
+    if fits(high):
+        return widths
+    while low < high:  # the highest level that fits, or 0: as narrow as it gets
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return capped(low)
+
+
+def _elide(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters as escapes: a reason sent through the admin API may hold a
+    newline or a terminal escape sequence, which must neither break rows nor drive the
+    operator's terminal."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -150,7 +196,12 @@ def _audit(args: argparse.Namespace) -> int:
         )
         for event in events
     )
-    print(_table(("SEQ", "TIME", "TYPE", "NODE", "ACTOR", "DETAILS", "REASON"), rows))
+    table = _table(("SEQ", "TIME", "TYPE", "NODE", "ACTOR", "DETAILS", "REASON"), rows,
+                   width=AUDIT_WIDTH, elidable=("NODE", "ACTOR", "DETAILS", "REASON"))
+    print(table, flush=True)  # before the note below on a shared terminal
+    if "..." in table:  # cheap and only a hint: a cell may end in "..." by itself
+        print(f"(long cells are cut to fit {AUDIT_WIDTH} columns; --json shows them whole)",
+              file=sys.stderr)
     return 0
 
 
@@ -184,9 +235,13 @@ def _serve(args: argparse.Namespace) -> int:
     from sanic import Sanic
 
     from dispatcher import config as cfg
+    from dispatcher import http_server
     from dispatcher.web import create_app
 
     logs.configure(args.log_level, args.log_format)
+    # What this process and its workers create (the log, its snapshots, the admin
+    # socket's directory, ...) is never writable by other users, whatever the umask.
+    os.umask(os.umask(0) | 0o022)
     try:
         config = cfg.load(args.config)
     except cfg.ConfigError as exc:
@@ -198,13 +253,26 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if not _own_the_log(args.config, config.eventlog.path):
         return 2
+    http_server.raise_file_limit()  # the workers inherit it: their connection caps follow
+    try:  # bound here, once: a taken port is one line, whatever the number of workers
+        public = http_server.listen(config.http.host, config.http.port, config.http.backlog,
+                                    "[http] port")
+        admin = config.http.admin_address()
+        if admin is not None:
+            admin = http_server.listen(*admin, config.http.backlog, "[http] admin_listen")
+    except http_server.ListenError as exc:
+        print(f"imdispatch serve: {args.config}: {exc}", file=sys.stderr)
+        return 2
     print(f"imdispatch serving http://{config.http.host}:{config.http.port} with "
           f"{config.http.workers} worker(s)", flush=True)
-    log_options = {"log_level": args.log_level, "log_format": args.log_format}
+    app_options = {"log_level": args.log_level, "log_format": args.log_format,
+                   "admin_socket": admin}  # to every worker (pickled as a socket)
     if config.http.workers == 1:
-        app = create_app(config, args.config, **log_options)
-        app.run(host=config.http.host, port=config.http.port, single_process=True,
-                backlog=config.http.backlog, access_log=False, motd=False)
+        app = create_app(config, args.config, **app_options)
+        app.prepare(sock=public, protocol=http_server.GuardedProtocol,
+                    backlog=config.http.backlog, access_log=False, motd=False,
+                    single_process=True)
+        Sanic.serve_single(primary=app)
         return 0
     # Several worker processes, each building its app; the first to lock the event log
     # leads (polls, writes), the others follow its log. One listening socket, shared.
@@ -229,11 +297,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     loader = AppLoader(factory=functools.partial(create_app, config, args.config,
-                                                 **log_options))
+                                                 **app_options))
     signal.signal(signal.SIGHUP, lambda *_: _reload_leader(config))
     app = loader.load()
-    app.prepare(host=config.http.host, port=config.http.port, workers=config.http.workers,
-                backlog=config.http.backlog, access_log=False, motd=False)
+    app.prepare(sock=public, protocol=http_server.GuardedProtocol,
+                workers=config.http.workers, backlog=config.http.backlog, access_log=False,
+                motd=False)
     replacer = _WorkerReplacer()
     app.register_listener(replacer.start, "main_process_ready")
     try:
@@ -324,9 +393,13 @@ def _own_the_log(config_path: str, log_path: str) -> bool:
 
 
 def _log_directory_problem(path: str) -> str | None:
-    """Why the event log directory cannot be written (made if missing), or None. Checked
-    by writing, not by permission bits: root passes those, a read-only mount does not."""
+    """Why the event log directory cannot be written (made if missing) or the log in it
+    cannot be opened for writing, or None: one line, before any worker starts. Checked by
+    writing, not by permission bits: root passes those, a read-only mount does not."""
     from pathlib import Path
+
+    from dispatcher.eventlog.errors import EventLogError, LogCorrupted, LogLocked
+    from dispatcher.eventlog.filelog import FileLog
 
     probe = Path(path) / ".write-probe"
     try:
@@ -335,6 +408,18 @@ def _log_directory_problem(path: str) -> str | None:
         probe.unlink()
     except OSError as exc:
         return f"cannot write in {path}: {exc.strerror or exc}"
+    try:
+        FileLog(path).check()
+    except LogLocked:
+        return None  # `_own_the_log` names the holder
+    except LogCorrupted as exc:
+        return (f"{exc} (`imdispatch verify --log {path}` says more; `imdispatch recover "
+                f"--log {path} --salvage` keeps the records before the damage)")
+    except EventLogError as exc:
+        return str(exc)
+    except OSError as exc:  # a LOCK that is a directory, an immutable segment, ...
+        where = Path(path) / exc.filename if exc.filename else Path(path)
+        return f"cannot open {where} for writing: {exc.strerror or exc}"
     return None
 
 

@@ -16,6 +16,7 @@ the line and the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 import tomllib
@@ -26,6 +27,9 @@ from typing import Any
 
 import core_ext
 from dispatcher.domain.decisions import NODE_ID
+from imnode.contract import node_address
+
+log = logging.getLogger("imdispatch")
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,11 @@ class HttpConfig:
     retry_after: int = 5  # seconds a refused client waits (Retry-After: this to twice this)
     backlog: int = 1024  # connections the kernel queues before accepting: a reconnect storm
     rate_limit_per_ip: float = 0.0  # get-tcp-ip requests a second per client address; 0: off
+    admin_listen: str | None = None  # "HOST:PORT": admin API, /metrics, /dashboard only there
+
+    def admin_address(self) -> tuple[str, int] | None:
+        """`admin_listen` as (host, port), or None: the admin side is on the public port."""
+        return None if self.admin_listen is None else listen_address(self.admin_listen)
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,28 @@ def _ip(value: Any) -> str:
         ) from None
 
 
+def listen_address(value: Any) -> tuple[str, int]:
+    """"HOST:PORT" (an IP address; IPv6 in brackets) -> (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError(f'must be "HOST:PORT", got {value!r}')
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        if (not sep or not port.isdigit() or not 1 <= int(port) <= 65535
+                or (":" in host) != bracketed):
+            raise ValueError
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        raise ValueError(f'must be "HOST:PORT" with an IP address and a port 1-65535 '
+                         f'("[::1]:9090" for IPv6), got {value!r}') from None
+
+
+def _listen(value: Any) -> str:
+    host, port = listen_address(value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _node_id(value: Any) -> str:
     if not isinstance(value, str) or not NODE_ID.match(value):
         raise ValueError(
@@ -242,7 +273,7 @@ PORT = _integer(1, 65535)
 TABLES: dict[str, tuple[type, dict[str, Check]]] = {
     "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64),
                           "retry_after": _integer(1, 3600), "backlog": _integer(1, 65535),
-                          "rate_limit_per_ip": _number(0.0, 1e9)}),
+                          "rate_limit_per_ip": _number(0.0, 1e9), "admin_listen": _listen}),
     "nats": (NatsConfig, {
         "servers": _servers, "user": _string, "password": _secret, "token": _secret,
         "creds": _string, "nkey_seed": _string, "tls_ca": _string, "tls_cert": _string,
@@ -272,7 +303,7 @@ RELOADABLE: dict[str, tuple[str, ...]] = {
 """The settings a reload changes, recorded in the log; the rest of [http], [nats] and
 [eventlog] hold from start to stop (and [nats] has secrets, which the log never keeps)."""
 NODE_KEYS: dict[str, Check] = {
-    "id": _node_id, "ip": _ip, "port": PORT, "weight": _integer(0, core_ext.MAX_WEIGHT),
+    "id": _node_id, "ip": node_address, "port": PORT, "weight": _integer(0, core_ext.MAX_WEIGHT),
 }
 
 
@@ -319,7 +350,12 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
-    return parse(text, str(path))
+    config = parse(text, str(path))
+    if not config.nodes:  # legal (nodes may come through the admin API), rarely meant
+        log.warning("%s has no [[nodes]]: get-tcp-ip has nothing to route unless the event "
+                    "log has nodes from the admin API; add [[nodes]] tables (id, ip, port) "
+                    "and reload (SIGHUP), or POST /admin/nodes", config.source)
+    return config
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -376,6 +412,9 @@ def parse(text: str, source: str = "<config>") -> Config:
     if config.http.workers > 1 and len(str(log_path.resolve() / "admin.sock")) > 100:
         raise error("eventlog", 0, "path", "too long for the workers' Unix socket "
                     "(at most about 90 characters with several workers)")
+    admin = config.http.admin_address()
+    if admin is not None and admin[1] == config.http.port:
+        raise error("http", 0, "admin_listen", f"must not be the public port ({admin[1]})")
     balance = config.balance
     try:
         core_ext.watermarks_ppm(balance.high_watermark, balance.low_watermark)

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from math import ceil
@@ -24,7 +25,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
-from dispatcher import dashboard, leader_link, pacing
+from dispatcher import dashboard, http_server, leader_link, pacing
 from dispatcher.domain.errors import DomainError
 from dispatcher.follower import Follower
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -71,9 +72,10 @@ def admin_tokens(value: str | None) -> list[tuple[str, bytes]]:
 
 def create_app(config: cfg.Config, config_path: str | None = None,
                tokens: list[tuple[str, bytes]] | None = None, log_level: str = "info",
-               log_format: str = "auto") -> Sanic:
+               log_format: str = "auto", admin_socket: socket.socket | None = None) -> Sanic:
     """The app of one worker. Its runtime is opened when the server starts: the leader if
-    this worker gets the event log's writer lock, else a follower of the leader's log."""
+    this worker gets the event log's writer lock, else a follower of the leader's log.
+    `admin_socket`: the `[http] admin_listen` socket, bound by `serve`."""
     logs.configure(log_level, log_format)  # in every worker process: each logs for itself
     app = Sanic(f"imdispatch_{next(_apps)}", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
@@ -81,6 +83,7 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     app.config.REQUEST_MAX_HEADER_SIZE = 16 * 1024
     app.config.REQUEST_TIMEOUT = 10
     app.config.KEEP_ALIVE_TIMEOUT = 30
+    http_server.GuardedProtocol.cap = http_server.connection_cap()  # this worker's files
     holder: list[Serving] = []  # the runtime, once the server has started
     stats = SharedStats()
 
@@ -104,6 +107,11 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
         app.loop.add_signal_handler(signal.SIGHUP, reload)
 
+    if admin_socket is not None:
+        admin_side = http_server.AdminListener(admin_socket, config.http.backlog)
+        app.after_server_start(admin_side.start)
+        app.before_server_stop(lambda app: admin_side.stop())
+
     @app.before_server_stop
     async def no_takeover(app: Sanic) -> None:
         """All workers stop together: one must not take the log over as the leader goes."""
@@ -124,7 +132,8 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
         if request.route is None:  # no route (a 404, a request refused before routing)
             stats.own.request("other", exc.status_code)
-        return error(exc.status_code, str(exc) or exc.__class__.__name__)
+        return respond({"error": str(exc) or exc.__class__.__name__}, exc.status_code,
+                       exc.headers or None)  # a 405's Allow, say
 
     @app.exception(Exception)
     async def unexpected(request: Request, exc: Exception) -> HTTPResponse:
@@ -155,10 +164,10 @@ def create_app(config: cfg.Config, config_path: str | None = None,
             return error(400, str(exc))
         chosen = runtime.choose(pick)
         if not chosen:
-            wait = runtime.retry_after()
-            stats.own.picked(None, perf_counter() - started)
-            return respond({"error": "no IM node can take a client now", "retry_after": wait},
-                           503, {"Retry-After": str(wait)})
+            refusal = runtime.refusal(pick)
+            stats.own.picked(None, perf_counter() - started, refusal.reason)
+            return HTTPResponse(refusal.body(), 503, {"Retry-After": str(refusal.retry_after)},
+                                content_type=JSON)
         response = HTTPResponse(runtime.answer(chosen, pick.count > 1), content_type=JSON)
         stats.own.picked(chosen[0].id, perf_counter() - started)
         return response
@@ -169,11 +178,11 @@ def create_app(config: cfg.Config, config_path: str | None = None,
     async def count(request: Request, response: HTTPResponse) -> None:
         stats.own.request(request.uri_template or "other", response.status)
 
-    @ops.get("/healthz")
+    @ops.route("/healthz", methods=["GET", "HEAD"])  # load balancers send HEAD
     async def healthz(request: Request) -> HTTPResponse:
         return respond({"status": "alive"})
 
-    @ops.get("/readyz")
+    @ops.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(request: Request) -> HTTPResponse:
         if isinstance(holder[0], Follower):
             await holder[0].ask_leader()
@@ -190,15 +199,26 @@ def create_app(config: cfg.Config, config_path: str | None = None,
 
         return await asyncio.to_thread(work)
 
-    @ops.get("/metrics")
+    if config.http.admin_listen is not None:
+        @ops.on_request
+        async def admin_side_only(request: Request) -> HTTPResponse | None:
+            """The admin side is unknown on the public port once it has a port of its own
+            (an admin request is refused on its headers: its body is never read)."""
+            if (getattr(request.route.ctx, "admin_side", False)
+                    and not getattr(request.conn_info.ctx, "admin_side", False)):
+                request.stream.refuse_body()
+                return error(404, f"Requested URL {request.path} not found")
+            return None
+
+    @ops.get("/metrics", ctx_admin_side=True)
     async def metrics(request: Request) -> HTTPResponse:
         return HTTPResponse(await gathered(exposition), content_type=METRICS_CONTENT_TYPE)
 
-    @ops.get("/dashboard")
+    @ops.get("/dashboard", ctx_admin_side=True)
     async def dashboard_page(request: Request) -> HTTPResponse:
         return HTTPResponse(dashboard.page(), content_type="text/html; charset=utf-8")
 
-    @ops.get("/dashboard/data")
+    @ops.get("/dashboard/data", ctx_admin_side=True)
     async def dashboard_data(request: Request) -> HTTPResponse:
         return respond(await gathered(dashboard.data))
 
@@ -245,7 +265,9 @@ Handler = Callable[..., Awaitable[HTTPResponse]]
 def _admin_routes(app: Blueprint, holder: list[Serving],
                   tokens: list[tuple[str, bytes]]) -> None:
     def authorised(op: str) -> Callable[[Handler], Handler]:
-        """Check the bearer token, then run admin operation `op` with the body's fields."""
+        """Check the bearer token on the headers; then read the body and run admin
+        operation `op` with its fields (a client without the token never gets to send
+        one: it may never finish)."""
 
         def decorate(handler: Handler) -> Handler:
             async def wrapper(request: Request, **path: Any) -> HTTPResponse:
@@ -258,8 +280,10 @@ def _admin_routes(app: Blueprint, holder: list[Serving],
                         if hmac.compare_digest(offered_bytes, secret):
                             actor = name
                 if actor is None:
+                    request.stream.refuse_body()
                     return respond({"error": "a valid admin bearer token is required"}, 401,
                                    {"WWW-Authenticate": "Bearer"})
+                await http_server.receive_body(request)
                 try:
                     args = {**handler(request), **path}
                 except QueryError as exc:
@@ -300,14 +324,14 @@ def _admin_routes(app: Blueprint, holder: list[Serving],
         return body
 
     app.add_route(authorised("nodes")(no_body), "/admin/nodes", methods=["GET"],
-                  name="admin_nodes")
+                  name="admin_nodes", stream=True, ctx_admin_side=True)
     app.add_route(authorised("add")(json_body), "/admin/nodes", methods=["POST"],
-                  name="admin_add")
+                  name="admin_add", stream=True, ctx_admin_side=True)
     app.add_route(authorised("update")(json_body), "/admin/nodes/<node_id>", methods=["PUT"],
-                  name="admin_update")
+                  name="admin_update", stream=True, ctx_admin_side=True)
     app.add_route(authorised("remove")(reason_in_query), "/admin/nodes/<node_id>",
-                  methods=["DELETE"], name="admin_remove")
+                  methods=["DELETE"], name="admin_remove", stream=True, ctx_admin_side=True)
     app.add_route(authorised("events")(query_numbers), "/admin/events", methods=["GET"],
-                  name="admin_events")
+                  name="admin_events", stream=True, ctx_admin_side=True)
     app.add_route(authorised("reload")(no_body), "/admin/reload", methods=["POST"],
-                  name="admin_reload")
+                  name="admin_reload", stream=True, ctx_admin_side=True)
