@@ -192,8 +192,9 @@ class Poller:
             for node_id in node_ids:
                 await nc.publish(f"imnode.{node_id}.status", b"", reply=prefix + node_id)
             await nc.publish(prefix + ECHO, b"")  # after the requests: it comes back last
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(complete.wait(), self.poll.timeout)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: a stop's cancel
+                async with asyncio.timeout(self.poll.timeout):  # is never lost (wait_for
+                    await complete.wait()  # in 3.11 drops it when both land at once)
         except Exception as exc:  # connection closed, reconnecting, ...: not the nodes
             log.debug("status requests failed: %r", exc)
             return None

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from math import ceil
@@ -41,6 +42,7 @@ log = logging.getLogger("imdispatch.http")
 TOKEN_VARIABLE = "IMDISPATCH_ADMIN_TOKEN"
 _apps = itertools.count(1)
 SUPERVISOR_CHECK = 0.5  # seconds between a worker's looks at whether its supervisor lives
+ORPHAN_STOP = 30.0  # seconds an orphaned worker's graceful stop may take before it exits
 JSON = "application/json"
 
 
@@ -239,7 +241,18 @@ async def _stop_with_the_supervisor(app: Sanic) -> None:
     while os.getppid() == supervisor:
         await asyncio.sleep(SUPERVISOR_CHECK)
     log.warning("worker %d: the supervisor %d is gone: stopping", os.getpid(), supervisor)
+    # Nobody is left to kill this process if its stop hangs: it would hold the port and
+    # the log's lock for ever. A thread, not the event loop, ends it after the grace.
+    deadline = threading.Timer(ORPHAN_STOP, _exit_orphan, (supervisor,))
+    deadline.daemon = True  # a stop that ends in time is not held up by it
+    deadline.start()
     app.stop(terminate=False)
+
+
+def _exit_orphan(supervisor: int) -> None:
+    log.error("worker %d: stopping took over %.0f s with the supervisor %d gone: exiting",
+              os.getpid(), ORPHAN_STOP, supervisor)
+    os._exit(1)
 
 
 async def _promote(holder: list[Serving], follower: Follower) -> None:

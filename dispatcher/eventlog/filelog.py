@@ -405,7 +405,8 @@ class FileLog:
         if self._dirty and self.fsync == "batch":
             wait = max(self._last_sync + self.fsync_interval - time.monotonic(), 0)
         try:
-            await asyncio.wait_for(self._wakeup.wait(), wait)
+            async with asyncio.timeout(wait):  # not wait_for: it can lose a cancel (3.11)
+                await self._wakeup.wait()
         except TimeoutError:
             try:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._tend)
