@@ -19,6 +19,12 @@ def _shown(value: Any) -> str:
     return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
 
 
+THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # a source only, never a destination
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated (RFC 4291): ::a.b.c.d
+EMBEDDING_IPV4 = (ipaddress.ip_network("64:ff9b::/96"),  # NAT64 (RFC 6052)
+                  ipaddress.ip_network("::ffff:0:0:0/96"))  # SIIT (RFC 7915)
+
+
 def _why_not(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why a client cannot be sent to `address`, or None if it can."""
     if isinstance(address, ipaddress.IPv6Address):
@@ -27,12 +33,22 @@ def _why_not(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
             return "a scope id names an interface of this host, not one a client has"
         if address.ipv4_mapped is not None:
             return _why_not(address.ipv4_mapped)
+        if address in IPV4_COMPATIBLE and not (address.is_loopback or address.is_unspecified):
+            return "the deprecated IPv4-compatible form ::a.b.c.d"
+        for prefix in EMBEDDING_IPV4:  # judged by the IPv4 address a translator reaches
+            if address in prefix:
+                return _why_not(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     if address.is_unspecified:
         return "unspecified: it means every interface, not one a client can reach"
     if address.is_multicast:
         return "multicast"
-    if isinstance(address, ipaddress.IPv4Address) and address.is_reserved:
-        return "broadcast or reserved: in 240.0.0.0/4"
+    if address.is_link_local:
+        return "link-local: reachable on one link only, not from a phone"
+    if isinstance(address, ipaddress.IPv4Address):
+        if address in THIS_NETWORK:
+            return "in 0.0.0.0/8, a source address, never a destination"
+        if address.is_reserved:
+            return "broadcast or reserved: in 240.0.0.0/4"
     return None
 
 

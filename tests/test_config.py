@@ -92,6 +92,13 @@ def test_empty_config_is_all_defaults():
         (('ip = "10.0.0.2"', 'ip = "255.255.255.255"'), r":34: .* ip: .*broadcast"),
         (('ip = "10.0.0.2"', 'ip = "::ffff:224.0.0.1"'), r":34: .* ip: .*multicast"),
         (('ip = "10.0.0.2"', 'ip = "fe80::1%eth0"'), r":34: \[\[nodes\]\] #2 ip: .*scope id"),
+        (('ip = "10.0.0.2"', 'ip = "fe80::1"'), r":34: .* ip: .*link-local"),
+        (('ip = "10.0.0.2"', 'ip = "169.254.0.7"'), r":34: .* ip: .*link-local"),
+        (('ip = "10.0.0.2"', 'ip = "0.0.0.1"'), r":34: .* ip: .*0\.0\.0\.0/8"),
+        (('ip = "10.0.0.2"', 'ip = "::224.0.0.1"'), r":34: .* ip: .*IPv4-compatible"),
+        (('ip = "10.0.0.2"', 'ip = "::255.255.255.255"'), r":34: .* ip: .*IPv4-compatible"),
+        (('ip = "10.0.0.2"', 'ip = "64:ff9b::224.0.0.1"'), r":34: .* ip: .*multicast"),
+        (('ip = "10.0.0.2"', 'ip = "::ffff:0:224.0.0.1"'), r":34: .* ip: .*multicast"),
         (("[poll]", "[pol]"), r":10: \[pol\]: unknown table"),
         (('servers = ["nats://127.0.0.1:4222"]', 'servers = ["127.0.0.1:4222"]'),
          r":8: \[nats\] servers: must be nats://"),
@@ -110,7 +117,7 @@ def test_a_long_scope_id_is_refused_without_repeating_it():
     assert len(str(refused.value)) < 400
 
 
-@pytest.mark.parametrize("ip", ["127.0.0.1", "10.0.0.1", "::1", "2001:db8::1", "fe80::1"])
+@pytest.mark.parametrize("ip", ["127.0.0.1", "10.0.0.1", "::1", "2001:db8::1", "64:ff9b::a00:1"])
 def test_unicast_addresses_are_kept_in_their_canonical_form(ip):
     config = cfg.parse(GOOD.replace('ip = "10.0.0.2"', f'ip = "{ip}"', 1))
     assert config.nodes[1].ip == ip
