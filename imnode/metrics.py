@@ -9,7 +9,10 @@ node's counters, which only the event loop writes (a figure can be one update be
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -61,9 +64,41 @@ class NodeCollector:
                 yield family
 
 
+STOP_WITHIN = 2.0  # seconds `stop` waits for the server's thread
+
+
 def serve(node: Any, host: str, port: int) -> Any:
-    """Start the metrics HTTP server; returns it (call `.shutdown()` to stop)."""
+    """Start the metrics HTTP server; returns it (stop it with `stop`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+def stop(server: Any) -> Awaitable[None]:
+    """Start stopping `server` now, in a daemon thread: its `shutdown()` blocks until the
+    server's loop notices (within its 0.5 s poll), which must not stall the event loop,
+    and then its socket is closed. Await the result to wait for that, `STOP_WITHIN`
+    seconds at most. A scrape in flight goes on in its own daemon thread."""
+    loop = asyncio.get_running_loop()
+    stopped = loop.create_future()
+
+    def done() -> None:
+        if not stopped.done():
+            stopped.set_result(None)
+
+    def shut() -> None:
+        try:
+            server.shutdown()
+            server.server_close()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed already
+                loop.call_soon_threadsafe(done)
+
+    threading.Thread(target=shut, name="metrics-stop", daemon=True).start()
+    return _waited(stopped)
+
+
+async def _waited(stopped: asyncio.Future) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopped, STOP_WITHIN)

@@ -241,7 +241,7 @@ class Service:
         self._endpoints.append(endpoint)
         if self._running:
             await endpoint.subscribe()
-            await self.nc.flush()
+            await _flush(self.nc)
 
     async def start(self) -> None:
         """Subscribe endpoints, then the `$SRV` subjects: once discoverable, it answers.
@@ -262,13 +262,14 @@ class Service:
                 f"{PREFIX}.{verb}.{self.name}.{self.id}",
             ):
                 self._control.append(await self.nc.subscribe(subject, cb=reply))
-        await self.nc.flush()
+        await _flush(self.nc)
 
     async def stop(self) -> None:
         """Drain every subscription (ADR-32): requests already received are answered.
 
         Do not await this from one of the service's own handlers: draining waits for
-        that handler to return. Schedule it as a task instead.
+        that handler to return. Schedule it as a task instead. Cancelling it returns at
+        once; the drains (each a flush) go on in the background, see `_flush`.
         """
         if not self._running:
             return
@@ -328,9 +329,33 @@ class Service:
         return reply
 
 
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # seen, so that asyncio does not log it as never retrieved
+
+
+async def _flush(nc: Client) -> None:
+    """`nc.flush()` that a cancellation of the caller does not cancel (nor time out).
+
+    nats-py (2.16) queues each flush's future for the PONG answering its PING. A flush
+    cancelled (or timed out) before that PONG leaves a cancelled future in the queue:
+    the PONG then raises InvalidStateError in the client's read loop, which ends, and
+    every later flush waits its full 10 s for a PONG nobody reads. A stop that cancelled
+    the NATS link while `start()` waited here made the drain after it take 10 s. Here
+    the flush runs on in its own task and takes its PONG; the caller leaves at once.
+    """
+    await _shielded(nc.flush())
+
+
+async def _shielded(coroutine: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(coroutine)
+    task.add_done_callback(_retrieved)
+    await asyncio.shield(task)
+
+
 async def _drain(subscription: Subscription) -> None:
     try:
-        await subscription.drain()
+        await _shielded(subscription.drain())  # it flushes: see `_flush`
     except (ConnectionClosedError, ConnectionDrainingError):
         pass  # the connection is going away and takes its subscriptions with it
     except NatsError as error:  # e.g. no PONG while reconnecting: the UNSUB is queued anyway
