@@ -27,7 +27,7 @@ from typing import Any
 
 import core_ext
 from dispatcher.domain.decisions import NODE_ID
-from imnode.contract import node_address
+from imnode.contract import host_port, node_address
 
 log = logging.getLogger("imdispatch")
 
@@ -243,7 +243,7 @@ def listen_address(value: Any) -> tuple[str, int]:
 
 def _listen(value: Any) -> str:
     host, port = listen_address(value)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _node_id(value: Any) -> str:

@@ -21,6 +21,7 @@ import nats
 import orjson
 
 from imnode import metrics
+from imnode.contract import host_port
 from imnode.micro import Service
 from imnode.server import Node, NodeConfig
 from imnode.tasks import cancel_and_wait
@@ -176,10 +177,11 @@ async def run(config: NodeConfig, servers: Sequence[str],
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     host, port = node.address
-    log.info("imnode %s listening on %s:%d (capacity %d)", config.node_id,
-             config.host, config.port, config.capacity)
-    print(f"imnode {config.node_id} listening on {config.host}:{config.port}, "
-          f"advertised as {host}:{port}", flush=True)
+    listening = host_port(config.host, config.port)
+    log.info("imnode %s listening on %s (capacity %d)", config.node_id, listening,
+             config.capacity)
+    print(f"imnode {config.node_id} listening on {listening}, "
+          f"advertised as {host_port(host, port)}", flush=True)
     try:
         await node.drained()
         log.info("imnode %s drained", config.node_id)

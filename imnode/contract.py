@@ -70,3 +70,8 @@ def node_address(value: Any) -> str:
             f"must be a unicast address a client can connect to, got {_shown(value)} ({why})"
         )
     return str(address)
+
+
+def host_port(host: str, port: int) -> str:
+    """How an address and port are written: "10.0.0.1:9001", "[2001:db8::1]:9001"."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -4,6 +4,7 @@ and a NATS outage that clients never notice."""
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,3 +266,17 @@ def test_bad_serve_arguments(args, message):
     result = subprocess.run([sys.executable, "-m", "imnode", "serve", *argv],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_an_ipv6_address_is_written_in_brackets():
+    """`[::1]:P`, as a URL or a config takes it, not `::1:P` (the red team's `::e000:1:9000`)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imnode", "serve", "--id", "v6", "--listen", "[::1]:0",
+         "--nats", "nats://127.0.0.1:1", "--capacity", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+    finally:
+        process.kill()
+        process.wait()
+    assert re.match(r"imnode v6 listening on \[::1\]:\d+, advertised as \[::1\]:\d+$", line), line
