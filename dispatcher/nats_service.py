@@ -8,7 +8,6 @@ service (followers never poll)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from importlib.metadata import version
@@ -20,7 +19,7 @@ import orjson
 from dispatcher import config as cfg
 from dispatcher.query import QueryError, from_json
 from dispatcher.serving import Serving
-from imnode.micro import Request, Service, ServiceError
+from imnode.micro import Request, Service, ServiceError, close_link
 from imnode.natsauth import connect_options
 from imnode.tasks import cancel_and_wait
 
@@ -124,9 +123,5 @@ class ServiceLink:
     async def close(self) -> None:
         self.closing = True
         await cancel_and_wait(self._task)
-        if self.service is not None:
-            with contextlib.suppress(Exception):
-                await self.service.stop()
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            await close_link(self.nc, self.service)

@@ -26,7 +26,7 @@ from dispatcher.journal import Journal
 from dispatcher.poller import Poller
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
-from imnode.micro import Service
+from imnode.micro import Service, close_link
 from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch")
@@ -231,15 +231,11 @@ class Leader(Serving):
             leader_link.admin_socket(self.config).unlink(missing_ok=True)
         if self.poller is not None:
             await self.poller.stop()
-        if self.service is not None:
-            with contextlib.suppress(Exception):
-                await self.service.stop()
         try:
             await self.journal.close()  # raises if the log failed: the caller says so
-        finally:
+        finally:  # after the journal: a JetStream log writes through this link
             if self.nc is not None:
-                with contextlib.suppress(Exception):
-                    await self.nc.drain()
+                await close_link(self.nc, self.service)
 
     def poll_status(self) -> tuple[float | None, bool]:
         last = self.poller.last_cycle if self.poller is not None else None

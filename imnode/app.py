@@ -10,11 +10,10 @@ outage never touches client connections, and the status responder comes back wit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import signal
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -22,7 +21,7 @@ import orjson
 
 from imnode import metrics
 from imnode.contract import host_port
-from imnode.micro import Service
+from imnode.micro import Service, close_link
 from imnode.server import Node, NodeConfig
 from imnode.tasks import cancel_and_wait
 
@@ -30,8 +29,6 @@ log = logging.getLogger("imnode")
 
 SERVICE_NAME = "imnode"
 DESCRIPTION = "IM long-connection node: clients hold TCP connections, status over NATS"
-NATS_DRAIN_WITHIN = 2.0  # seconds a stop gives NATS to drain before it closes the link
-NATS_CLOSE_WITHIN = 1.0  # and then to close
 
 
 class NatsLink:
@@ -119,34 +116,10 @@ class NatsLink:
         await self.node.resync()
 
     async def close(self) -> None:
-        """Drain the micro service and the connection, but for `NATS_DRAIN_WITHIN` at
-        most, then close: nats-py waits up to 10 s per flush and 30 s per drain for a
-        server that does not answer, and a stop must not wait that long."""
         self._closing = True
         await cancel_and_wait(self._task)
-        if self.nc is None:
-            return
-        if not await _within(self._drain_nats(), NATS_DRAIN_WITHIN):
-            log.warning("NATS did not drain within %g s; closing the connection",
-                        NATS_DRAIN_WITHIN)
-        if not await _within(self.nc.close(), NATS_CLOSE_WITHIN):
-            log.warning("NATS did not close within %g s; leaving it", NATS_CLOSE_WITHIN)
-
-    async def _drain_nats(self) -> None:
-        if self.service is not None:
-            with contextlib.suppress(Exception):
-                await self.service.stop()  # answers the requests it already has
-        await self.nc.drain()
-
-
-async def _within(coroutine: Coroutine[Any, Any, None], seconds: float) -> bool:
-    """Run `coroutine` for `seconds` at most (then cancel it until it ends: nats-py's
-    drain swallows one cancellation); False if it did not end in time. What it raises
-    is ignored: a stop goes on."""
-    task = asyncio.get_running_loop().create_task(coroutine)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    await cancel_and_wait(task)  # a no-op when done; retrieves what it raised
-    return bool(done)
+        if self.nc is not None:
+            await close_link(self.nc, self.service)
 
 
 def _without_credentials(url: str) -> str:

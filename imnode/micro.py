@@ -25,6 +25,7 @@ the service comes back with the same id and its counters intact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -40,6 +41,8 @@ from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionDrainingError
 from nats.errors import Error as NatsError
 from nats.nuid import NUID
+
+from imnode.tasks import within
 
 __all__ = [
     "ERROR_CODE_HEADER",
@@ -327,6 +330,28 @@ class Service:
                 await self.nc.publish(msg.reply, json.dumps(build()).encode())
 
         return reply
+
+
+DRAIN_WITHIN = 2.0  # seconds a stop gives NATS to drain before it closes the link
+CLOSE_WITHIN = 1.0  # and then to close
+
+
+async def close_link(nc: Client, service: Service | None) -> None:
+    """Stop `service` (it answers the requests it already has) and drain `nc`, but for
+    `DRAIN_WITHIN` at most, then close: nats-py waits up to 10 s per flush and 30 s per
+    drain for a server that does not answer, and a stop must not wait that long. The one
+    way both programs let go of their NATS link."""
+
+    async def drain() -> None:
+        if service is not None:
+            with contextlib.suppress(Exception):
+                await service.stop()
+        await nc.drain()
+
+    if not await within(drain(), DRAIN_WITHIN):
+        log.warning("NATS did not drain within %g s; closing the connection", DRAIN_WITHIN)
+    if not await within(nc.close(), CLOSE_WITHIN):
+        log.warning("NATS did not close within %g s; leaving it", CLOSE_WITHIN)
 
 
 def _retrieved(task: asyncio.Task) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 AGAIN = 0.5  # seconds between cancellations of a task that has not ended yet
 
@@ -24,3 +26,12 @@ async def cancel_and_wait(*tasks: asyncio.Task | None) -> None:
         for task in ended:  # retrieved, so that asyncio does not log them as never seen
             if not task.cancelled():
                 task.exception()
+
+
+async def within(coroutine: Coroutine[Any, Any, Any], seconds: float) -> bool:
+    """Run `coroutine` for `seconds` at most (then cancel it until it ends); False if it
+    did not end in time. What it raises is ignored: a stop goes on."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    await cancel_and_wait(task)  # a no-op when done; retrieves what it raised
+    return bool(done)
