@@ -15,8 +15,13 @@ SHARE_WINDOW = 60  # seconds of assignments behind each node's "recent share"
 EVENTS_SHOWN = 20
 
 
+PAGE = files("dispatcher").joinpath("static/dashboard.html").read_bytes()
+
+
 def page() -> bytes:
-    return files("dispatcher").joinpath("static/dashboard.html").read_bytes()
+    """The page, read once at import: a request needs no file (at the file limit there
+    is none to be had, and each request was a 500)."""
+    return PAGE
 
 
 def data(snapshot: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:

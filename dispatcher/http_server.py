@@ -5,9 +5,12 @@ listening sockets.
   times a head from its last byte, so a byte every few seconds held a connection for
   good, and a body only at the response timeout, 60 s).
 - A URL the parser refuses (a control byte) is a 400, not three chained tracebacks.
+- An answer must be taken: a connection whose writes stay stalled (the client reads
+  nothing) for `REQUEST_TIMEOUT` is closed, not kept for the 60 s response timeout.
 - A worker holds at most `connection_cap()` connections, below its file limit: past it,
-  the longest-quiet connections that are not being answered are closed, so new clients
-  are served (the kernel would refuse them with EMFILE otherwise).
+  the longest-quiet connections that are idle, still arriving or stalled writing are
+  closed, so new clients are served (the kernel would refuse them with EMFILE otherwise).
+- A protocol-level 400 says what was wrong without repeating the request.
 - `AdminListener` serves the `[http] admin_listen` socket in each worker; its
   connections are marked as the admin side's.
 """
@@ -22,7 +25,7 @@ from time import monotonic
 from typing import Any
 
 from sanic import Sanic
-from sanic.exceptions import BadRequest, BadURL, RequestTimeout
+from sanic.exceptions import BadRequest, RequestTimeout
 from sanic.http import Http, Stage
 from sanic.request import Request
 from sanic.server.protocols.http_protocol import HttpProtocol
@@ -31,6 +34,10 @@ from sanic.server.socket import bind_socket
 RESERVED_FILES = 64  # kept for the event log, NATS, the ledger, the admin socket, ...
 EVICT_SHARE = 16  # past the cap, this share of the connections is closed at once
 HARD_CLOSE_AFTER = 1.0  # seconds a timed-out connection has to take its 408
+_HEAD_FAULTS = {  # the cause of Sanic's "Bad Request" -> what the client is told
+    "Duplicate Content-Length or Transfer-Encoding":
+        "two Content-Length or Transfer-Encoding headers",
+}
 
 
 class ListenError(Exception):
@@ -94,17 +101,38 @@ class GuardedHttp(Http):
 
     def refuse_body(self) -> None:
         """Answer without waiting for the body (it may never come), then close; a body
-        already here is passed over as usual and the connection kept."""
+        already here is passed over as usual and the connection kept. No "100 Continue":
+        the client is not to send a body."""
+        self.expecting_continue = False
         if self.request_body is True and len(self.recv_buffer) >= self.request_bytes_left:
             return
         self.request_body = None
         self.keep_alive = False
 
+    async def http1(self) -> None:
+        """Sanic's loop; a connection closed under a head still arriving (evicted) ends
+        quietly: Sanic's "stopped" line names the request, and there is none yet (it was
+        an AttributeError traceback for each)."""
+        try:
+            await super().http1()
+        except AttributeError:
+            if self.request is not None or self.protocol.transport is not None:
+                raise
+
     async def error_response(self, exception: Exception) -> None:
-        """Sanic's error for a URL httptools refuses repeats the URL (15 kB of control
-        bytes came back in the answer); this one does not."""
-        if isinstance(exception, BadURL):
-            exception = BadURL("the URL is not valid (control characters or spaces in it?)")
+        """A 400 that says what was wrong, never repeating the request: Sanic's error for
+        a URL httptools refuses repeats the URL (15 kB of control bytes came back), and
+        any other fault of the head just says "Bad Request" (`BadURL is BadRequest`)."""
+        if type(exception) is BadRequest:
+            message = str(exception)
+            if message.startswith("Bad URL"):
+                exception = BadRequest("the URL is not valid (control characters or "
+                                       "spaces in it?)")
+            elif message == "Bad Request":  # Sanic's, for any fault it found in the head
+                exception = BadRequest(_HEAD_FAULTS.get(
+                    str(exception.__context__), "the request line or a header is malformed"))
+            elif message == "Bad content-length":
+                exception = BadRequest("the Content-Length is not a number of bytes")
         await super().error_response(exception)
 
     def create_empty_request(self) -> None:
@@ -121,6 +149,7 @@ class GuardedProtocol(HttpProtocol):
     The cap is set per worker (`GuardedProtocol.cap`) once its file limit is known."""
 
     HTTP_CLASS = GuardedHttp
+    __slots__ = ("_unsent", "_write_check", "stalled_since")
     cap = connection_cap()
     admin_side = False
 
@@ -128,6 +157,9 @@ class GuardedProtocol(HttpProtocol):
         if len(self.connections) >= self.cap:
             _evict(self.connections, max(1, self.cap // EVICT_SHARE))
         self._http = None  # until the connection's task starts (Sanic leaves it unset)
+        self.stalled_since: float | None = None  # writes paused since, if they are
+        self._unsent = 0  # bytes waiting to be written when last looked at
+        self._write_check: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._time = monotonic()  # not 0: the newest must not look the quietest
         self.conn_info.ctx.admin_side = self.admin_side
@@ -137,6 +169,47 @@ class GuardedProtocol(HttpProtocol):
         if http is not None and http.began is None:
             http.began = monotonic()
         HttpProtocol.data_received(self, data)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client reads slowly, or not at all."""
+        super().pause_writing()
+        if self.stalled_since is None and self.transport is not None:
+            self.stalled_since = monotonic()
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_check = self.loop.call_later(self.request_timeout, self._check_write)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stalled_since = None
+        if self._write_check is not None:
+            self._write_check.cancel()
+            self._write_check = None
+
+    def _check_write(self) -> None:
+        """Still paused: closed if not a byte was taken since the last look (a client
+        that never reads held the connection for the 60 s response timeout)."""
+        self._write_check = None
+        if self.transport is None or self.stalled_since is None:
+            return
+        unsent = self.transport.get_write_buffer_size()
+        if unsent >= self._unsent:
+            self.abort()
+            return
+        self._unsent, self.stalled_since = unsent, monotonic()  # slow, but reading
+        self._write_check = self.loop.call_later(self.request_timeout, self._check_write)
+
+    def quiet_since(self) -> float | None:
+        """Since when this connection has done nothing another client could not have the
+        file of instead: idle, a request still arriving, or its writes stalled (the
+        client does not read its answers); None while it is being answered."""
+        if self.transport is None:
+            return None
+        if self.stalled_since is not None:
+            return self.stalled_since
+        http = self._http
+        if http is None or http.stage is Stage.IDLE or http.receiving():
+            return self._time
+        return None
 
     def check_timeouts(self) -> None:
         """Sanic's rules, except that a request being received is timed from its first
@@ -201,11 +274,9 @@ class AdminListener:
             connection.abort()
 
 
-def _evict(connections: set, count: int) -> None:
-    """Close the `count` longest-quiet connections that are not being answered."""
-    idle = [c for c in connections
-            if c.transport is not None and (c.http is None or c.http.stage is Stage.IDLE
-                                            or c.http.receiving())]
-    idle.sort(key=lambda c: c._time)
-    for connection in idle[:count]:
+def _evict(connections: set[GuardedProtocol], count: int) -> None:
+    """Close the `count` longest-quiet connections (see `GuardedProtocol.quiet_since`)."""
+    quiet = [(since, c) for c in connections if (since := c.quiet_since()) is not None]
+    quiet.sort(key=lambda item: item[0])
+    for _, connection in quiet[:count]:
         connection.abort()

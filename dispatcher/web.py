@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 from sanic import Blueprint, Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import MethodNotAllowed, NotFound, SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
@@ -130,8 +130,12 @@ def create_app(config: cfg.Config, config_path: str | None = None,
         finally:
             await stats.stop()
 
+    hidden = config.http.admin_listen is not None  # the admin side on the public port
+
     @app.exception(SanicException)
     async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
+        if hidden and isinstance(exc, MethodNotAllowed) and _admin_path(request, exc):
+            exc = NotFound(f"Requested URL {request.path} not found")  # no Allow to tell
         if request.route is None:  # no route (a 404, a request refused before routing)
             stats.own.request("other", exc.status_code)
         return respond({"error": str(exc) or exc.__class__.__name__}, exc.status_code,
@@ -230,6 +234,21 @@ def create_app(config: cfg.Config, config_path: str | None = None,
         _admin_routes(ops, holder, tokens)
     app.blueprint(ops)
     return app
+
+
+def _admin_path(request: Request, refused: MethodNotAllowed) -> bool:
+    """Whether a 405 is for an admin-side path asked on the public port (its `Allow`
+    would tell the path is there, and how to call it)."""
+    if getattr(request.conn_info.ctx, "admin_side", False):
+        return False
+    allowed = (refused.headers or {}).get("Allow", "")
+    for method in filter(None, (m.strip() for m in allowed.split(","))):
+        try:
+            route = request.app.router.get(request.path, method, None)[0]
+        except SanicException:
+            continue
+        return bool(getattr(route.ctx, "admin_side", False))
+    return False
 
 
 async def _stop_with_the_supervisor(app: Sanic) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+import urllib.request
 
 import nats
 import orjson
@@ -335,6 +336,31 @@ def test_a_url_with_control_bytes_is_a_400_and_writes_no_log(tmp_path, nats_serv
         running.stop()
 
 
+MALFORMED = {  # a head Sanic refuses -> what the 400 says
+    b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n": "malformed",  # folded
+    b"POST /get-tcp-ip HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": "two Content-Length or Transfer-Encoding",
+    b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+    b"abcdef": "two Content-Length or Transfer-Encoding",
+    b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n": "Content-Length",
+    b"GET /get-tcp-ip\r\n\r\n": "malformed",  # no HTTP version
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": "malformed",
+    b"\r\n\r\nGET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n\r\n": "malformed",
+    b"GET /get-tcp-ip?uid=a\x01b HTTP/1.1\r\nHost: x\r\n\r\n": "URL is not valid",
+}
+
+
+def test_a_malformed_head_is_a_400_that_says_what_was_wrong(dispatcher):
+    """In Sanic 25 `BadURL is BadRequest`: every such 400 said the URL was not valid."""
+    for data, says in MALFORMED.items():
+        code, headers, body = parsed(raw(dispatcher.http_port, data, timeout=5))
+        assert code == 400 and headers["connection"] == "close", (data, code)
+        assert says in body["error"], (data, body)
+        assert ("URL" in body["error"]) == (says == "URL is not valid"), (data, body)
+        assert "get-tcp-ip" not in body["error"] and len(body["error"]) < 80, body
+    assert request(dispatcher, "GET", "/get-tcp-ip")[0] == 200
+
+
 HALF_A_BODY = b"Content-Length: 100\r\n\r\n{"
 
 
@@ -398,6 +424,10 @@ def test_an_admin_request_without_the_token_is_refused_before_its_body(dispatche
         code, headers, body = parsed(raw(dispatcher.http_port, request, timeout=3))
         assert code == 401 and headers["www-authenticate"] == "Bearer", (request, code)
         assert headers["connection"] == "close" and "token" in body["error"]
+    # told to wait for "100 Continue", the client gets the 401 alone: no body is wanted
+    answer = raw(dispatcher.http_port, b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: 100\r\n\r\n", timeout=3)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
     # a whole body that came with the headers is passed over; the connection is kept
     connection = http.client.HTTPConnection("127.0.0.1", dispatcher.http_port, timeout=5)
     try:
@@ -409,15 +439,14 @@ def test_an_admin_request_without_the_token_is_refused_before_its_body(dispatche
         connection.close()
 
 
-def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, monkeypatch):
-    """1,100 connections against 1,024 open files: every new get-tcp-ip failed (the
-    kernel refused the accept). Now the quietest connections are closed first."""
-    limit = 1024
+def with_file_limit(tmp_path, nats_url, monkeypatch, limit, own_sockets, **options):
+    """A Cluster whose dispatcher has `limit` open files (soft = hard), this process
+    room for `own_sockets`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2000:  # this test's own 1,100 sockets
-        if hard != resource.RLIM_INFINITY and hard < 2000:
-            pytest.skip(f"needs 2,000 open files, the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (2000, hard))
+    if soft < own_sockets + 500:
+        if hard != resource.RLIM_INFINITY and hard < own_sockets + 500:
+            pytest.skip(f"needs {own_sockets + 500} open files, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (own_sockets + 500, hard))
     popen = subprocess.Popen
 
     def limited(args, *rest, **options):  # the dispatcher only: its hard limit too
@@ -427,12 +456,20 @@ def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, 
         return popen(args, *rest, **options)
 
     monkeypatch.setattr(subprocess, "Popen", limited)
-    running = Cluster(tmp_path, nats_server.url)
-    monkeypatch.undo()
+    try:
+        running = Cluster(tmp_path, nats_url, **options)
+    finally:
+        monkeypatch.undo()
+    assert resource.prlimit(running.dispatcher.pid, resource.RLIMIT_NOFILE) == (limit, limit)
+    return running
+
+
+def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, monkeypatch):
+    """1,100 connections against 1,024 open files: every new get-tcp-ip failed (the
+    kernel refused the accept). Now the quietest connections are closed first."""
+    running = with_file_limit(tmp_path, nats_server.url, monkeypatch, 1024, 1100)
     slow = []
     try:
-        soft, hard = resource.prlimit(running.dispatcher.pid, resource.RLIMIT_NOFILE)
-        assert (soft, hard) == (limit, limit)
         request = (b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                    + SECRET.encode() + b"\r\n" + HALF_A_BODY)
         for _ in range(1100):
@@ -446,6 +483,67 @@ def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, 
         for sock in slow:
             sock.close()
         running.stop()
+
+
+def established(port):
+    """The server's ESTABLISHED TCP connections on loopback `port` (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "01")
+
+
+def connect_and_send(port, data, receive_buffer=None):
+    """A socket that sent `data` and will read nothing; None if the server refused it."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    try:
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(data)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_clients_that_never_read_their_answers_are_evicted_at_the_file_limit(
+        tmp_path, nats_server, monkeypatch, workers):
+    """Connections that pipeline /dashboard requests and never read the answers: those
+    stuck writing were never evicted, the worker ran out of files and new get-tcp-ip
+    clients were reset (1 of 30 answered). Heads that never end, evicted, each logged
+    an AttributeError traceback."""
+    log = tmp_path / "dispatcher.log"
+    limit, heads, readers = 96, 25, 80  # a cap of 32 connections in each worker
+    running = with_file_limit(tmp_path, nats_server.url, monkeypatch, limit,
+                              (heads + readers) * workers, workers=workers, log_file=log)
+    port, held = running.http_port, []
+    try:
+        for _ in range(heads * workers):  # the quietest: heads that never end
+            held.append(connect_and_send(port, b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n"))
+        # 2.6 MB of answers each: past what the kernel buffers (2.1 MB here), the
+        # worker's writes stall
+        never_read = b"GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n" * 320
+        for _ in range(readers * workers):
+            held.append(connect_and_send(port, never_read, receive_buffer=2048))
+        answers = [request_status(running) for _ in range(20)]
+        assert answers == [200] * 20, answers
+        with urllib.request.urlopen(running.url("/dashboard"), timeout=5) as page:
+            assert page.status == 200  # it read a file for each request: 500s
+        assert running.dispatcher.poll() is None
+        assert established(port) <= 32 * workers  # each worker keeps to its cap
+        # the rest: a head gets its 408 at 10 s (REQUEST_TIMEOUT); writes that took no
+        # byte for as long are closed (kept for the 60 s response timeout before)
+        running.wait(lambda: established(port) == 0, "every held connection is closed",
+                     timeout=25)
+    finally:
+        for sock in held:
+            if sock is not None:
+                sock.close()
+        running.stop()
+    written = log.read_text()
+    assert "Traceback" not in written and '"level":"error"' not in written, written[-3000:]
 
 
 def request_status(running):

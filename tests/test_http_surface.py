@@ -16,6 +16,9 @@ from tests.test_dispatcher_e2e import TOKEN, Cluster
 
 SECRET = TOKEN.split(":")[1]
 ADMIN_SIDE = ("/metrics", "/dashboard", "/dashboard/data", "/admin/nodes", "/admin/events")
+WRONG_METHOD = (("PUT", "/admin/nodes"), ("DELETE", "/admin/events"), ("HEAD", "/metrics"),
+                ("POST", "/dashboard/data"), ("GET", "/admin/reload"),
+                ("OPTIONS", "/admin/nodes"))
 
 
 def fetch(port, path, method="GET", token=None, body=None):
@@ -47,6 +50,13 @@ def test_admin_listen_moves_the_admin_side_off_the_public_port(tmp_path, nats_se
                 assert body == unknown[2].replace(b"-nosuch", b"")  # as an unknown path
                 assert fetch(admin, path, token=SECRET)[0] == 200, path
             assert fetch(public, "/admin/nodes", "POST", SECRET, b'{"id": "x"}')[0] == 404
+            for method, path in WRONG_METHOD:  # a 405 with Allow told the path was there
+                code, headers, body = fetch(public, path, method, SECRET)
+                unknown = fetch(public, path + "-nosuch", method, SECRET)
+                assert code == 404 == unknown[0] and "Allow" not in headers, (method, path)
+                assert body == unknown[2].replace(b"-nosuch", b""), (method, path, body)
+                code, headers, _ = fetch(admin, path, method, SECRET)
+                assert code == 405 and headers["Allow"], (method, path, code)
             assert fetch(admin, "/admin/nodes", token="wrong")[0] == 401
             assert fetch(public, "/get-tcp-ip")[0] == 200
             assert fetch(public, "/readyz")[0] == 200
