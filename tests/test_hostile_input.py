@@ -297,11 +297,12 @@ def raw(port, data, timeout=15):
 
 
 def read_all(sock, answer=b""):
-    """What `sock` receives until the server closes it or its timeout passes."""
+    """What `sock` receives until the server closes it (a reset, if a byte of ours
+    came after its close) or its timeout passes."""
     try:
         while chunk := sock.recv(65536):
             answer += chunk
-    except TimeoutError:
+    except (TimeoutError, ConnectionResetError):
         pass
     return answer
 
