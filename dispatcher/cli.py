@@ -393,19 +393,29 @@ def _own_the_log(config_path: str, log_path: str) -> bool:
 
 
 def _log_directory_problem(path: str) -> str | None:
-    """Why the event log directory cannot be written (made if missing) or the log in it
-    cannot be opened for writing, or None: one line, before any worker starts. Checked by
-    writing, not by permission bits: root passes those, a read-only mount does not."""
+    """Why the event log directory cannot be used (made if missing) or the log in it
+    cannot be opened for writing, or None: one line, before any worker starts.
+
+    Other users must not be able to change the directory (`files.unsafe_directory`): the
+    service, often root, writes files there and trusts what it finds (LOCK's pid, the
+    admin socket). Writability is checked by writing, not by permission bits: root passes
+    those, a read-only mount does not; the probe is a new file (O_EXCL), never a link."""
+    import tempfile
     from pathlib import Path
 
     from dispatcher.eventlog.errors import EventLogError, LogCorrupted, LogLocked
     from dispatcher.eventlog.filelog import FileLog
+    from dispatcher.eventlog.files import unsafe_directory
+    from dispatcher.eventlog.snapshots import SNAPSHOT_DIR
 
-    probe = Path(path) / ".write-probe"
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        unsafe = unsafe_directory(path, (SNAPSHOT_DIR,))
+        if unsafe:
+            return unsafe
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         return f"cannot write in {path}: {exc.strerror or exc}"
     try:

@@ -24,6 +24,7 @@ import orjson
 
 from dispatcher import admin
 from dispatcher import config as cfg
+from dispatcher.eventlog.files import NotRegularFile, read_regular, replace_atomically
 
 REPLACEMENT = "IMDISPATCH_REPLACEMENT_WORKER"
 """Set by `imdispatch serve` in the workers it starts in place of dead ones."""
@@ -49,24 +50,21 @@ class LeaderStatus(NamedTuple):
 def write_status(leader: Any) -> None:
     """After a poll cycle: when it ended, whether NATS is connected, and the seq the
     leader's state had reached (the cycle's own events included)."""
-    path = Path(leader.config.eventlog.path) / STATUS
-    temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(orjson.dumps({
+    replace_atomically(Path(leader.config.eventlog.path) / STATUS, orjson.dumps({
         "last_cycle": time.time(),
         "nats_connected": bool(leader.nc is not None and leader.nc.is_connected),
         "seq": leader.state.seq,
         "pid": os.getpid(),
-    }))
-    os.replace(temporary, path)
+    }), fsync=False)  # never through a link planted at STATUS.tmp
 
 
 def read_status(config: cfg.Config) -> LeaderStatus | None:
     """The leader's status after its last poll cycle, if it wrote a readable one."""
     try:
-        status = orjson.loads((Path(config.eventlog.path) / STATUS).read_bytes())
+        status = orjson.loads(read_regular(Path(config.eventlog.path) / STATUS))
         return LeaderStatus(float(status["last_cycle"]), bool(status["nats_connected"]),
                             int(status["seq"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, NotRegularFile):
         return None
 
 

@@ -103,6 +103,31 @@ def test_the_admin_socket_is_the_services_own_whatever_the_umask(
     assert not socket_path.exists()
 
 
+def test_the_status_file_is_never_written_through_a_link(tmp_path, nats_server):
+    """The leader's STATUS goes to STATUS.tmp, then is renamed: a link found at that name
+    (planted, or left) is replaced, never written through (root would clobber its
+    target)."""
+    events = tmp_path / "events"
+    events.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("ORIGINAL\n")
+    (events / "STATUS.tmp").symlink_to(victim)
+    running = Cluster(tmp_path, nats_server.url)
+    status = events / "STATUS"
+
+    def cycle():
+        return json.loads(status.read_text())["last_cycle"] if status.exists() else 0
+
+    try:
+        running.wait(cycle, "the leader wrote its status")
+        first = cycle()
+        running.wait(lambda: cycle() > first, "the leader wrote its status again")
+        assert not status.is_symlink() and not (events / "STATUS.tmp").is_symlink()
+    finally:
+        running.stop()
+    assert victim.read_text() == "ORIGINAL\n"
+
+
 def test_unreachable_addresses_are_refused_by_the_admin_api_and_in_status_replies(
         tmp_path, nats_server, monkeypatch):
     monkeypatch.setattr(test_hostile_input, "FAKES", {

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from dispatcher.eventlog.filelog import CLEAN_MARKER
 from dispatcher.runtime import TAKEOVER_INTERVAL
 from tests.nats_server import free_port
@@ -114,6 +116,61 @@ def test_damage_after_a_clean_stop_stays_refused_until_salvaged(tmp_path, nats_s
     assert "salvaged" in salvage.stdout
     try:
         running.start_dispatcher()  # the operator said so: it starts
+        assert running.dispatcher.poll() is None
+    finally:
+        running.stop()
+
+
+def serve_refusal(config):
+    """What a real `imdispatch serve` says when it refuses to start; one that starts is
+    stopped (it and its workers) and fails the test."""
+    process = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--config",
+                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+        raise AssertionError("serve started on a log that lost its records") from None
+    assert process.returncode == 2, err
+    return err
+
+
+@pytest.mark.parametrize("how", ["emptied", "cut-in-its-header", "emptied-no-marker"])
+def test_a_truncated_only_segment_is_damage_not_a_crash_while_rotating(
+        tmp_path, nats_server, how):
+    """After a clean stop, the only segment cut below a header's size: the CLEAN marker
+    (and the snapshot of the state at the log's end) prove records were lost. Start is
+    refused; nothing is removed until `recover --salvage` is asked for."""
+    running, events = stopped_after_one_change(tmp_path, nats_server)
+    [segment] = sorted(events.glob("*.seg"))
+    snapshots = sorted((events / "snapshots").glob("snapshot-*.json"))
+    assert snapshots and (events / CLEAN_MARKER).exists()
+    with open(segment, "r+b") as handle:
+        handle.truncate(10 if how == "cut-in-its-header" else 0)
+    if how == "emptied-no-marker":  # a crash, then the damage: the snapshot proves it
+        (events / CLEAN_MARKER).unlink()
+    for _ in range(2):  # refused every time: nothing was removed the first time
+        [line] = serve_refusal(running.config).splitlines()
+        assert line.startswith(f"imdispatch serve: {running.config}: [eventlog] path: "
+                               "event log corrupted: "), line
+        assert "were lost" in line, line
+        assert f"imdispatch recover --log {events} --salvage" in line
+        assert sorted(events.glob("*.seg")) == [segment]
+        assert sorted((events / "snapshots").glob("snapshot-*.json")) == snapshots
+    check = imdispatch("recover", "--log", str(events))
+    assert check.returncode == 1 and "--salvage" in check.stderr, check.stderr
+    assert sorted((events / "snapshots").glob("snapshot-*.json")) == snapshots
+    salvage = imdispatch("recover", "--log", str(events), "--salvage")
+    assert salvage.returncode == 0, salvage.stderr
+    assert "removed snapshot" in salvage.stdout  # what the operator asked for, said
+    try:
+        running.start_dispatcher()
         assert running.dispatcher.poll() is None
     finally:
         running.stop()

@@ -43,6 +43,13 @@ from dispatcher.eventlog.errors import (
     LogMissing,
     LogReplaced,
 )
+from dispatcher.eventlog.files import (
+    NotRegularFile,
+    open_regular,
+    read_regular,
+    replace_atomically,
+    require_regular,
+)
 from dispatcher.eventlog.segments import (
     SEGMENT_HEADER,
     Segment,
@@ -52,6 +59,7 @@ from dispatcher.eventlog.segments import (
     scan_batch,
     segment_name,
 )
+from dispatcher.eventlog.snapshots import SNAPSHOT_DIR, SnapshotStore, snapshot_name
 
 FSYNC_POLICIES = ("always", "batch", "never")
 CLEAN_MARKER = "CLEAN"
@@ -156,7 +164,8 @@ class FileLog:
     def _lock(self) -> None:
         flags = os.O_RDWR | (os.O_CREAT if self.create else 0)
         try:
-            fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=self._dir_fd)
+            fd = open_regular(LOCK_FILE, flags, dir_fd=self._dir_fd,
+                              shown=self.path / LOCK_FILE)
         except FileNotFoundError:
             raise LogMissing(f"event log {self.path} has no {LOCK_FILE} file any more") from None
         try:
@@ -203,35 +212,46 @@ class FileLog:
 
     def _recover(self, *, dry: bool = False) -> Recovery:
         """Find the end of the log and open its last segment for appending. `dry`: only
-        see that it can be done (no file removed, truncated or created)."""
+        see that it can be done (no file removed, truncated or created).
+
+        Everything that could prove records lost is consulted before anything is removed
+        or cut: the CLEAN marker (the size the last segment had at a clean stop) and the
+        snapshots (each written once the log held its seq). Such a loss is corruption,
+        refused unless salvaging, never taken for what a crash leaves."""
         recovery = Recovery()
         paths = list_segments(self.path)
+        for path in paths:
+            require_regular(path)
+        marker = self._read_clean_marker()
+        if not self.salvage:
+            self._check_vouched(marker, paths)
+        unfinished = None
         if paths and paths[-1].stat().st_size < SEGMENT_HEADER.size:
             # A crash while rotating: the new segment has no whole header, so no records.
+            unfinished = paths.pop()
             recovery.notes.append(
-                f"removed {paths[-1].name}: {paths[-1].stat().st_size} bytes, "
+                f"removed {unfinished.name}: {unfinished.stat().st_size} bytes, "
                 "an unfinished segment header"
             )
-            unfinished = paths.pop()
-            if not dry:
-                unfinished.unlink()
         if not paths:
-            if dry:
-                return recovery
-            self._open_segment(1, records.GENESIS_HASH)
-            self._size = SEGMENT_HEADER.size
+            self._check_snapshots(0)
+            if not dry:
+                self._remove(unfinished)
+                self._open_segment(1, records.GENESIS_HASH)
+                self._size = SEGMENT_HEADER.size
             return recovery
-        marker = self._read_clean_marker()
         last = paths[-1]
         stat = last.stat()
         if marker is not None and marker.get("segment") == last.name and (
             marker.get("size"), marker.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
             # Closed cleanly and untouched since: no scan needed (as Kafka's clean-shutdown
             # file). Records are verified anyway whenever they are read.
+            self._check_snapshots(marker["last_seq"])
+            if not dry:
+                self._remove(unfinished)
             recovery.last_seq = self.last_seq = marker["last_seq"]
             self.last_hash = bytes.fromhex(marker["last_hash"])
-            self._fd, self._segment = os.open(last, os.O_WRONLY | os.O_APPEND), last
-            self._size = stat.st_size
+            self._open_active(last, stat.st_size)
             return recovery
         # The marker vouches the segment was whole at that size: damage within it cannot
         # be an unfinished write, only corruption.
@@ -244,6 +264,9 @@ class FileLog:
                 raise
             recovery.salvaged, recovery.dropped_bytes = exc, stat.st_size
             recovery.notes.append(f"removed {last.name}: its header is damaged")
+            if dry:
+                return recovery
+            self._remove(unfinished)
             last.unlink()
             return self._recover_after_salvage(recovery)
         torn: list[TornTail] = []
@@ -259,16 +282,62 @@ class FileLog:
             recovery.salvaged = exc  # the scan got as far as the good prefix: keep that
         if torn:
             recovery.torn = torn[0]
-        if end < len(segment.data) and not dry:
-            recovery.dropped_bytes = len(segment.data) - end
-            with open(segment.path, "r+b") as handle:
-                handle.truncate(end)
-                os.fsync(handle.fileno())
+        self._check_snapshots(seq)
+        if not dry:
+            self._remove(unfinished)
+            if end < len(segment.data):
+                recovery.dropped_bytes = len(segment.data) - end
+                with open(open_regular(segment.path, os.O_RDWR), "r+b") as handle:
+                    handle.truncate(end)
+                    os.fsync(handle.fileno())
         recovery.last_seq = seq
         self.last_seq, self.last_hash = seq, last_hash
-        self._fd, self._segment = os.open(segment.path, os.O_WRONLY | os.O_APPEND), segment.path
-        self._size = end
+        self._open_active(segment.path, end)
         return recovery
+
+    def _check_vouched(self, marker: dict | None, paths: list[Path]) -> None:
+        """A CLEAN marker says in which segment, at what size, the log ended at a clean
+        stop, and nothing was written since: that segment gone or shorter is lost records
+        (a truncated file, a restore gone wrong), not a crash while rotating or writing."""
+        if marker is None or not isinstance(marker.get("size"), int):
+            return
+        name = marker.get("segment")
+        vouched = self.path / str(name)
+        size = vouched.stat().st_size if vouched in paths else None
+        if size is not None and size >= marker["size"]:
+            return
+        now = "is gone" if size is None else f"is {size} bytes"
+        raise LogCorrupted(
+            f"event log corrupted: {vouched} {now}, but the clean stop that left "
+            f"{self.path / CLEAN_MARKER} recorded {marker['size']} bytes (records up to seq "
+            f"{marker.get('last_seq')}): records were lost",
+            segment=str(name), offset=size or 0, seq=0,
+        )
+
+    def _check_snapshots(self, last_seq: int) -> None:
+        """Refuse a snapshot file that is not a regular file, and a sound snapshot of a
+        seq past the log's end: it was written once the log held that seq, so records
+        were lost. Only salvaging goes on (and `recover --salvage` then removes it)."""
+        store = SnapshotStore(self.path / SNAPSHOT_DIR)
+        store.require_regular()
+        if self.salvage:
+            return
+        for snapshot in store.ahead_of(last_seq):
+            raise LogCorrupted(
+                f"event log corrupted: it ends at seq {last_seq}, but snapshot "
+                f"{store.directory / snapshot_name(snapshot.seq)} holds the state at seq "
+                f"{snapshot.seq}: records {last_seq + 1}..{snapshot.seq} were lost",
+                segment="", offset=0, seq=last_seq + 1,
+            )
+
+    def _remove(self, unfinished: Path | None) -> None:
+        """Remove a segment with an unfinished header (a crash while rotating)."""
+        if unfinished is not None:
+            unfinished.unlink()
+
+    def _open_active(self, path: Path, size: int) -> None:
+        self._fd, self._segment = open_regular(path, os.O_WRONLY | os.O_APPEND), path
+        self._size = size
 
     def _recover_after_salvage(self, recovery: Recovery) -> Recovery:
         """Recover again now that a damaged last segment is gone, keeping the report."""
@@ -282,8 +351,8 @@ class FileLog:
         """The clean-shutdown marker. It stays until recovery succeeded: damage that it
         proves is corruption stays refused at every start, never taken for a torn tail."""
         try:
-            raw = orjson.loads((self.path / CLEAN_MARKER).read_bytes())
-        except (OSError, ValueError):
+            raw = orjson.loads(read_regular(self.path / CLEAN_MARKER))
+        except (OSError, ValueError):  # none, or unreadable: the scan decides
             raw = None
         return raw if isinstance(raw, dict) else None
 
@@ -496,16 +565,14 @@ class FileLog:
             raise LogClosed(f"event log {self.path}: write failed: {self._failure}")
 
     def _write_clean_marker(self) -> None:
-        marker = self.path / CLEAN_MARKER
         stat = os.fstat(self._fd)
-        marker.with_suffix(".tmp").write_bytes(orjson.dumps({
+        replace_atomically(self.path / CLEAN_MARKER, orjson.dumps({
             "segment": self._segment.name,
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             "last_seq": self.last_seq,
             "last_hash": self.last_hash.hex(),
-        }))
-        os.replace(marker.with_suffix(".tmp"), marker)
+        }), fsync=True)
         os.fsync(self._dir_fd)
 
 
@@ -528,8 +595,8 @@ def writer_pid(path: str | os.PathLike) -> str | None:
     None if none has. (It tries the lock for an instant: a writer starting at that moment
     gets `LogLocked` once.)"""
     try:
-        fd = os.open(Path(path) / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = open_regular(Path(path) / LOCK_FILE, os.O_RDONLY)
+    except (FileNotFoundError, NotRegularFile):  # no writer could lock that
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -634,7 +701,7 @@ class LogTail:
     @staticmethod
     def _offset_of(path: Path, seq: int) -> int:
         """Byte offset where record `seq` starts (or will start) in segment `path`."""
-        data = path.read_bytes()
+        data = read_regular(path)
         offset, current = SEGMENT_HEADER.size, int(path.name[:20])
         while current < seq and offset < len(data):
             try:
@@ -648,7 +715,7 @@ class LogTail:
         """The new whole records, possibly across segments; [] if there are none."""
         found: list[records.Record] = []
         while True:
-            with open(self.segment, "rb") as handle:
+            with open(open_regular(self.segment, os.O_RDONLY), "rb") as handle:
                 data = os.pread(handle.fileno(), 1 << 30, self.offset)
             batch, used, seq, prev, why = scan_batch(data, 0, self.seq, self.prev, 1 << 30)
             found += batch

@@ -23,6 +23,7 @@ from pathlib import Path
 import core_ext
 from dispatcher.eventlog import records
 from dispatcher.eventlog.errors import LogCorrupted, UnsupportedFormat
+from dispatcher.eventlog.files import read_regular
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"IMDLOG"
@@ -82,7 +83,7 @@ class Segment:
 
     @classmethod
     def read(cls, path: Path) -> Segment:
-        data = path.read_bytes()
+        data = read_regular(path)
         if len(data) < SEGMENT_HEADER.size:
             raise LogCorrupted(
                 f"{path.name}: {len(data)} bytes, shorter than a segment header",

@@ -7,6 +7,8 @@ next record's chain starts from that hash, so a snapshot that does not belong to
 is noticed (and skipped). Only `imdispatch verify`, which replays the log, proves that a
 snapshot's state is the one its records build. Files are written to a temporary name,
 fsynced and renamed, so a crash leaves either the old snapshot or the new one, never half.
+Snapshots are written only once the log holds (fsynced) the seq they are at: a sound one
+past the log's end means records were lost, and opening the log for writing refuses it.
 
 A file that does not check out (not a JSON object, a seq that is no positive integer or
 not the one its name says, a malformed hash, a state that is not an object, a name that is
@@ -24,9 +26,21 @@ from typing import Any
 
 import orjson
 
+from dispatcher.eventlog.files import (
+    NotRegularFile,
+    read_regular,
+    replace_atomically,
+    require_regular,
+)
+
 SNAPSHOT_FORMAT = 1
 KEEP = 2
+SNAPSHOT_DIR = "snapshots"  # in the log directory
 NAME = re.compile(r"snapshot-(\d{20})\.json")
+
+
+def snapshot_name(seq: int) -> str:
+    return f"snapshot-{seq:020d}.json"
 
 
 @dataclass(slots=True)
@@ -43,8 +57,7 @@ class SnapshotStore:
     def save(self, snapshot: Snapshot) -> Path:
         # Not `parents=True`: a log directory removed meanwhile must not be recreated.
         self.directory.mkdir(exist_ok=True)
-        path = self.directory / f"snapshot-{snapshot.seq:020d}.json"
-        temporary = path.with_suffix(".tmp")
+        path = self.directory / snapshot_name(snapshot.seq)
         state = orjson.dumps(snapshot.state)
         data = orjson.dumps({
             "format": SNAPSHOT_FORMAT,
@@ -53,14 +66,28 @@ class SnapshotStore:
             "state_sha256": hashlib.sha256(state).hexdigest(),
             "state": orjson.Fragment(state),
         })
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        replace_atomically(path, data, fsync=True)
         for old in self._paths()[:-KEEP]:
             old.unlink(missing_ok=True)
         return path
+
+    def ahead_of(self, last_seq: int) -> list[Snapshot]:
+        """The sound snapshots (they check out) of states past `last_seq`."""
+        found = []
+        for path in self._paths():
+            if _name_seq(path) > last_seq:
+                try:
+                    found.append(_load(path))
+                except (OSError, ValueError, NotRegularFile):
+                    continue  # cannot vouch for anything: skipped, as at every start
+        return found
+
+    def require_regular(self) -> None:
+        """Raise `NotRegularFile` for a file named as a snapshot that is not a regular
+        file (a FIFO would block whoever reads it)."""
+        if self.directory.is_dir():
+            for path in self.directory.glob("snapshot-*.json"):
+                require_regular(path)
 
     def discard_after(self, last_seq: int) -> list[str]:
         """Remove snapshots of states past the log's end (left by a truncated or salvaged
@@ -79,7 +106,7 @@ class SnapshotStore:
         for path in reversed(self._paths()):
             try:
                 snapshot = _load(path)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, NotRegularFile) as exc:
                 found.append((None, path, f"unreadable: {exc}"))
                 continue
             if snapshot.seq > max_seq:
@@ -106,7 +133,7 @@ def _name_seq(path: Path) -> int:
 
 def _load(path: Path) -> Snapshot:
     """The snapshot in `path`; `ValueError` saying why if it does not check out."""
-    raw = orjson.loads(path.read_bytes())
+    raw = orjson.loads(read_regular(path))
     if not isinstance(raw, dict):
         raise ValueError(f"a JSON {type(raw).__name__}, not an object")
     if raw.get("format") != SNAPSHOT_FORMAT:

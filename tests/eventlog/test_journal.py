@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
-from dispatcher.eventlog.errors import RecordTooLarge
+from dispatcher.eventlog.errors import LogCorrupted, RecordTooLarge
 from dispatcher.eventlog.filelog import FileLog, LogReader
 from dispatcher.eventlog.records import MAX_PAYLOAD
 from dispatcher.eventlog.snapshots import SnapshotStore
@@ -185,17 +185,43 @@ def test_snapshot_from_another_log_is_skipped(tmp_path):
     assert reopened.state.to_dict() == live.state.to_dict()
 
 
-def test_snapshot_past_the_end_of_the_log_is_skipped(tmp_path):
+def test_a_sound_snapshot_past_the_end_of_the_log_is_refused_until_salvaged(tmp_path):
+    """It was written once the log held its seq: the records after the log's end were
+    lost. Start refuses (and keeps it); salvaging goes on without it and removes it."""
     live = build(tmp_path, 25)
     store = SnapshotStore(tmp_path / "snapshots")
     newest = store.candidates(10**9)[0][0]
     newest.seq += 100
-    store.save(newest)
-    reopened, report = asyncio.run(reopen(tmp_path, snapshots=True))
-    assert any("removed snapshot" in note and "past the log's end" in note
+    ahead = store.save(newest)
+    end = live.state.seq
+    with pytest.raises(LogCorrupted, match=f"ends at seq {end}, but snapshot {ahead} holds "
+                                           f"the state at seq {newest.seq}: records "
+                                           f"{end + 1}..{newest.seq} were lost"):
+        asyncio.run(reopen(tmp_path, snapshots=True))
+    assert ahead.exists()
+
+    async def salvage():
+        journal = Journal(FileLog(tmp_path, salvage=True), store)
+        report = await journal.open()
+        await journal.close()
+        return journal, report
+
+    reopened, report = asyncio.run(salvage())
+    assert any(f"removed snapshot {ahead.name}: past the log's end" in note
                for note in report.notes)
     assert reopened.state.to_dict() == live.state.to_dict()
     assert all(s.seq <= live.state.seq for s, _, _ in store.candidates(10**9) if s)
+
+
+def test_a_file_past_the_end_that_is_no_snapshot_is_skipped_and_removed(tmp_path):
+    live = build(tmp_path, 25)
+    junk = tmp_path / "snapshots" / "snapshot-00000000000000000125.json"
+    junk.write_text('{"format": 1, "seq": 125}')  # vouches for nothing
+    reopened, report = asyncio.run(reopen(tmp_path, snapshots=True))
+    assert any(f"removed snapshot {junk.name}: past the log's end" in note
+               for note in report.notes)
+    assert reopened.state.to_dict() == live.state.to_dict()
+    assert not junk.exists()
 
 
 def test_event_that_does_not_fit_is_refused_and_earlier_ones_kept(tmp_path):
