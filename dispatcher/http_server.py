@@ -31,6 +31,8 @@ from sanic.request import Request
 from sanic.server.protocols.http_protocol import HttpProtocol
 from sanic.server.socket import bind_socket
 
+from imnode.contract import host_port
+
 RESERVED_FILES = 64  # kept for the event log, NATS, the ledger, the admin socket, ...
 EVICT_SHARE = 16  # past the cap, this share of the connections is closed at once
 HARD_CLOSE_AFTER = 1.0  # seconds a timed-out connection has to take its 408
@@ -49,7 +51,7 @@ def listen(host: str, port: int, backlog: int, setting: str) -> socket.socket:
     try:
         return bind_socket(host, port, backlog=backlog)
     except OSError as exc:
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = host_port(host, port)
         raise ListenError(f"cannot listen on {where} ({setting}): "
                           f"{exc.strerror or exc}") from None
 
