@@ -45,6 +45,7 @@ class HttpConfig:
     backlog: int = 1024  # connections the kernel queues before accepting: a reconnect storm
     rate_limit_per_ip: float = 0.0  # get-tcp-ip requests a second per client address; 0: off
     admin_listen: str | None = None  # "HOST:PORT": admin API, /metrics, /dashboard only there
+    fast_path: bool = True  # get-tcp-ip answered by the compiled fast path (false: Sanic's route)
 
     def admin_address(self) -> tuple[str, int] | None:
         """`admin_listen` as (host, port), or None: the admin side is on the public port."""
@@ -193,6 +194,12 @@ def _secret(value: Any) -> str:
     return value
 
 
+def _boolean(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _choice(*options: str) -> Check:
     def check(value: Any) -> str:
         if value not in options:
@@ -273,7 +280,8 @@ PORT = _integer(1, 65535)
 TABLES: dict[str, tuple[type, dict[str, Check]]] = {
     "http": (HttpConfig, {"host": _ip, "port": _integer(0, 65535), "workers": _integer(1, 64),
                           "retry_after": _integer(1, 3600), "backlog": _integer(1, 65535),
-                          "rate_limit_per_ip": _number(0.0, 1e9), "admin_listen": _listen}),
+                          "rate_limit_per_ip": _number(0.0, 1e9), "admin_listen": _listen,
+                          "fast_path": _boolean}),
     "nats": (NatsConfig, {
         "servers": _servers, "user": _string, "password": _secret, "token": _secret,
         "creds": _string, "nkey_seed": _string, "tls_ca": _string, "tls_cert": _string,
