@@ -16,6 +16,8 @@ DIRECTIVES = {
 
 EXTENSIONS = [
     Extension("core_ext._selector", ["core_ext/_selector.pyx"]),
+    # get-tcp-ip's fast path: reading a request head and framing the answer.
+    Extension("core_ext._fastpath", ["core_ext/_fastpath.pyx"]),
     # Replay's record scanner: CRC-32 from zlib, SHA-256 from OpenSSL's libcrypto (both
     # already there for CPython itself; the build needs their headers).
     Extension(

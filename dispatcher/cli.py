@@ -235,7 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sanic import Sanic
 
     from dispatcher import config as cfg
-    from dispatcher import http_server
+    from dispatcher import fast_path, http_server
     from dispatcher.web import create_app
 
     logs.configure(args.log_level, args.log_format)
@@ -269,7 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
                    "admin_socket": admin}  # to every worker (pickled as a socket)
     if config.http.workers == 1:
         app = create_app(config, args.config, **app_options)
-        app.prepare(sock=public, protocol=http_server.GuardedProtocol,
+        app.prepare(sock=public, protocol=fast_path.protocol_for(config.http),
                     backlog=config.http.backlog, access_log=False, motd=False,
                     single_process=True)
         Sanic.serve_single(primary=app)
@@ -300,7 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
                                                  **app_options))
     signal.signal(signal.SIGHUP, lambda *_: _reload_leader(config))
     app = loader.load()
-    app.prepare(sock=public, protocol=http_server.GuardedProtocol,
+    app.prepare(sock=public, protocol=fast_path.protocol_for(config.http),
                 workers=config.http.workers, backlog=config.http.backlog, access_log=False,
                 motd=False)
     replacer = _WorkerReplacer()

@@ -84,9 +84,9 @@ class GuardedHttp(Http):
 
     __slots__ = ("began", "requests")
 
-    def __init__(self, protocol: HttpProtocol) -> None:
+    def __init__(self, protocol: GuardedProtocol) -> None:
         super().__init__(protocol)
-        self.began: float | None = monotonic()
+        self.began: float | None = protocol.request_began()
         self.requests = 0
         self.request_body = self.response = None  # read by the timeout check meanwhile
 
@@ -156,15 +156,24 @@ class GuardedProtocol(HttpProtocol):
     admin_side = False
 
     def connection_made(self, transport: Any) -> None:
+        self.admit()
+        super().connection_made(transport)
+        self._time = monotonic()  # not 0: the newest must not look the quietest
+        self.conn_info.ctx.admin_side = self.admin_side
+
+    def admit(self) -> None:
+        """A new connection: room made for it past the cap, its guards set."""
         if len(self.connections) >= self.cap:
             _evict(self.connections, max(1, self.cap // EVICT_SHARE))
         self._http = None  # until the connection's task starts (Sanic leaves it unset)
         self.stalled_since: float | None = None  # writes paused since, if they are
         self._unsent = 0  # bytes waiting to be written when last looked at
         self._write_check: asyncio.TimerHandle | None = None
-        super().connection_made(transport)
-        self._time = monotonic()  # not 0: the newest must not look the quietest
-        self.conn_info.ctx.admin_side = self.admin_side
+
+    def request_began(self) -> float:
+        """When the request Sanic is about to read began: its first byte, or for a
+        connection's first request, its accept (now, as Sanic takes it at once)."""
+        return monotonic()
 
     def data_received(self, data: bytes) -> None:
         http = self._http

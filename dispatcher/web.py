@@ -16,8 +16,6 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from math import ceil
-from time import monotonic, perf_counter
 from typing import Any
 
 import orjson
@@ -26,12 +24,13 @@ from sanic.exceptions import MethodNotAllowed, NotFound, SanicException
 from sanic.response import HTTPResponse
 
 from dispatcher import config as cfg
-from dispatcher import dashboard, http_server, leader_link, pacing
+from dispatcher import dashboard, http_server, leader_link
 from dispatcher.domain.errors import DomainError
 from dispatcher.follower import Follower
+from dispatcher.get_tcp_ip import GetTcpIp
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dispatcher.metrics import exposition
-from dispatcher.query import QueryError, from_query_string
+from dispatcher.query import QueryError
 from dispatcher.runtime import open_runtime, take_over_when_leader_dies
 from dispatcher.serving import Serving
 from dispatcher.stats import DIRECTORY_VARIABLE, SharedStats
@@ -148,35 +147,15 @@ def create_app(config: cfg.Config, config_path: str | None = None,
             stats.own.request(request.uri_template or "other", 500)
         return error(500, "internal error")
 
-    per_address = (pacing.AddressLimit(config.http.rate_limit_per_ip)
-                   if config.http.rate_limit_per_ip > 0 else None)
+    app.ctx.get_tcp_ip = answers = GetTcpIp(holder, stats.own, config.http.rate_limit_per_ip)
 
     @app.get("/get-tcp-ip")
     async def get_tcp_ip(request: Request) -> HTTPResponse:
-        """The hot path: no middleware; it counts itself."""
-        started = perf_counter()
-        runtime = holder[0]
-        if per_address is not None:
-            wait = per_address.allow(request.ip, monotonic())
-            if wait:
-                stats.own.request("/get-tcp-ip", 429)
-                seconds = max(1, ceil(wait))
-                return respond({"error": "too many requests from this address",
-                                "retry_after": seconds}, 429, {"Retry-After": str(seconds)})
-        try:
-            pick = from_query_string(request.query_string)
-        except QueryError as exc:
-            stats.own.request("/get-tcp-ip", 400)
-            return error(400, str(exc))
-        chosen = runtime.choose(pick)
-        if not chosen:
-            refusal = runtime.refusal(pick)
-            stats.own.picked(None, perf_counter() - started, refusal.reason)
-            return HTTPResponse(refusal.body(), 503, {"Retry-After": str(refusal.retry_after)},
-                                content_type=JSON)
-        response = HTTPResponse(runtime.answer(chosen, pick.count > 1), content_type=JSON)
-        stats.own.picked(chosen[0].id, perf_counter() - started)
-        return response
+        """The hot path (when the fast path is off, or not sure): no middleware; it
+        counts itself."""
+        status, body, retry_after = answers.answer(request.query_string, request.ip)
+        return HTTPResponse(body, status, {"Retry-After": str(retry_after)} if retry_after
+                            else None, content_type=JSON)
 
     ops = Blueprint(f"ops_{app.name}")  # every other route, counted by a middleware
 

@@ -1,0 +1,162 @@
+"""get-tcp-ip's fast path: the hottest request answered without Sanic's machinery.
+
+`FastProtocol` owns a new connection until it sees a request it is not sure about. While
+it owns it, every complete, simple `GET /get-tcp-ip` (see `core_ext._fastpath_py.scan`)
+is answered from `data_received`: no task, request, router or response object. The
+answer comes from the same `GetTcpIp.answer` as Sanic's route and is framed as Sanic
+frames it. The first request that is anything else, and every byte after it, goes to Sanic
+untouched and in order: the connection then becomes an ordinary Sanic connection (with
+this module's guards, `http_server.GuardedProtocol`) for the rest of its life.
+
+Timing rules are Sanic's and the guards': a request that arrives in several packets is
+handed to Sanic as soon as it is seen incomplete, so Sanic and the guards time it (408);
+a connection that sends nothing within `REQUEST_TIMEOUT` of its accept, or stays idle
+for `KEEP_ALIVE_TIMEOUT`, is closed without a word, as Sanic closes it. One timer per
+connection, moved only when it fires.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import Any
+
+from sanic.helpers import STATUS_CODES
+from sanic.models.server_types import ConnInfo
+
+import core_ext
+from dispatcher.config import HttpConfig
+from dispatcher.get_tcp_ip import GetTcpIp
+from dispatcher.http_server import GuardedProtocol
+
+_bytes = core_ext.compiled_or_twin("core_ext._fastpath", "core_ext._fastpath_py")
+scan, plain_query, frame = _bytes.scan, _bytes.plain_query, _bytes.frame
+STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, STATUS_CODES[status])
+                for status in (200, 400, 429, 500, 503)}
+
+
+class FastProtocol(GuardedProtocol):
+    """The public port's protocol when `[http] fast_path` is on."""
+
+    __slots__ = ("_address", "_answers", "_began", "_fast")
+
+    def connection_made(self, transport: Any) -> None:
+        self.admit()
+        transport.set_write_buffer_limits(low=16384, high=65536)  # as Sanic sets them
+        self.connections.add(self)
+        self.transport = transport
+        self.recv_buffer = bytearray()
+        self._fast = True
+        self._answers: GetTcpIp = self.app.ctx.get_tcp_ip
+        self._address: str | None = None
+        self._time = self._began = monotonic()
+        self._callback_check_timeouts = self.loop.call_later(self.request_timeout,
+                                                             self._check_timeouts)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._fast:
+            return GuardedProtocol.data_received(self, data)
+        buffer = self.recv_buffer
+        self._time = monotonic()
+        if not buffer and self._began is None:
+            self._began = self._time
+        buffer += data
+        if self.stalled_since is None:
+            self._serve()
+        elif len(buffer) >= self.app.config.REQUEST_BUFFER_SIZE:
+            self.transport.pause_reading()  # the client does not read its answers
+        return None
+
+    def _serve(self) -> None:
+        """Answer the complete fast requests at the front of the buffer, in order; hand
+        the connection to Sanic at the first that is not one."""
+        buffer, answers, transport = self.recv_buffer, self._answers, self.transport
+        limit = self.HTTP_CLASS.HEADER_MAX_SIZE
+        start = 0
+        while True:
+            found = scan(buffer, start, limit)
+            if type(found) is int:  # not a fast request, or not all here yet
+                del buffer[:start]
+                if buffer:  # a request split across packets too: Sanic times it
+                    if start:  # it began with the bytes just received
+                        self._began = self._time
+                    self._hand_over()
+                else:
+                    self._began = None
+                return
+            start, keep_alive, query_start, query_end = found
+            if query_start == query_end or plain_query(buffer, query_start, query_end):
+                query = ""
+            else:
+                query = buffer[query_start:query_end].decode("ascii")
+            try:
+                status, body, retry_after = answers.answer(query, self._peer())
+            except Exception:
+                status, body, retry_after = answers.failed()
+            transport.write(frame(STATUS_LINES[status], retry_after, body, keep_alive))
+            if not keep_alive:
+                buffer.clear()
+                transport.close()
+                return
+            if self.stalled_since is not None:  # answers pile up unread: wait
+                del buffer[:start]
+                self._began = self._time if buffer else None
+                return
+
+    def _peer(self) -> str:
+        """The client's address as Sanic's `request.ip` gives it (for the rate limit)."""
+        if self._address is None:
+            peer = self.transport.get_extra_info("peername")
+            self._address = peer[0] if isinstance(peer, tuple) else ""
+        return self._address
+
+    def _hand_over(self) -> None:
+        """From now on Sanic reads this connection, from the bytes still buffered."""
+        self._fast = False
+        if self._callback_check_timeouts is not None:
+            self._callback_check_timeouts.cancel()
+            self._callback_check_timeouts = None
+        self.conn_info = ConnInfo(self.transport, unix=self._unix)
+        self.conn_info.ctx.admin_side = False
+        self._task = self.loop.create_task(self.connection_task())
+
+    def request_began(self) -> float:
+        return self._began if self._began is not None else monotonic()
+
+    def _check_timeouts(self) -> None:
+        """Closed, without a word as Sanic does: a connection whose first request did not
+        come in time, or that stayed idle for the keep-alive time. (A request that has
+        begun to arrive is Sanic's, and Sanic times it.)"""
+        self._callback_check_timeouts = None
+        if not self._fast or self.transport is None or self.transport.is_closing():
+            return None
+        if self._began is not None:
+            left = self._began + self.request_timeout - monotonic()
+        else:
+            left = self._time + self.keep_alive_timeout - monotonic()
+        if left <= 0:
+            return self.transport.close()
+        self._callback_check_timeouts = self.loop.call_later(left + 0.01,
+                                                             self._check_timeouts)
+        return None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._fast and self.transport is not None and self.recv_buffer:
+            self._serve()
+            if self._fast and self.transport is not None:
+                self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._fast:
+            return super().connection_lost(exc)
+        self.connections.discard(self)
+        if self._callback_check_timeouts is not None:
+            self._callback_check_timeouts.cancel()
+            self._callback_check_timeouts = None
+        GuardedProtocol.resume_writing(self)  # its stall check ends
+        return None
+
+
+def protocol_for(http: HttpConfig) -> type[GuardedProtocol]:
+    """The public port's protocol: with the fast path (`[http] fast_path`), or Sanic's."""
+    return FastProtocol if http.fast_path else GuardedProtocol
