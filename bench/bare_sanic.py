@@ -28,8 +28,13 @@ def create_app() -> Sanic:
 
 if __name__ == "__main__":
     port, workers = int(sys.argv[1]), int(sys.argv[2])
-    loader = AppLoader(factory=functools.partial(create_app))
-    app = loader.load()
-    app.prepare(host="127.0.0.1", port=port, workers=workers, access_log=False, motd=False,
-                single_process=workers == 1)
-    Sanic.serve(primary=app, app_loader=loader)
+    options = {"host": "127.0.0.1", "port": port, "access_log": False, "motd": False}
+    if workers == 1:  # one process, as `imdispatch serve` runs one worker
+        app = create_app()
+        app.prepare(**options, single_process=True)
+        Sanic.serve_single(primary=app)
+    else:
+        loader = AppLoader(factory=functools.partial(create_app))
+        app = loader.load()
+        app.prepare(**options, workers=workers)
+        Sanic.serve(primary=app, app_loader=loader)

@@ -181,9 +181,12 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "-"
             lines.append(f"| {row['case']} | {_ns(row['compiled_ns'])} | "
                          f"{_ns(row['reference_ns'])} | {ratio} |")
+    side_by_side = http_tables(report.get("series", {}))
+    lines += side_by_side
     lines += ["", "## Figures", "", "| figure | value |", "|---|---|"]
     lines += [f"| {f['name']} | {_number(f['value'])} {f['unit']} |"
-              for f in report["figures"]]
+              for f in report["figures"]
+              if not (side_by_side and f["name"].startswith(HTTP_FIGURES))]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{plot}]({plot})" for plot in plots]
     elif report.get("series"):
@@ -191,6 +194,37 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "## Skipped", ""]
     lines += [f"- `{s['benchmark']}`: {s['reason']}" for s in report["skipped"]] or ["nothing"]
     return "\n".join(lines) + "\n"
+
+
+HTTP_FIGURES = "HTTP "  # bench.targets.http's names: shown in the side-by-side tables
+
+
+def http_tables(series: dict[str, Any]) -> list[str]:
+    """One table a scenario of the HTTP benchmark: every server's req/s, p99 and its
+    throughput next to bare Sanic's and nginx's, measured in the same run."""
+    lines = []
+    for name, scenario in series.items():
+        if not name.startswith("http: "):
+            continue
+        if not lines:
+            lines += ["", "## get-tcp-ip side by side (wrk on loopback, same request)"]
+        runs = scenario["servers"]
+        bare, nginx = runs.get("bare Sanic"), runs.get("nginx")
+        lines += ["", f"### {name.removeprefix('http: ')}", "", f"`{scenario['wrk']}`", "",
+                  "| server | requests/s | p99 | x bare Sanic | x nginx |",
+                  "|---|---|---|---|---|"]
+        for server, run in runs.items():
+            lines.append(f"| {server} | {run['rate']:,.0f} | {run['p99_ms']:.2f} ms | "
+                         f"{_ratio(run, bare)} | {_ratio(run, nginx)} |")
+        fast, plain = runs.get("get-tcp-ip, fast path"), runs.get("get-tcp-ip, plain route")
+        if fast and plain:
+            lines += ["", f"The fast path answers {_ratio(fast, plain)} the plain Sanic "
+                          "route's requests/s."]
+    return lines
+
+
+def _ratio(run: dict[str, float], other: dict[str, float] | None) -> str:
+    return "-" if other is None else f"{run['rate'] / other['rate']:.2f}x"
 
 
 def _number(value: float) -> str:

@@ -1,28 +1,26 @@
 """The dispatcher: poll cycle time at 10/100/1000 nodes, failure detection after SIGKILL,
-and HTTP throughput of /get-tcp-ip against a bare Sanic route (wrk, 1 and 2 workers)."""
+and HTTP throughput and p99 of /get-tcp-ip (fast path and plain route) side by side with a
+bare Sanic route and nginx (wrk on loopback, 1 and 2 workers, kept-alive connections and
+one request per connection)."""
 
 import asyncio
 import json
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from bench import targets
-from bench.processes import start, start_dispatcher, start_imnode, stop, wait_ready
+from bench import servers, targets, wrk
+from bench.processes import stop
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.eventlog.filelog import FileLog
 from dispatcher.journal import Journal
 from dispatcher.poller import Poller
-from tests.nats_server import free_port
 
 
 @pytest.mark.parametrize("nodes", [10, 100, 1000])
@@ -69,19 +67,15 @@ def test_poll_cycle(benchmark, tmp_path, nats_url, nodes):
 
 
 def cluster(tmp_path, nats_url, workers, interval=0.5):
-    ports = {f"b{i}": free_port() for i in range(3)}
-    nodes = []
+    nodes, processes = servers.start_nodes(nats_url)
     try:
-        for node_id, port in ports.items():
-            nodes.append(start_imnode(node_id, port, nats_url, 100000))
-        http_port, dispatcher = start_dispatcher(
-            tmp_path, nats_url, {n: (p, i + 1) for i, (n, p) in enumerate(ports.items())},
-            workers=workers, interval=interval,
-            balance="slow_start = 0\nassign_rate = 1000000000\n")
+        http_port, dispatcher = servers.start_get_tcp_ip(tmp_path, nats_url, nodes,
+                                                         workers=workers, fast_path=True,
+                                                         interval=interval)
     except BaseException:
-        stop(*nodes)
+        stop(*processes)
         raise
-    return http_port, dispatcher, nodes
+    return http_port, dispatcher, processes
 
 
 def node_health(port, node_id):
@@ -118,66 +112,109 @@ def test_failure_detection_after_sigkill(benchmark, tmp_path, nats_url):
                    benchmark)
 
 
-WRK = shutil.which("wrk")
+ROUNDS = 3  # interleaved rounds per server; each one's median is kept
+SECONDS = 2  # per wrk run
 
 
-PERCENTILES = Path(__file__).with_name("wrk_percentiles.lua")
+@pytest.mark.skipif(wrk.WRK is None, reason="wrk not installed: apt-get install wrk")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_get_tcp_ip_side_by_side(request, benchmark, tmp_path, nats_url, workers):
+    """get-tcp-ip with the fast path and with the plain Sanic route, a bare Sanic route and
+    nginx (when installed) answering the same request on the same machine, with `workers`
+    workers each: kept-alive connections, and with 1 worker one request per connection."""
+    benchmark.group = "dispatcher HTTP"
+    nodes, processes = servers.start_nodes(nats_url)
+    ports = {}
+    try:
+        for server, fast_path in ((targets.FAST, True), (targets.PLAIN, False)):
+            ports[server], process = servers.start_get_tcp_ip(
+                tmp_path, nats_url, nodes, workers=workers, fast_path=fast_path)
+            processes.append(process)
+        ports[targets.BARE], process = servers.start_bare_sanic(workers)
+        processes.append(process)
+        if servers.nginx_binary() is None:
+            targets.SKIPPED.append((f"{request.node.nodeid}: nginx",
+                                    "nginx not installed: apt-get install nginx-light"))
+        else:
+            ports[targets.NGINX], process = servers.start_nginx(tmp_path, workers)
+            processes.append(process)
+        scenarios = {f"keep-alive, {workers} worker{'s' * (workers > 1)}": False}
+        if workers == 1:
+            scenarios["Connection: close, 1 worker"] = True
+        measured = benchmark.pedantic(
+            lambda: {scenario: side_by_side(ports, workers, close)
+                     for scenario, close in scenarios.items()}, rounds=1, iterations=1)
+    finally:
+        stop(*processes)
+    for scenario, runs in measured.items():
+        record_http(scenario, runs, benchmark, scenarios[scenario], workers)
+    for scenario, runs in measured.items():
+        answers = {server: run.non_2xx for server, run in runs.items()}
+        assert not any(answers.values()), f"{scenario}: non-2xx answers {answers}"
 
 
 @dataclass(frozen=True)
-class WrkRun:
-    rate: float  # requests per second
-    p99_ms: float
-    non_2xx: int
-    percentiles: list[tuple[float, float]]  # (percentile, latency in ms)
+class Median:
+    rate: float  # requests per second, the median of the rounds
+    p99_ms: float  # the median of the rounds' p99
+    non_2xx: int  # over all rounds
+    errors: int  # wrk's socket errors, over all rounds
+    rates: list[float]
+    percentiles: list[tuple[float, float]]  # of the round with the median rate
 
 
-def wrk(url, seconds=5) -> WrkRun:
-    result = subprocess.run([WRK, "-t2", "-c64", f"-d{seconds}s", "-s", str(PERCENTILES), url],
-                            capture_output=True, text=True, timeout=seconds + 30, check=True)
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
-    points = [(float(p), int(us) / 1000) for p, us in
-              re.findall(r"^pct ([\d.]+) (\d+)$", result.stdout, re.MULTILINE)]
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
-    return WrkRun(rate, dict(points)[99.0], int(non_2xx.group(1)) if non_2xx else 0, points)
+def wrk_options(workers: int, close: bool) -> dict[str, object]:
+    """One wrk thread per server worker: with 1 worker, wrk and the server each have one
+    of a 2-core machine's cores."""
+    return {"threads": workers, "connections": 64, "close": close}
 
 
-@pytest.mark.skipif(WRK is None, reason="wrk not installed: apt-get install wrk")
-@pytest.mark.parametrize("workers", [1, 2])
-def test_get_tcp_ip_against_a_bare_sanic_route(benchmark, tmp_path, nats_url, workers):
-    benchmark.group = "dispatcher HTTP"
-    port, dispatcher, nodes = cluster(tmp_path, nats_url, workers)
-    bare_port = free_port()
-    bare = start([sys.executable, "-m", "bench.bare_sanic", str(bare_port), str(workers)])
-    try:
-        wait_ready(f"http://127.0.0.1:{bare_port}/get-tcp-ip")
+def side_by_side(ports: dict[str, int], workers: int, close: bool) -> dict[str, Median]:
+    """Every server in turn, `ROUNDS` times (drift on a shared machine hits all alike)."""
+    urls = {server: f"http://127.0.0.1:{port}{servers.REQUEST}"
+            for server, port in ports.items()}
+    options = wrk_options(workers, close)
+    for url in urls.values():
+        wrk.run(url, 1, **options)  # warm up
+    runs = {server: [] for server in urls}
+    for _ in range(ROUNDS):
+        for server, url in urls.items():
+            runs[server].append(wrk.run(url, SECONDS, **options))
+    medians = {}
+    for server, rounds in runs.items():
+        by_rate = sorted(rounds, key=lambda run: run.rate)
+        middle = by_rate[len(by_rate) // 2]
+        medians[server] = Median(middle.rate, sorted(r.p99_ms for r in rounds)[len(rounds) // 2],
+                                 sum(r.non_2xx for r in rounds), sum(r.errors for r in rounds),
+                                 [r.rate for r in rounds], middle.percentiles)
+    return medians
 
-        def measure():
-            """Alternate the two, three rounds each, and keep each one's median: on a
-            shared 2-core machine one run of either can be 15% off."""
-            request = "/get-tcp-ip?uid=bench"
-            wrk(f"http://127.0.0.1:{port}{request}", 1)  # warm up both
-            wrk(f"http://127.0.0.1:{bare_port}{request}", 1)
-            ours, theirs = [], []
-            for _ in range(3):
-                ours.append(wrk(f"http://127.0.0.1:{port}{request}", 3))
-                theirs.append(wrk(f"http://127.0.0.1:{bare_port}{request}", 3))
-            def median(runs):
-                return sorted(runs, key=lambda run: run.rate)[1]
 
-            return median(ours), median(theirs), sum(run.non_2xx for run in ours)
+def record_http(scenario: str, runs: dict[str, Median], benchmark, close: bool,
+                workers: int) -> None:
+    """Figures (the targets read the ratios) and the report's side-by-side table."""
+    def name(what):
+        return targets.http(scenario, what)
 
-        mine, bare_run, errors = benchmark.pedantic(measure, rounds=1, iterations=1)
-    finally:
-        stop(bare, dispatcher, *nodes)
-    assert errors == 0, f"{errors} non-2xx answers"
-    name = f"get-tcp-ip, {workers} worker(s)"
-    rate, bare_rate = mine.rate, bare_run.rate
-    targets.figure(f"{name}: requests/s", rate, "req/s", benchmark)
-    targets.figure(f"bare Sanic, {workers} worker(s): requests/s", bare_rate, "req/s", benchmark)
-    targets.figure(f"{name}: p99", mine.p99_ms, "ms", benchmark)
-    targets.figure(f"bare Sanic, {workers} worker(s): p99", bare_run.p99_ms, "ms", benchmark)
-    targets.figure(f"{name}: p99 / bare p99", mine.p99_ms / bare_run.p99_ms, "x", benchmark)
-    targets.series(f"latency percentiles, {workers} worker(s)",
-                   {"get-tcp-ip": mine.percentiles, "bare Sanic": bare_run.percentiles})
-    targets.figure(f"{name}: throughput / bare", rate / bare_rate, "x", benchmark)
+    for server, run in runs.items():
+        targets.figure(name(f"{server}: requests/s"), run.rate, "req/s", benchmark)
+        targets.figure(name(f"{server}: p99"), run.p99_ms, "ms", benchmark)
+        if server != targets.BARE:
+            targets.figure(name(f"{server} / {targets.BARE}"),
+                           run.rate / runs[targets.BARE].rate, "x", benchmark)
+    fast = runs[targets.FAST]
+    targets.figure(name(f"{targets.FAST} p99 / {targets.BARE} p99"),
+                   fast.p99_ms / runs[targets.BARE].p99_ms, "x", benchmark)
+    targets.figure(name(f"{targets.FAST} / {targets.PLAIN}"),
+                   fast.rate / runs[targets.PLAIN].rate, "x", benchmark)
+    if targets.NGINX in runs:
+        targets.figure(name(f"{targets.FAST} / {targets.NGINX}"),
+                       fast.rate / runs[targets.NGINX].rate, "x", benchmark)
+    targets.series(f"http: {scenario}", {
+        "wrk": f"{wrk.describe(SECONDS, **wrk_options(workers, close))}, {ROUNDS} "
+               "interleaved rounds, medians",
+        "servers": {server: {"rate": run.rate, "p99_ms": run.p99_ms, "non_2xx": run.non_2xx,
+                             "errors": run.errors, "rates": run.rates}
+                    for server, run in runs.items()}})
+    targets.series(f"latency percentiles, {scenario}",
+                   {server: run.percentiles for server, run in runs.items()})
