@@ -1,7 +1,8 @@
 """Where a new connection's time goes: one server (1 worker) under py-spy while wrk sends
 it one request per connection (`Connection: close`), for the lead's optimisation.
 
-    python -m bench.conn_profile plain|fast|bare [--seconds 10] [--out DIR] [--native]
+    python -m bench.conn_profile plain|fast|bare|nginx [--seconds 10] [--out DIR]
+        [--native | --perf]
 
 Writes DIR/<server>[-native].raw (py-spy's collapsed stacks) and prints the costs per
 connection: the time under each step of a connection's life (`STEPS`), the top functions
@@ -33,14 +34,15 @@ SYSCALLS = {  # system call -> the kernel function that runs it whole (as perf n
     "epoll_ctl": "__x64_sys_epoll_ctl", "epoll_wait": "do_epoll_wait",
     "io_uring_enter": "__do_sys_io_uring_enter", "setsockopt": "__sys_setsockopt",
     "getsockname": "__sys_getsockname", "getpeername": "__sys_getpeername",
-    "shutdown": "__sys_shutdown",
+    "shutdown": "__sys_shutdown", "writev": "do_writev", "recvfrom": "__sys_recvfrom",
+    "sendto": "__sys_sendto",
 }
 
 # A connection's steps: (step, pattern on a frame's function name). Each sample goes to
 # the first step with a frame in its stack (so the shares add up to 100%); the C ones are
 # only seen with --native.
 STEPS = [
-    ("response write (transport.write, syscall)", r"send$"),
+    ("response write (transport.write, syscall)", r"^send$|^UVStream_write$"),
     ("close, connection_lost", r"(\.|^|_)(close|connection_lost|abort|uv__stream_close)$"),
     ("Request object", r"Request\.__init__$"),
     ("request header parsing (rest)", r"http1_request_header$"),
@@ -62,23 +64,29 @@ def profile(server: str, seconds: int, out: Path, native: bool = False,
     with tempfile.TemporaryDirectory() as directory, NatsServer(Path(directory) / "js") as nats:
         processes = []
         try:
+            pid = None
             if server == "bare":
                 port, process = servers.start_bare_sanic(1)
+            elif server == "nginx":  # perf only: its one worker is the master's child
+                port, process = servers.start_nginx(Path(directory), 1)
+                pid = int(Path(f"/proc/{process.pid}/task/{process.pid}/children")
+                          .read_text().split()[0])
             else:
                 nodes, processes = servers.start_nodes(nats.url)
                 port, process = servers.start_get_tcp_ip(Path(directory), nats.url, nodes,
                                                          workers=1,
                                                          fast_path=server == "fast")
             processes.append(process)
+            pid = pid or process.pid
             url = f"http://127.0.0.1:{port}{servers.REQUEST}"
             wrk.run(url, 1, threads=1, close=True)  # warm up
             raw = out / f"{server}{'-native' if native else ''}.{'perf' if perf else 'raw'}"
             if perf:
-                command = ["perf", "record", "-F", str(PERF_RATE), "-g", "-p",
-                           str(process.pid), "-o", str(raw), "--", "sleep", str(seconds)]
+                command = ["perf", "record", "-F", str(PERF_RATE), "-g", "-p", str(pid),
+                           "-o", str(raw), "--", "sleep", str(seconds)]
             else:
                 command = [PY_SPY, "record", "--format", "raw", "--rate", str(RATE),
-                           *(["--native"] if native else []), "--pid", str(process.pid),
+                           *(["--native"] if native else []), "--pid", str(pid),
                            "--duration", str(seconds), "--output", str(raw)]
             profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
@@ -170,7 +178,8 @@ def _function(frame: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.conn_profile",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("server", choices=["plain", "fast", "bare"])
+    parser.add_argument("server", choices=["plain", "fast", "bare", "nginx"],
+                        help="nginx: with --perf only")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--native", action="store_true",
