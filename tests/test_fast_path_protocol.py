@@ -1,0 +1,86 @@
+"""The fast path's protocol where it differs from Sanic's in how, not what: its
+connection set-up, and a client that sends requests faster than it reads the answers.
+(That it answers what Sanic's route answers is tests/test_fast_path.py's proof.)"""
+
+import socket
+import time
+
+import pytest
+import uvloop
+from sanic import Sanic
+from sanic.server.protocols.http_protocol import HttpProtocol
+
+from dispatcher.config import HttpConfig
+from dispatcher.fast_path import FastProtocol, protocol_for
+from dispatcher.http_server import GuardedProtocol
+from tests.test_dispatcher_e2e import Cluster
+
+
+def fields(protocol):
+    values = {}
+    for cls in type(protocol).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if hasattr(protocol, name):
+                values[name] = getattr(protocol, name)
+    return values
+
+
+def test_a_connection_is_set_up_with_what_sanic_sets():
+    """The slim `__init__` leaves every field Sanic's would, with the same values (a
+    Sanic upgrade that adds one fails here)."""
+    app = Sanic("setup_parity")
+    app.config.REQUEST_TIMEOUT, app.config.KEEP_ALIVE_TIMEOUT = 7, 11
+    loop = uvloop.new_event_loop()
+    try:
+        options = {"loop": loop, "app": app, "connections": set(), "state": {}}
+        theirs, ours = fields(HttpProtocol(**options)), fields(FastProtocol(**options))
+        ours = {name: value for name, value in ours.items() if name in theirs}
+        assert ours.keys() == theirs.keys()
+        for name, value in theirs.items():
+            if name in ("_can_write", "_data_received"):
+                assert ours[name].is_set() is value.is_set(), name
+            elif name != "signal":
+                assert ours[name] == value, name
+        assert ours["request_timeout"] == 7 and ours["keep_alive_timeout"] == 11
+    finally:
+        loop.close()
+
+
+def test_the_configuration_chooses_the_protocol():
+    assert protocol_for(HttpConfig()) is FastProtocol
+    assert protocol_for(HttpConfig(fast_path=False)) is GuardedProtocol
+
+
+@pytest.fixture
+def cluster(tmp_path, nats_server):
+    running = Cluster(tmp_path, nats_server.url, capacity=10_000_000)  # never full here
+    try:
+        running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_client_that_never_reads_its_answers_is_closed_and_others_are_served(cluster):
+    """Pipelined get-tcp-ip, answers never read: the fast path stops answering once its
+    answers wait unsent, stops reading, and the connection is closed once its writes make
+    no progress for the request timeout (10 s), as Sanic's connections are."""
+    request = b"GET /get-tcp-ip?uid=u1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    flood = socket.create_connection(("127.0.0.1", cluster.http_port))
+    flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    flood.setblocking(False)
+    closed_after, started = None, time.monotonic()
+    try:
+        while time.monotonic() - started < 20:
+            try:
+                flood.send(request * 256)
+            except BlockingIOError:  # the server stopped reading: wait
+                time.sleep(0.2)
+                assert cluster.get("/get-tcp-ip?uid=other")[0] == 200
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+    finally:
+        flood.close()
+    assert closed_after is not None, "still open after 20 s"
+    assert 9 < closed_after < 16, closed_after
