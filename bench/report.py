@@ -207,7 +207,10 @@ def http_tables(series: dict[str, Any]) -> list[str]:
         if not name.startswith("http: "):
             continue
         if not lines:
-            lines += ["", "## get-tcp-ip side by side (wrk on loopback, same request)"]
+            lines += ["", "## get-tcp-ip side by side (wrk on loopback, same request)", "",
+                      "wrk runs one thread per server worker on the same machine: a server "
+                      "as fast as that thread can open connections or send requests (nginx, "
+                      "often) shows the client's limit, not its own."]
         runs = scenario["servers"]
         bare, nginx = runs.get("bare Sanic"), runs.get("nginx")
         lines += ["", f"### {name.removeprefix('http: ')}", "", f"`{scenario['wrk']}`", "",

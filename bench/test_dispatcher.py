@@ -134,7 +134,7 @@ def test_get_tcp_ip_side_by_side(request, benchmark, tmp_path, nats_url, workers
         processes.append(process)
         if servers.nginx_binary() is None:
             targets.SKIPPED.append((f"{request.node.nodeid}: nginx",
-                                    "nginx not installed: apt-get install nginx-light"))
+                                    "nginx not installed: apt-get install nginx"))
         else:
             ports[targets.NGINX], process = servers.start_nginx(tmp_path, workers)
             processes.append(process)

@@ -87,6 +87,7 @@ def test_http_servers_are_side_by_side_for_each_scenario():
     assert "| get-tcp-ip, fast path | 12,000 | 8.00 ms | 1.50x | - |" in text[close:]
     assert "The fast path answers 4.44x the plain Sanic route's requests/s." in text
     assert "`wrk -t1 -c64 -d2s -H 'Connection: close' URL`" in text
+    assert "shows the client's limit, not its own" in text
     # the figures the tables show are not listed again
     assert "HTTP keep-alive, 1 worker: bare Sanic: requests/s" not in text
 
