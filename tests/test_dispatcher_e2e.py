@@ -35,8 +35,10 @@ def http(method, url, body=None, token=None):
 class Cluster:
     def __init__(self, tmp_path, nats_url, slow_start=0, workers=1, capacity=10000,
                  assign_rate=0, log_file=None, file_size_limit=None, http_extra="",
-                 admin_token=TOKEN):
+                 admin_token=TOKEN, fast_path=None):
         self.tmp, self.nats_url, self.capacity = tmp_path, nats_url, capacity
+        if fast_path is not None:  # [http] fast_path; None: the default
+            http_extra += f"fast_path = {'true' if fast_path else 'false'}\n"
         self.log_file = log_file  # the dispatcher's JSON log at info level, if given
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a disk that fills up
         self.admin_token = admin_token  # None: no admin API
@@ -137,9 +139,19 @@ class Cluster:
                     process.wait()
 
 
+# for the tests of get-tcp-ip and the HTTP protocol: with the fast path and without
+FAST_OR_PLAIN = pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "plain"])
+
+
 @pytest.fixture
-def cluster(tmp_path, nats_server):
-    running = Cluster(tmp_path, nats_server.url)
+def fast_path():
+    """`[http] fast_path` for `cluster`: None leaves the default; FAST_OR_PLAIN sets it."""
+    return None
+
+
+@pytest.fixture
+def cluster(tmp_path, nats_server, fast_path):
+    running = Cluster(tmp_path, nats_server.url, fast_path=fast_path)
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
         yield running
@@ -156,6 +168,7 @@ def shares(cluster, count):
     return picks
 
 
+@FAST_OR_PLAIN
 def test_shares_follow_weights_and_bad_input_is_a_clear_error(cluster):
     picks = shares(cluster, 600)
     for node, weight in WEIGHTS.items():
@@ -171,6 +184,7 @@ def test_shares_follow_weights_and_bad_input_is_a_clear_error(cluster):
     assert cluster.get("/healthz") == (200, cluster.get("/healthz")[1], {"status": "alive"})
 
 
+@FAST_OR_PLAIN
 def test_killed_node_is_out_at_once_and_all_drained_gives_503(cluster):
     victim = cluster.nodes["e2e1"]
     victim.send_signal(signal.SIGKILL)
@@ -242,8 +256,9 @@ def test_micro_service_answers_pick_and_nodes(cluster):
         "pick": "imdispatch.pick", "nodes": "imdispatch.nodes"}
 
 
-def test_a_node_back_from_down_comes_back_through_slow_start(tmp_path, nats_server):
-    running = Cluster(tmp_path, nats_server.url, slow_start=3)
+@FAST_OR_PLAIN
+def test_a_node_back_from_down_comes_back_through_slow_start(tmp_path, nats_server, fast_path):
+    running = Cluster(tmp_path, nats_server.url, slow_start=3, fast_path=fast_path)
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
         time.sleep(3.2)  # past the first slow start
@@ -261,11 +276,12 @@ def test_a_node_back_from_down_comes_back_through_slow_start(tmp_path, nats_serv
         running.stop()
 
 
-def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path):
+@FAST_OR_PLAIN
+def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path, fast_path):
     from tests.nats_server import NatsServer
 
     with NatsServer(tmp_path / "js") as server:
-        running = Cluster(tmp_path, server.url)
+        running = Cluster(tmp_path, server.url, fast_path=fast_path)
         try:
             running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
             server.stop()
@@ -286,8 +302,9 @@ def test_nats_outage_keeps_last_known_state_and_reports_staleness(tmp_path):
             running.stop()
 
 
-def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
-    running = Cluster(tmp_path, nats_server.url, workers=2)
+@FAST_OR_PLAIN
+def test_two_workers_share_one_log_and_agree(tmp_path, nats_server, fast_path):
+    running = Cluster(tmp_path, nats_server.url, workers=2, fast_path=fast_path)
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
         roles = set()
@@ -322,8 +339,9 @@ def test_two_workers_share_one_log_and_agree(tmp_path, nats_server):
 
 
 
-def test_a_follower_takes_over_when_the_leader_worker_dies(tmp_path, nats_server):
-    running = Cluster(tmp_path, nats_server.url, workers=2)
+@FAST_OR_PLAIN
+def test_a_follower_takes_over_when_the_leader_worker_dies(tmp_path, nats_server, fast_path):
+    running = Cluster(tmp_path, nats_server.url, workers=2, fast_path=fast_path)
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
         lock = tmp_path / "events" / "LOCK"
@@ -371,12 +389,14 @@ def test_sighup_reloads_the_config_file(cluster):
     assert changed[-1]["actor"] == "config" and changed[-1]["node"] == "e2e3"
 
 
-def test_nodes_filled_by_real_clients_get_none_then_503(tmp_path, nats_server):
+@FAST_OR_PLAIN
+def test_nodes_filled_by_real_clients_get_none_then_503(tmp_path, nats_server, fast_path):
     import asyncio
 
     from imnode.client import ImClient
 
-    running = Cluster(tmp_path, nats_server.url, capacity=10, assign_rate=1000)
+    running = Cluster(tmp_path, nats_server.url, capacity=10, assign_rate=1000,
+                      fast_path=fast_path)
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from imnode.client import ClientError, ImClient
 from tests.imnode.helpers import running_node
-from tests.test_dispatcher_e2e import TOKEN, WEIGHTS, Cluster, shares
+from tests.test_dispatcher_e2e import FAST_OR_PLAIN, TOKEN, WEIGHTS, Cluster, shares
 
 SECRET = TOKEN.split(":")[1]
 
@@ -109,13 +109,14 @@ def test_nodes_answering_nonsense_are_down_with_the_reason_and_others_unaffected
         fakes.stop()
 
 
-@pytest.fixture(scope="module")
-def dispatcher(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["fast", "plain"])
+def dispatcher(tmp_path_factory, request):
+    """With the get-tcp-ip fast path and without (`[http] fast_path`)."""
     from tests.nats_server import NatsServer
 
     tmp = tmp_path_factory.mktemp("hostile")
     with NatsServer(tmp / "js") as server:
-        running = Cluster(tmp, server.url)
+        running = Cluster(tmp, server.url, fast_path=request.param)
         try:
             running.wait(lambda: set(running.health().values()) == {"up"}, "nodes are up")
             yield running
@@ -249,8 +250,11 @@ def test_a_flood_of_connections_past_capacity_is_refused_not_queued():
     asyncio.run(asyncio.wait_for(body(), 60))
 
 
-def test_a_per_address_rate_limit_answers_429_with_retry_after(tmp_path, nats_server):
-    running = Cluster(tmp_path, nats_server.url, http_extra="rate_limit_per_ip = 5\n")
+@FAST_OR_PLAIN
+def test_a_per_address_rate_limit_answers_429_with_retry_after(tmp_path, nats_server,
+                                                               fast_path):
+    running = Cluster(tmp_path, nats_server.url, http_extra="rate_limit_per_ip = 5\n",
+                      fast_path=fast_path)
     try:
         running.wait(lambda: set(running.health().values()) == {"up"}, "every node is up")
         time.sleep(1.0)  # the waits above asked too
@@ -316,10 +320,12 @@ def parsed(answer):
     return int(status_line.split()[1]), headers, json.loads(body)
 
 
-def test_a_url_with_control_bytes_is_a_400_and_writes_no_log(tmp_path, nats_server):
+@FAST_OR_PLAIN
+def test_a_url_with_control_bytes_is_a_400_and_writes_no_log(tmp_path, nats_server,
+                                                             fast_path):
     """It had no answer, and three chained tracebacks repeating the URL: 332 kB of log."""
     log = tmp_path / "dispatcher.log"
-    running = Cluster(tmp_path, nats_server.url, log_file=log)
+    running = Cluster(tmp_path, nats_server.url, log_file=log, fast_path=fast_path)
     try:
         before = log.stat().st_size
         for _ in range(50):
@@ -465,10 +471,13 @@ def with_file_limit(tmp_path, nats_url, monkeypatch, limit, own_sockets, **optio
     return running
 
 
-def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, monkeypatch):
+@FAST_OR_PLAIN
+def test_a_worker_past_its_file_limit_serves_new_clients(tmp_path, nats_server, monkeypatch,
+                                                         fast_path):
     """1,100 connections against 1,024 open files: every new get-tcp-ip failed (the
     kernel refused the accept). Now the quietest connections are closed first."""
-    running = with_file_limit(tmp_path, nats_server.url, monkeypatch, 1024, 1100)
+    running = with_file_limit(tmp_path, nats_server.url, monkeypatch, 1024, 1100,
+                              fast_path=fast_path)
     slow = []
     try:
         request = (b"POST /admin/nodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
@@ -508,9 +517,10 @@ def connect_and_send(port, data, receive_buffer=None):
         return None
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "fast_path"), [(1, True), (1, False), (2, True)],
+                         ids=["1-fast", "1-plain", "2-fast"])
 def test_clients_that_never_read_their_answers_are_evicted_at_the_file_limit(
-        tmp_path, nats_server, monkeypatch, workers):
+        tmp_path, nats_server, monkeypatch, workers, fast_path):
     """Connections that pipeline /dashboard requests and never read the answers: those
     stuck writing were never evicted, the worker ran out of files and new get-tcp-ip
     clients were reset (1 of 30 answered). Heads that never end, evicted, each logged
@@ -518,7 +528,8 @@ def test_clients_that_never_read_their_answers_are_evicted_at_the_file_limit(
     log = tmp_path / "dispatcher.log"
     limit, heads, readers = 96, 25, 80  # a cap of 32 connections in each worker
     running = with_file_limit(tmp_path, nats_server.url, monkeypatch, limit,
-                              (heads + readers) * workers, workers=workers, log_file=log)
+                              (heads + readers) * workers, workers=workers, log_file=log,
+                              fast_path=fast_path)
     port, held = running.http_port, []
     try:
         for _ in range(heads * workers):  # the quietest: heads that never end
