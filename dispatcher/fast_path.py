@@ -32,6 +32,7 @@ from dispatcher.http_server import GuardedProtocol
 
 _bytes = core_ext.compiled_or_twin("core_ext._fastpath", "core_ext._fastpath_py")
 scan, plain_query, frame = _bytes.scan, _bytes.plain_query, _bytes.frame
+TURN = 32  # pipelined answers one connection writes before the loop serves the others
 STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, STATUS_CODES[status])
                 for status in (200, 400, 429, 500, 503)}
 
@@ -39,7 +40,7 @@ STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, STATUS_CODES[status])
 class FastProtocol(GuardedProtocol):
     """The public port's protocol when `[http] fast_path` is on."""
 
-    __slots__ = ("_address", "_answers", "_began", "_fast")
+    __slots__ = ("_address", "_answers", "_began", "_fast", "_next_turn")
 
     def __init__(self, *, loop: Any, app: Any, signal: Any = None, connections: Any = None,
                  state: Any = None, unix: Any = None, **_: Any) -> None:
@@ -71,6 +72,7 @@ class FastProtocol(GuardedProtocol):
         self.transport = transport
         self.recv_buffer = bytearray()
         self._fast = True
+        self._next_turn: asyncio.Handle | None = None  # the rest of a pipelined burst
         self._answers: GetTcpIp = self.app.ctx.get_tcp_ip
         self._address: str | None = None
         self._time = self._began = monotonic()
@@ -85,19 +87,23 @@ class FastProtocol(GuardedProtocol):
         if not buffer and self._began is None:
             self._began = self._time
         buffer += data
-        if self.stalled_since is None:
+        if self._next_turn is None and self.stalled_since is None:
             self._serve()
-        elif len(buffer) >= self.app.config.REQUEST_BUFFER_SIZE:
-            self.transport.pause_reading()  # the client does not read its answers
+        if self._fast and len(buffer) >= self.app.config.REQUEST_BUFFER_SIZE:
+            self.transport.pause_reading()  # the client sends faster than it reads
         return None
 
     def _serve(self) -> None:
-        """Answer the complete fast requests at the front of the buffer, in order; hand
-        the connection to Sanic at the first that is not one."""
+        """Answer the complete fast requests at the front of the buffer, in order, at most
+        `TURN` before the loop serves others; hand the connection to Sanic at the first
+        request that is not one."""
+        self._next_turn = None
         buffer, answers, transport = self.recv_buffer, self._answers, self.transport
+        if not self._fast or transport is None or transport.is_closing():
+            return
         limit = self.HTTP_CLASS.HEADER_MAX_SIZE
         start = 0
-        while True:
+        for _ in range(TURN):
             found = scan(buffer, start, limit)
             if type(found) is int:  # not a fast request, or not all here yet
                 del buffer[:start]
@@ -107,6 +113,8 @@ class FastProtocol(GuardedProtocol):
                     self._hand_over()
                 else:
                     self._began = None
+                    if not transport.is_reading():
+                        transport.resume_reading()
                 return
             start, keep_alive, query_start, query_end = found
             if query_start == query_end or plain_query(buffer, query_start, query_end):
@@ -122,10 +130,12 @@ class FastProtocol(GuardedProtocol):
                 buffer.clear()
                 transport.close()
                 return
-            if self.stalled_since is not None:  # answers pile up unread: wait
-                del buffer[:start]
-                self._began = self._time if buffer else None
-                return
+            if self.stalled_since is not None:  # answers pile up unread: on resume_writing
+                break
+        del buffer[:start]  # pipelined requests wait: for the others' turn, or the client
+        self._began = self._time if buffer else None
+        if buffer and self.stalled_since is None:
+            self._next_turn = self.loop.call_soon(self._serve)
 
     def _peer(self) -> str:
         """The client's address as Sanic's `request.ip` gives it (for the rate limit)."""
@@ -154,7 +164,9 @@ class FastProtocol(GuardedProtocol):
         self._callback_check_timeouts = None
         if not self._fast or self.transport is None or self.transport.is_closing():
             return None
-        if self._began is not None:
+        if self.stalled_since is not None:  # the guards' write check judges it
+            left = self.request_timeout
+        elif self._began is not None:
             left = self._began + self.request_timeout - monotonic()
         else:
             left = self._time + self.keep_alive_timeout - monotonic()
@@ -166,18 +178,17 @@ class FastProtocol(GuardedProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._fast and self.transport is not None and self.recv_buffer:
+        if self._fast and self.recv_buffer and self._next_turn is None:
             self._serve()
-            if self._fast and self.transport is not None:
-                self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._fast:
             return super().connection_lost(exc)
         self.connections.discard(self)
-        if self._callback_check_timeouts is not None:
-            self._callback_check_timeouts.cancel()
-            self._callback_check_timeouts = None
+        for handle in (self._callback_check_timeouts, self._next_turn):
+            if handle is not None:
+                handle.cancel()
+        self._callback_check_timeouts = self._next_turn = None
         GuardedProtocol.resume_writing(self)  # its stall check ends
         return None
 

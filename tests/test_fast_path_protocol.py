@@ -71,7 +71,7 @@ def test_a_client_that_never_reads_its_answers_is_closed_and_others_are_served(c
     flood.setblocking(False)
     closed_after, started = None, time.monotonic()
     try:
-        while time.monotonic() - started < 20:
+        while time.monotonic() - started < 35:
             try:
                 flood.send(request * 256)
             except BlockingIOError:  # the server stopped reading: wait
@@ -82,5 +82,27 @@ def test_a_client_that_never_reads_its_answers_is_closed_and_others_are_served(c
                 break
     finally:
         flood.close()
-    assert closed_after is not None, "still open after 20 s"
-    assert 9 < closed_after < 16, closed_after
+    assert closed_after is not None, "still open after 35 s"
+    assert 9 < closed_after < 32, closed_after  # 10 s without progress, twice at most
+
+
+def test_a_long_pipelined_burst_is_answered_in_order_across_turns(cluster):
+    """2,000 pipelined get-tcp-ip (answered 32 a turn, the loop serving others between),
+    then a request for Sanic, then get-tcp-ip again: every answer, in order."""
+    fast = b"GET /get-tcp-ip?uid=u1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    stream = fast * 2000 + b"GET /healthz HTTP/1.1\r\n\r\n" + fast.replace(b"1.1", b"1.0")
+    with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=15) as sock:
+        sock.sendall(stream)
+        answer = b""
+        while chunk := sock.recv(1 << 16):  # the HTTP/1.0 request closes the connection
+            answer += chunk
+    bodies = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        bodies.append((head.split(b" ")[1], rest[:size]))
+        answer = rest[size:]
+    assert len(bodies) == 2002
+    assert all(status == b"200" and b'"node"' in body for status, body in bodies[:2000])
+    assert bodies[2000] == (b"200", b'{"status":"alive"}')
+    assert bodies[2001][0] == b"200" and b'"node"' in bodies[2001][1]
