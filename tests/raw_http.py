@@ -4,6 +4,7 @@ closes or falls quiet, and that split into responses (pipelined ones too)."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -26,12 +27,15 @@ class Response(NamedTuple):
 
 
 def exchange(port: int, chunks: Sequence[bytes], pause: float = 0.0, quiet: float = 0.3,
-             limit: float = 10.0, source: str | None = None) -> Exchange:
+             limit: float = 10.0, source: str | None = None,
+             half_close: bool = False) -> Exchange:
     """Send `chunks` on a new connection to 127.0.0.1:`port`, `pause` seconds apart,
     reading all the while (a server that closes while bytes of ours are on their way
     resets the connection, and an answer not yet read might be lost with it); then read
     until the server closes or sends nothing for `quiet` seconds, `limit` seconds at most.
-    `source`: the loopback address to connect from (127.0.0.1 is the kernel's choice)."""
+    `source`: the loopback address to connect from (127.0.0.1 is the kernel's choice).
+    `half_close`: say that nothing more comes once the last piece is sent (a FIN, as
+    `nc -N` sends: the answers are still wanted)."""
     received = bytearray()
     deadline = monotonic() + limit
     with socket.create_connection(("127.0.0.1", port), timeout=limit,
@@ -45,6 +49,9 @@ def exchange(port: int, chunks: Sequence[bytes], pause: float = 0.0, quiet: floa
             if index < len(chunks) - 1 and pause and _read(sock, received, pause, deadline,
                                                            until_quiet=False):
                 return Exchange(bytes(received), True)
+        if half_close:
+            with contextlib.suppress(OSError):  # the server has reset the connection
+                sock.shutdown(socket.SHUT_WR)
         closed = _read(sock, received, quiet, deadline)
     return Exchange(bytes(received), closed)
 

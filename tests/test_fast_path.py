@@ -31,6 +31,7 @@ from tests.test_dispatcher_e2e import Cluster
 RETRY_AFTER = (2, 4)  # Cluster's [http] retry_after = 2: a 503 says 2 to 4 seconds
 UP = "e2e1"  # the one node up
 DOWN = ("e2e2", "e2e3")
+ASSIGN_RATE = 10**8  # [balance] assign_rate: clients a second per node
 
 
 class Twin(Cluster):
@@ -46,12 +47,13 @@ class Twin(Cluster):
 
 
 def started_pair(tmp_path_factory, nats_url, http_extra=""):
-    """(fast, plain): two dispatchers alike but for `[http] fast_path`, one node up."""
-    fast = Cluster(tmp_path_factory.mktemp("fast"), nats_url, fast_path=True,
-                   http_extra=http_extra)
+    """(fast, plain): two dispatchers alike but for `[http] fast_path`, one node up. The
+    cap on assignments a second is out of reach: it is a rate, so a faster server meets
+    it after fewer requests (a pipelined burst of 3,000 got 503s from the fast path)."""
+    options = {"http_extra": http_extra, "assign_rate": ASSIGN_RATE}
+    fast = Cluster(tmp_path_factory.mktemp("fast"), nats_url, fast_path=True, **options)
     try:
-        plain = Twin(fast, tmp_path_factory.mktemp("plain"), fast_path=False,
-                     http_extra=http_extra)
+        plain = Twin(fast, tmp_path_factory.mktemp("plain"), fast_path=False, **options)
     except BaseException:
         fast.stop()
         raise
@@ -113,19 +115,19 @@ def normalised(response: Response) -> tuple:
     return response.status_line, sorted(headers.items()), body
 
 
-def both(pair, chunks, pause=0.0, quiet=0.3, source=None):
-    fast, plain = pair
-    return at_once(lambda: exchange(fast.http_port, chunks, pause, quiet, source=source),
-                   lambda: exchange(plain.http_port, chunks, pause, quiet, source=source))
+def both(pair, chunks, pause=0.0, source=None, half_close=False):
+    return at_once(*(lambda port=running.http_port: exchange(
+        port, chunks, pause, source=source, half_close=half_close) for running in pair))
 
 
-def assert_alike(pair, chunks, pause=0.0, source=None):
+def assert_alike(pair, chunks, pause=0.0, source=None, half_close=False):
     """Send the same stream to both at once; the same answers, or the bytes that show it.
     Not tried again on a difference: a fast path that stalls now and then looks like a
     slow answer cut off by the quiet period, and must not pass for one."""
-    fast, plain = both(pair, chunks, pause, source=source)
+    fast, plain = both(pair, chunks, pause, source, half_close)
     assert comparable(fast) == comparable(plain), (
-        f"\nsent (in {len(chunks)} pieces, {pause} s apart): {b''.join(chunks)!r}\n"
+        f"\nsent (in {len(chunks)} pieces, {pause} s apart"
+        f"{', then a FIN' if half_close else ''}): {b''.join(chunks)!r}\n"
         f"pieces: {list(chunks)!r}\n"
         f"fast path: {fast}\nSanic's route: {plain}")
     return fast
@@ -166,6 +168,9 @@ KNOWN = {  # name -> (stream pieces, the statuses answered, whether the server c
                                   True),
     "non-ASCII in the URL": ([b"GET /get-tcp-ip?uid=\xc3\xa9 HTTP/1.1\r\n\r\n"], [400], True),
     "absolute form": ([b"GET http://x/get-tcp-ip HTTP/1.1\r\n\r\n"], [200], False),
+    "a long pipeline": ([GET * 700 + b"GET /healthz HTTP/1.1\r\n\r\n" + GET * 700
+                         + b"GET /get-tcp-ip HTTP/1.1\r\nConnection: close\r\n\r\n" + GET * 9],
+                        [200] * 1402, True),
     "bad queries": ([b"GET /get-tcp-ip?count=1&count=2 HTTP/1.1\r\n\r\n"
                      b"GET /get-tcp-ip?uid=a%20b HTTP/1.1\r\n\r\n"
                      b"GET /get-tcp-ip?exclude=a.b HTTP/1.1\r\n\r\n"
@@ -186,6 +191,21 @@ def test_known_streams_are_answered_alike_and_as_expected(pair, name):
         answer = orjson.loads(response.body) if response.body else {}
         if status(response) == 200 and "node" in answer:  # the one node up, every time
             assert (answer["node"], answer["port"]) == (UP, pair[0].node_ports[UP])
+
+
+LONG = GET * 100  # past the fast path's turn: the loop serves others in between
+
+
+@pytest.mark.xfail(strict=False, reason="the fast path answers one turn (32) or two, then "
+                   "the FIN closes the connection with the rest unanswered: found by this test")
+@pytest.mark.parametrize("stream", [LONG, LONG + b"GET /healthz HTTP/1.1\r\n\r\n" + GET],
+                         ids=["fast only", "then Sanic's"])
+def test_a_client_that_sends_its_last_byte_still_gets_every_answer(pair, stream):
+    """Pipelined requests, then a FIN (`printf ... | nc -N`): Sanic answers every one."""
+    got = assert_alike(pair, [stream], half_close=True)
+    found, rest = responses(got.data)
+    assert [status(r) for r in found] == [200] * stream.count(b"GET ") and rest == b"", got
+    assert got.closed
 
 
 # The pieces hypothesis puts requests together from.
@@ -257,9 +277,11 @@ def pieces(draw):
 @settings(max_examples=250, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.large_base_example])
-@given(chunks=pieces(), pause=st.sampled_from([0.0, 0.002, 0.02]))
-def test_any_stream_is_answered_alike_with_and_without_the_fast_path(pair, chunks, pause):
-    got = assert_alike(pair, chunks, pause)
+@given(chunks=pieces(), pause=st.sampled_from([0.0, 0.002, 0.02]),
+       half_close=st.sampled_from([False] * 4 + [True]))
+def test_any_stream_is_answered_alike_with_and_without_the_fast_path(pair, chunks, pause,
+                                                                      half_close):
+    got = assert_alike(pair, chunks, pause, half_close=half_close)
     found, rest = responses(got.data)
     assert all(r.status_line.startswith(b"HTTP/1.1 ") for r in found), got
     assert rest == b"", got  # nothing cut off: every answer was whole
@@ -320,11 +342,12 @@ def test_metrics_count_the_same_with_and_without_the_fast_path(pair):
     for stream in sequence:
         assert_alike(pair, [stream])
     after = [figures(running) for running in pair]
-    assert after[0] == after[1]  # everything sent to one was sent to the other
+    deltas = [{key: count - before[index].get(key, 0) for key, count in after[index].items()}
+              for index in (0, 1)]
+    assert deltas[0] == deltas[1]
 
     def delta(index, name, **labels):
-        key = (name, tuple(sorted(labels.items())))
-        return after[index].get(key, 0) - before[index].get(key, 0)
+        return deltas[index].get((name, tuple(sorted(labels.items()))), 0)
 
     for index in (0, 1):
         route = {"route": "/get-tcp-ip"}
