@@ -261,14 +261,15 @@ def requests(draw):
 
 GARBAGE = st.one_of(st.binary(max_size=12), st.sampled_from(
     [b"\r\n", b"\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET /get-tcp-ip HTTP/1.1\r\n"]))
-STREAMS = st.lists(st.one_of(requests(), requests(), requests(), GARBAGE), min_size=1,
-                   max_size=4).map(b"".join)
+BURSTS = st.sampled_from([GET * 40, GET * 33 + b"GET /get-tcp-ip?count=0 HTTP/1.1\r\n\r\n",
+                          GET * 31 + b"GET /healthz HTTP/1.1\r\n\r\n"])  # the fast path's turns
 
 
 @st.composite
-def pieces(draw):
+def pieces(draw, bursts=True):
     """A stream and the points it is cut at for the sends."""
-    stream = draw(STREAMS)
+    parts = [requests(), requests(), requests(), GARBAGE] + ([BURSTS] if bursts else [])
+    stream = b"".join(draw(st.lists(st.one_of(*parts), min_size=1, max_size=4)))
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=4))))
     bounds = [0, *(cut for cut in cuts if cut < len(stream)), len(stream)]
     return [stream[a:b] for a, b in itertools.pairwise(bounds)]
@@ -277,10 +278,13 @@ def pieces(draw):
 @settings(max_examples=250, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.large_base_example])
-@given(chunks=pieces(), pause=st.sampled_from([0.0, 0.002, 0.02]),
+@given(data=st.data(), pause=st.sampled_from([0.0, 0.002, 0.02]),
        half_close=st.sampled_from([False] * 4 + [True]))
-def test_any_stream_is_answered_alike_with_and_without_the_fast_path(pair, chunks, pause,
+def test_any_stream_is_answered_alike_with_and_without_the_fast_path(pair, data, pause,
                                                                       half_close):
+    # no bursts before a FIN while the fast path drops what comes after its second turn
+    # (see the xfail above): let them meet once that is fixed
+    chunks = data.draw(pieces(bursts=not half_close), label="chunks")
     got = assert_alike(pair, chunks, pause, half_close=half_close)
     found, rest = responses(got.data)
     assert all(r.status_line.startswith(b"HTTP/1.1 ") for r in found), got
