@@ -122,7 +122,8 @@ class FastProtocol(GuardedProtocol):
             else:
                 query = buffer[query_start:query_end].decode("ascii")
             try:
-                status, body, retry_after = answers.answer(query, self._peer())
+                status, body, retry_after = answers.answer(
+                    query, self._peer() if answers.per_address is not None else "")
             except Exception:
                 status, body, retry_after = answers.failed()
             transport.write(frame(STATUS_LINES[status], retry_after, body, keep_alive))
@@ -185,11 +186,10 @@ class FastProtocol(GuardedProtocol):
         if not self._fast:
             return super().connection_lost(exc)
         self.connections.discard(self)
-        for handle in (self._callback_check_timeouts, self._next_turn):
+        for handle in (self._callback_check_timeouts, self._next_turn, self._write_check):
             if handle is not None:
                 handle.cancel()
-        self._callback_check_timeouts = self._next_turn = None
-        GuardedProtocol.resume_writing(self)  # its stall check ends
+        self._callback_check_timeouts = self._next_turn = self._write_check = None
         return None
 
 

@@ -38,7 +38,7 @@ class GetTcpIp:
 
     def answer(self, query: str, address: str) -> Answer:
         """The answer to one request with this raw query string ("" for none), from
-        `address`; counted in the worker's figures."""
+        `address` (read only with the rate limit on); counted in the worker's figures."""
         started = perf_counter()
         stats = self.stats
         if self.per_address is not None:
