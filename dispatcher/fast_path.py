@@ -32,7 +32,6 @@ from dispatcher.http_server import GuardedProtocol
 
 _bytes = core_ext.compiled_or_twin("core_ext._fastpath", "core_ext._fastpath_py")
 scan, plain_query, frame = _bytes.scan, _bytes.plain_query, _bytes.frame
-TURN = 32  # pipelined answers one connection writes before the loop serves the others
 STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, STATUS_CODES[status])
                 for status in (200, 400, 429, 500, 503)}
 
@@ -40,7 +39,7 @@ STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, STATUS_CODES[status])
 class FastProtocol(GuardedProtocol):
     """The public port's protocol when `[http] fast_path` is on."""
 
-    __slots__ = ("_address", "_answers", "_began", "_fast", "_next_turn")
+    __slots__ = ("_address", "_answers", "_began", "_fast")
 
     def __init__(self, *, loop: Any, app: Any, signal: Any = None, connections: Any = None,
                  state: Any = None, unix: Any = None, **_: Any) -> None:
@@ -72,7 +71,6 @@ class FastProtocol(GuardedProtocol):
         self.transport = transport
         self.recv_buffer = bytearray()
         self._fast = True
-        self._next_turn: asyncio.Handle | None = None  # the rest of a pipelined burst
         self._answers: GetTcpIp = self.app.ctx.get_tcp_ip
         self._address: str | None = None
         self._time = self._began = monotonic()
@@ -87,23 +85,23 @@ class FastProtocol(GuardedProtocol):
         if not buffer and self._began is None:
             self._began = self._time
         buffer += data
-        if self._next_turn is None and self.stalled_since is None:
+        if self.stalled_since is None:
             self._serve()
         if self._fast and len(buffer) >= self.app.config.REQUEST_BUFFER_SIZE:
             self.transport.pause_reading()  # the client sends faster than it reads
         return None
 
     def _serve(self) -> None:
-        """Answer the complete fast requests at the front of the buffer, in order, at most
-        `TURN` before the loop serves others; hand the connection to Sanic at the first
-        request that is not one."""
-        self._next_turn = None
+        """Answer the complete fast requests at the front of the buffer, in order; hand
+        the connection to Sanic at the first request that is not one. All in one go, as
+        Sanic answers what is buffered without yielding (a client's FIN read in between
+        would close the connection under the rest), until the answers wait unsent."""
         buffer, answers, transport = self.recv_buffer, self._answers, self.transport
         if not self._fast or transport is None or transport.is_closing():
             return
         limit = self.HTTP_CLASS.HEADER_MAX_SIZE
         start = 0
-        for _ in range(TURN):
+        while True:
             found = scan(buffer, start, limit)
             if type(found) is int:  # not a fast request, or not all here yet
                 del buffer[:start]
@@ -131,12 +129,10 @@ class FastProtocol(GuardedProtocol):
                 buffer.clear()
                 transport.close()
                 return
-            if self.stalled_since is not None:  # answers pile up unread: on resume_writing
-                break
-        del buffer[:start]  # pipelined requests wait: for the others' turn, or the client
-        self._began = self._time if buffer else None
-        if buffer and self.stalled_since is None:
-            self._next_turn = self.loop.call_soon(self._serve)
+            if self.stalled_since is not None:  # answers pile up unread: resume_writing
+                del buffer[:start]
+                self._began = self._time if buffer else None
+                return
 
     def _peer(self) -> str:
         """The client's address as Sanic's `request.ip` gives it (for the rate limit)."""
@@ -179,17 +175,17 @@ class FastProtocol(GuardedProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._fast and self.recv_buffer and self._next_turn is None:
+        if self._fast and self.recv_buffer:
             self._serve()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._fast:
             return super().connection_lost(exc)
         self.connections.discard(self)
-        for handle in (self._callback_check_timeouts, self._next_turn, self._write_check):
+        for handle in (self._callback_check_timeouts, self._write_check):
             if handle is not None:
                 handle.cancel()
-        self._callback_check_timeouts = self._next_turn = self._write_check = None
+        self._callback_check_timeouts = self._write_check = None
         return None
 
 
