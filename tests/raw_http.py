@@ -10,7 +10,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from time import monotonic
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Exchange(NamedTuple):
@@ -26,34 +26,61 @@ class Response(NamedTuple):
     body: bytes
 
 
+class Connection:
+    """A client connection to 127.0.0.1:`port`: what it sent, what it received, and
+    whether the server closed it. `source`: the loopback address to connect from
+    (127.0.0.1 is the kernel's choice); `limit`: seconds it may last in all."""
+
+    def __init__(self, port: int, limit: float = 10.0, source: str | None = None) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=limit,
+            source_address=(source, 0) if source else None)
+        self.deadline = monotonic() + limit
+        self.received = bytearray()
+        self.closed = False
+
+    def send(self, chunks: Sequence[bytes], pause: float = 0.0,
+             half_close: bool = False) -> None:
+        """Send `chunks`, `pause` seconds apart, reading all the while (a server that
+        closes while bytes of ours are on their way resets the connection, and an
+        answer not yet read might be lost with it). `half_close`: then say that nothing
+        more comes (a FIN, as `nc -N` sends: the answers are still wanted)."""
+        for index, chunk in enumerate(chunks):
+            try:
+                self.sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # closed: what came before the reset is still to be read
+            if index < len(chunks) - 1 and pause:
+                self.read(pause, until_quiet=False)
+                if self.closed:
+                    return
+        if half_close:
+            with contextlib.suppress(OSError):  # the server has reset the connection
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def read(self, seconds: float, until_quiet: bool = True) -> Exchange:
+        """Read for `seconds` (`until_quiet`: until that long passes without a byte),
+        until the server closes, or until the deadline; everything received so far."""
+        if not self.closed:
+            self.closed = _read(self.sock, self.received, seconds, self.deadline,
+                                until_quiet)
+        return Exchange(bytes(self.received), self.closed)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def exchange(port: int, chunks: Sequence[bytes], pause: float = 0.0, quiet: float = 0.3,
              limit: float = 10.0, source: str | None = None,
              half_close: bool = False) -> Exchange:
-    """Send `chunks` on a new connection to 127.0.0.1:`port`, `pause` seconds apart,
-    reading all the while (a server that closes while bytes of ours are on their way
-    resets the connection, and an answer not yet read might be lost with it); then read
-    until the server closes or sends nothing for `quiet` seconds, `limit` seconds at most.
-    `source`: the loopback address to connect from (127.0.0.1 is the kernel's choice).
-    `half_close`: say that nothing more comes once the last piece is sent (a FIN, as
-    `nc -N` sends: the answers are still wanted)."""
-    received = bytearray()
-    deadline = monotonic() + limit
-    with socket.create_connection(("127.0.0.1", port), timeout=limit,
-                                  source_address=(source, 0) if source else None) as sock:
-        for index, chunk in enumerate(chunks):
-            try:
-                sock.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                _read(sock, received, quiet, deadline)  # what came before the reset
-                return Exchange(bytes(received), True)
-            if index < len(chunks) - 1 and pause and _read(sock, received, pause, deadline,
-                                                           until_quiet=False):
-                return Exchange(bytes(received), True)
-        if half_close:
-            with contextlib.suppress(OSError):  # the server has reset the connection
-                sock.shutdown(socket.SHUT_WR)
-        closed = _read(sock, received, quiet, deadline)
-    return Exchange(bytes(received), closed)
+    """Send `chunks` on a new `Connection` (see its `send`), then read until the server
+    closes or sends nothing for `quiet` seconds, `limit` seconds at most."""
+    connection = Connection(port, limit, source)
+    try:
+        connection.send(chunks, pause, half_close)
+        return connection.read(quiet)
+    finally:
+        connection.close()
 
 
 def _read(sock: socket.socket, into: bytearray, seconds: float, deadline: float,
@@ -76,10 +103,10 @@ def _read(sock: socket.socket, into: bytearray, seconds: float, deadline: float,
     return False
 
 
-def at_once(*calls: Callable[[], Exchange]) -> list[Exchange]:
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
     """Run `calls` in threads at the same time (one exchange with each server, so they
     see the same pauses); their results in order."""
-    results: list[Exchange | BaseException | None] = [None] * len(calls)
+    results: list[Any] = [None] * len(calls)
 
     def run(index: int) -> None:
         try:
@@ -95,7 +122,7 @@ def at_once(*calls: Callable[[], Exchange]) -> list[Exchange]:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return results  # type: ignore[return-value]
+    return results
 
 
 def responses(data: bytes) -> tuple[list[Response], bytes]:
