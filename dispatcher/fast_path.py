@@ -175,7 +175,7 @@ class FastProtocol(GuardedProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._fast and self.recv_buffer:
+        if self._fast:  # the requests left waiting, or reading paused on a full buffer
             self._serve()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -109,3 +109,78 @@ def test_a_long_pipelined_burst_is_answered_in_order_through_a_hand_over(cluster
     assert all(status == b"200" and b'"node"' in body for status, body in bodies[:2000])
     assert bodies[2000] == (b"200", b'{"status":"alive"}')
     assert bodies[2001][0] == b"200" and b'"node"' in bodies[2001][1]
+
+
+class Answers:
+    """A stand-in for `GetTcpIp`: the protocol's flow control is under test here."""
+
+    per_address = None
+
+    def answer(self, query, address):
+        return 200, b'{"node":"n1","ip":"127.0.0.1","port":1}', 0
+
+
+class Transport:
+    """Records what the protocol does to it; `pause_at`: the write that fills its buffer."""
+
+    def __init__(self):
+        self.reading, self.closing, self.writes, self.pause_at = True, False, 0, None
+        self.protocol = None
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == self.pause_at:
+            self.protocol.pause_writing()
+
+    def get_write_buffer_size(self):
+        return 70_000
+
+    def is_reading(self):
+        return self.reading
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def is_closing(self):
+        return self.closing
+
+    def close(self):
+        self.closing = True
+
+    abort = close
+
+    def set_write_buffer_limits(self, **limits):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def test_reading_resumes_when_the_last_buffered_answer_was_the_one_that_stalled():
+    """A burst that paused reading (64 kB of requests buffered while the writes were
+    stalled), answered to its very last request before the writes stall again: once the
+    client has read, reading resumes (the red team's deadlock_unit.py: it stayed paused,
+    and the connection hung)."""
+    app = Sanic("flow_control")
+    app.ctx.get_tcp_ip = Answers()
+    request = b"GET /get-tcp-ip HTTP/1.1\r\n\r\n"
+    loop = uvloop.new_event_loop()
+    try:
+        protocol = FastProtocol(loop=loop, app=app, connections=set())
+        transport = Transport()
+        transport.protocol, transport.pause_at = protocol, 1
+        protocol.connection_made(transport)
+        protocol.data_received(request)  # its answer stalls the writes
+        protocol.data_received(request * 2400)  # 67 kB held: reading pauses
+        assert not transport.reading and transport.writes == 1
+        transport.pause_at = 1 + 2400
+        protocol.resume_writing()  # all answered, the last one stalls again
+        assert transport.writes == 2401 and not protocol.recv_buffer
+        protocol.resume_writing()  # the client read them
+        assert transport.reading
+        protocol.connection_lost(None)
+    finally:
+        loop.close()
