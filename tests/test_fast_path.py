@@ -189,8 +189,8 @@ KNOWN = {  # name -> (stream pieces, the statuses answered, whether the server c
     "non-ASCII in the URL": ([b"GET /get-tcp-ip?uid=\xc3\xa9 HTTP/1.1\r\n\r\n"], [400], True),
     "absolute form": ([b"GET http://x/get-tcp-ip HTTP/1.1\r\n\r\n"], [200], False),
     "a long pipeline": ([GET * 700 + b"GET /healthz HTTP/1.1\r\n\r\n" + GET * 700
-                         + b"GET /get-tcp-ip HTTP/1.1\r\nConnection: close\r\n\r\n" + GET * 9],
-                        [200] * 1402, True),
+                         + b"GET /get-tcp-ip HTTP/1.1\r\nConnection: close\r\n\r\n"],
+                        [200] * 1402, True),  # nothing after: a reset could take answers
     "bad queries": ([b"GET /get-tcp-ip?count=1&count=2 HTTP/1.1\r\n\r\n"
                      b"GET /get-tcp-ip?uid=a%20b HTTP/1.1\r\n\r\n"
                      b"GET /get-tcp-ip?exclude=a.b HTTP/1.1\r\n\r\n"
@@ -295,10 +295,13 @@ def pieces(draw):
 @settings(max_examples=250, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.large_base_example])
-@given(chunks=pieces(), pause=st.sampled_from([0.0, 0.002, 0.02]),
+@given(chunks=pieces(), pause=st.sampled_from([0.002, 0.02]),
        half_close=st.sampled_from([False] * 4 + [True]))
 def test_any_stream_is_answered_alike_with_and_without_the_fast_path(pair, chunks, pause,
                                                                       half_close):
+    """Pieces go a little apart, never back to back: a piece that arrives after the server
+    closed (a 400, `Connection: close`) makes its kernel reset the connection, and
+    answers still on their way may be lost with it, on either road (seen: 65 of 72)."""
     got = assert_alike(pair, chunks, pause, half_close=half_close)
     found, rest = responses(got.data)
     assert all(r.status_line.startswith(b"HTTP/1.1 ") for r in found), got
