@@ -39,7 +39,7 @@ STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, STATUS_CODES[status])
 class FastProtocol(GuardedProtocol):
     """The public port's protocol when `[http] fast_path` is on."""
 
-    __slots__ = ("_address", "_answers", "_began", "_fast")
+    __slots__ = ("_address", "_answers", "_began", "_fast", "_keep_alive")
 
     def __init__(self, *, loop: Any, app: Any, signal: Any = None, connections: Any = None,
                  state: Any = None, unix: Any = None, **_: Any) -> None:
@@ -62,7 +62,7 @@ class FastProtocol(GuardedProtocol):
             settings = app.ctx.connection_settings = _connection_settings(app)
         (self.access_log, self.request_handler, self.error_handler, self.request_timeout,
          self.response_timeout, self.keep_alive_timeout, self.request_max_size,
-         self.request_class) = settings
+         self.request_class, self._keep_alive) = settings
 
     def connection_made(self, transport: Any) -> None:
         self.admit()
@@ -115,6 +115,7 @@ class FastProtocol(GuardedProtocol):
                         transport.resume_reading()
                 return
             start, keep_alive, query_start, query_end = found
+            keep_alive = keep_alive and self._keep_alive
             if query_start == query_end or plain_query(buffer, query_start, query_end):
                 query = ""
             else:
@@ -190,11 +191,12 @@ class FastProtocol(GuardedProtocol):
 
 
 def _connection_settings(app: Any) -> tuple:
-    """What Sanic's `HttpProtocolMixin._setup` reads for each connection."""
+    """What Sanic's `HttpProtocolMixin._setup` reads for each connection, and whether
+    connections may be kept alive at all (`KEEP_ALIVE`, e.g. SANIC_KEEP_ALIVE=false)."""
     config = app.config
     return (config.ACCESS_LOG, app.handle_request, app.error_handler, config.REQUEST_TIMEOUT,
             config.RESPONSE_TIMEOUT, config.KEEP_ALIVE_TIMEOUT, config.REQUEST_MAX_SIZE,
-            app.request_class or Request)
+            app.request_class or Request, config.KEEP_ALIVE)
 
 
 def protocol_for(http: HttpConfig) -> type[GuardedProtocol]:

@@ -129,6 +129,7 @@ class Transport:
 
     def write(self, data):
         self.writes += 1
+        self.last = data
         if self.writes == self.pause_at:
             self.protocol.pause_writing()
 
@@ -181,6 +182,26 @@ def test_reading_resumes_when_the_last_buffered_answer_was_the_one_that_stalled(
         assert transport.writes == 2401 and not protocol.recv_buffer
         protocol.resume_writing()  # the client read them
         assert transport.reading
+        protocol.connection_lost(None)
+    finally:
+        loop.close()
+
+
+def test_keep_alive_turned_off_in_sanic_closes_after_each_answer():
+    """`SANIC_KEEP_ALIVE=false` (Sanic's KEEP_ALIVE): one answer per connection, saying
+    so, as Sanic's route does (the red team's F4: the fast path kept it alive)."""
+    app = Sanic("no_keep_alive")
+    app.config.KEEP_ALIVE = False
+    app.ctx.get_tcp_ip = Answers()
+    loop = uvloop.new_event_loop()
+    try:
+        protocol = FastProtocol(loop=loop, app=app, connections=set())
+        transport = Transport()
+        transport.protocol = protocol
+        protocol.connection_made(transport)
+        protocol.data_received(b"GET /get-tcp-ip HTTP/1.1\r\n\r\n" * 2)
+        assert transport.writes == 1 and transport.closing
+        assert b"\r\nconnection: close\r\n" in transport.last
         protocol.connection_lost(None)
     finally:
         loop.close()
