@@ -154,6 +154,15 @@ def assert_alike(pair, chunks, pause=0.0, source=None, half_close=False):
 
 
 GET = b"GET /get-tcp-ip HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _head_ending_at(position: int) -> bytes:
+    """A get-tcp-ip head whose blank line (Sanic's "\\r\\n\\r\\n") starts at `position`:
+    at REQUEST_MAX_HEADER_SIZE (16 KiB) or past it, Sanic's 413."""
+    start = b"GET /get-tcp-ip HTTP/1.1\r\nX-Pad: "
+    return start + b"a" * (position - len(start)) + b"\r\n\r\n"
+
+
 KNOWN = {  # name -> (stream pieces, the statuses answered, whether the server closes)
     "one": ([GET], [200], False),
     "close": ([b"GET /get-tcp-ip?uid=u1 HTTP/1.1\r\nConnection: close\r\n\r\n"], [200], True),
@@ -182,6 +191,8 @@ KNOWN = {  # name -> (stream pieces, the statuses answered, whether the server c
     "HEAD": ([b"HEAD /get-tcp-ip HTTP/1.1\r\n\r\n" + GET], [405, 200], False),
     "head past 16 KiB": ([b"GET /get-tcp-ip HTTP/1.1\r\nX-Big: " + b"a" * 16_400
                           + b"\r\n\r\n" + GET], [413], True),
+    "a head ending 1 byte inside the limit": ([_head_ending_at(16_383)], [200], False),
+    "a head ending at the limit": ([_head_ending_at(16_384)], [413], True),
     "a header without a colon": ([GET + b"GET /get-tcp-ip HTTP/1.1\r\nNoColon\r\n\r\n"
                                   + GET], [200, 400], True),
     "a control byte in the URL": ([b"GET /get-tcp-ip?uid=a\x01b HTTP/1.1\r\n\r\n"], [400],
