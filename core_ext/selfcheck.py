@@ -11,10 +11,16 @@ import time
 from collections.abc import Callable
 
 import core_ext
-from core_ext import _selector, reference
+from core_ext import _fastpath, _fastpath_py, _selector, reference
 
 NGINX_EXAMPLE = {"a": 5, "b": 1, "c": 1}
 NGINX_SEQUENCE = ["a", "a", "b", "a", "c", "a", "a"]
+REQUESTS = (  # the fast path's reading: (request, whether it may answer it itself)
+    (b"GET /get-tcp-ip?uid=u1 HTTP/1.1\r\nHost: x\r\n\r\n", True),
+    (b"GET /get-tcp-ip HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"GET /get-tcp-ip HTTP/1.1\r\nContent-Length: 0\r\n\r\n", False),
+    (b"POST /admin/nodes HTTP/1.1\r\n\r\n", False),
+)
 
 
 def _differential(steps: int, seed: int) -> str | None:
@@ -83,5 +89,12 @@ def run(say: Callable[[str], None] = print) -> bool:
     pure = _pick_seconds(reference.Selector, 64, 20000)
     say(f"pick() at 64 nodes: compiled {compiled * 1e9:.0f} ns, reference {pure * 1e9:.0f} ns "
         f"({pure / compiled:.0f}x)")
+    read = [(_fastpath.scan(bytearray(data), 0, 16384),
+             _fastpath_py.scan(bytearray(data), 0, 16384), fast) for data, fast in REQUESTS]
+    good = all(ours == twin and (ours != _fastpath.NOT_FAST) is fast
+               for ours, twin, fast in read)
+    ok &= good
+    say(f"get-tcp-ip fast path ({_fastpath.__name__}): {len(REQUESTS)} request heads read "
+        + ("as its twin reads them" if good else "DIFFERENTLY from its twin or the rules"))
     say("selfcheck " + ("passed" if ok else "FAILED"))
     return ok

@@ -15,6 +15,7 @@ def test_selfcheck_passes_and_reports_the_compiled_core():
     assert "core_ext implementation: compiled" in result.stdout
     assert "a a b a c a a (nginx order)" in result.stdout
     assert "compiled == reference" in result.stdout
+    assert "(core_ext._fastpath): 4 request heads read as its twin reads them" in result.stdout
     assert result.stdout.rstrip().endswith("selfcheck passed")
 
 
