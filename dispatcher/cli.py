@@ -55,11 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     replay = commands.add_parser(
         "replay", help="rebuild the routing state from an event log and show its nodes"
     )
-    replay.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    _history_arguments(replay)
     replay.add_argument("--until", type=_seq, metavar="SEQ", help="stop after this event")
     replay.add_argument("--json", action="store_true", help="node objects as JSON")
     audit = commands.add_parser("audit", help="list the events of a log, filtered")
-    audit.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    _history_arguments(audit)
     audit.add_argument("--node", metavar="ID", help="only events about this node")
     audit.add_argument("--type", choices=sorted(EVENT_TYPES), metavar="TYPE",
                        help=f"only events of this type: {', '.join(sorted(EVENT_TYPES))}")
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify", help="check every record's checksum and the hash chain of a log"
     )
-    verify.add_argument("--log", required=True, metavar="PATH", help="event log directory")
+    _history_arguments(verify)
     recover = commands.add_parser(
         "recover", help="recover a log's tail after a crash, as the dispatcher does at start"
     )
@@ -77,6 +77,66 @@ def _parser() -> argparse.ArgumentParser:
         help="also cut off corruption in the last segment, keeping the records before it",
     )
     return parser
+
+
+NATS_PASSWORD = "IMDISPATCH_NATS_PASSWORD"  # secrets from the environment: `ps` shows argv
+NATS_TOKEN = "IMDISPATCH_NATS_TOKEN"
+NATS_FILES = {"creds": "nats_creds", "nkey_seed": "nats_nkey", "tls_ca": "nats_tls_ca",
+              "tls_cert": "nats_tls_cert", "tls_key": "nats_tls_key"}  # [nats] key: argument
+STREAM_ARGUMENTS = ("nats", "stream", "nats_user", *NATS_FILES.values())
+
+
+def _history_arguments(command: argparse.ArgumentParser) -> None:
+    """Where `replay`, `audit` and `verify` read: a file log, or a JetStream stream with
+    the `[nats]` table's credential options (the password and token from the environment,
+    as `imnode serve` takes its own)."""
+    command.add_argument("--log", metavar="PATH", help="event log directory")
+    stream = command.add_argument_group(
+        "JetStream history (instead of --log)",
+        f"The password of --nats-user comes from ${NATS_PASSWORD}; a token from "
+        f"${NATS_TOKEN}.")
+    stream.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated")
+    stream.add_argument("--stream", metavar="NAME", help="the event log's JetStream stream")
+    stream.add_argument("--nats-user", metavar="USER", help="NATS user")
+    stream.add_argument("--nats-creds", metavar="FILE", help="NATS .creds file (JWT + nkey)")
+    stream.add_argument("--nats-nkey", metavar="FILE", help="file with a NATS nkey seed")
+    stream.add_argument("--nats-tls-ca", metavar="FILE", help="CA bundle for NATS over TLS")
+    stream.add_argument("--nats-tls-cert", metavar="FILE", help="client certificate for TLS")
+    stream.add_argument("--nats-tls-key", metavar="FILE", help="its private key")
+
+
+def _history(args: argparse.Namespace) -> Any:
+    """The history the arguments name (a log directory or a `logtools.StreamSource`), or
+    None once a one-line usage error is printed."""
+    from pathlib import Path
+
+    from dispatcher.config import NatsConfig
+    from dispatcher.logtools import StreamSource
+
+    def flag(name: str) -> str:
+        return f"--{name.replace('_', '-')}"
+
+    servers = tuple(url.strip() for url in (args.nats or "").split(",") if url.strip())
+    given = [flag(name) for name in STREAM_ARGUMENTS if getattr(args, name) is not None]
+    missing = [name for name in NATS_FILES.values()
+               if getattr(args, name) is not None and not Path(getattr(args, name)).is_file()]
+    problem = None
+    if args.log is not None and given:
+        problem = f"--log reads a file log, {' '.join(given)} a stream: give one of them"
+    elif args.log is None and (not servers or args.stream is None):
+        problem = "give --log PATH (a file log) or --nats URL --stream NAME (a JetStream stream)"
+    elif missing:
+        problem = f"{flag(missing[0])}: no such file: {getattr(args, missing[0])}"
+    if problem is not None:
+        print(f"imdispatch {args.command}: {problem}", file=sys.stderr)
+        return None
+    if args.log is not None:
+        return args.log
+    return StreamSource(NatsConfig(
+        servers=servers, user=args.nats_user,
+        password=(os.environ.get(NATS_PASSWORD) or None) if args.nats_user else None,
+        token=os.environ.get(NATS_TOKEN) or None,
+        **{key: getattr(args, name) for key, name in NATS_FILES.items()}), args.stream)
 
 
 def _seq(text: str) -> int:
@@ -150,7 +210,10 @@ def _printable(text: str) -> str:
 def _replay(args: argparse.Namespace) -> int:
     from dispatcher import logtools
 
-    state, reader = logtools.replay(args.log, args.until)
+    source = _history(args)
+    if source is None:
+        return 2
+    state, torn = logtools.replay(source, args.until)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(state.node_views(), option=orjson.OPT_INDENT_2))
         sys.stdout.write("\n")
@@ -172,14 +235,17 @@ def _replay(args: argparse.Namespace) -> int:
                 for v in state.node_views()
             ),
         ))
-    _note_torn(reader.torn)
+    _note_torn(torn)
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
     from dispatcher import logtools
 
-    events = logtools.audit(args.log, node=args.node, kind=args.type)
+    source = _history(args)
+    if source is None:
+        return 2
+    events = logtools.audit(source, node=args.node, kind=args.type)
     if args.json:
         out = sys.stdout.buffer
         out.write(b"[")
@@ -208,16 +274,21 @@ def _audit(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from dispatcher import logtools
 
-    result = logtools.verify(args.log)
-    print(f"{args.log}: {result.records} records in {result.segments} segment(s), "
-          f"seq 1..{result.last_seq}, head hash {result.head_hash.hex()[:16]}")
+    source = _history(args)
+    if source is None:
+        return 2
+    result = logtools.verify(source)
+    where = "" if result.segments is None else f" in {result.segments} segment(s)"
+    print(f"{result.source}: {result.records} records{where}, seq 1..{result.last_seq}, "
+          f"head hash {result.head_hash.hex()[:16]}")
     for line in result.snapshots:
         print(f"snapshot {line}")
     _note_torn(result.torn)
     if result.bad_snapshots:
         print(f"FAILED: {result.bad_snapshots} snapshots do not match the log", file=sys.stderr)
         return 1
-    print("ok: every checksum, sequence number and hash link is valid")
+    checked = "checksum" if result.segments is not None else "record's format"
+    print(f"ok: every {checked}, sequence number and hash link is valid")
     return 0
 
 
