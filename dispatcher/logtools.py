@@ -85,7 +85,7 @@ async def connect(config: NatsConfig) -> Any:
             f"cannot connect to NATS at {','.join(config.servers)}: {text}") from None
 
 
-async def _stream_log(nc: Any, source: StreamSource) -> Any:
+async def _stream_log(nc: Any, source: StreamSource) -> JetStreamLog:
     """The stream as a `JetStreamLog` that only reads (never opened: opening creates a
     missing stream), on the stream's own subject, whatever the writer's configuration."""
     try:
@@ -109,7 +109,7 @@ async def _stream_log(nc: Any, source: StreamSource) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _reader(source: Source) -> AsyncIterator[Any]:
+async def _reader(source: Source) -> AsyncIterator[LogReader | JetStreamLog]:
     """What reads the source's verified records (`read(after)`): a `LogReader` (which
     keeps a torn tail in `torn`) or a `JetStreamLog` over a connection of its own."""
     if not isinstance(source, StreamSource):
@@ -144,7 +144,7 @@ def _until(read: Read, until: int | None) -> Read:
 def _batches(source: Source) -> Iterator[list[Record]]:
     """The source's verified records in batches, for callers that are not async: each
     batch is awaited in an event loop of this iterator's own, so they come as they are
-    read (an `audit | head` reads no more than it shows)."""
+    read (`audit --json` streams the events out, not the whole history at once)."""
 
     async def batches() -> AsyncIterator[list[Record]]:
         async with _reader(source) as reader, contextlib.aclosing(reader.read(0)) as read:
