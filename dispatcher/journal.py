@@ -145,7 +145,11 @@ async def _replay(
         if batch[0].prev_hash != last_hash:
             raise SnapshotMismatch(f"the log's record {seq} has another hash")
         for record in batch:
-            apply(decode(loads(record.payload)))
+            try:
+                event = decode(loads(record.payload))
+            except orjson.JSONDecodeError:
+                event = record.event()  # raises MalformedEvent, naming the record
+            apply(event)
         count += len(batch)
         seq, last_hash = batch[-1].seq, batch[-1].hash
     if end is not None and seq != end[0]:

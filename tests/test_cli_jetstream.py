@@ -156,3 +156,22 @@ def test_a_stream_whose_first_record_does_not_start_the_chain_is_named(nats_serv
         result = imdispatch(command, "--nats", nats_server.url, "--stream", where["stream"])
         assert result.returncode == 1, (command, result.stdout, result.stderr)
         assert "record 1 does not link to the start of the log" in result.stderr
+
+
+def test_a_record_that_is_not_json_is_named_by_every_command(nats_server):
+    """A message with a record's headers, chained right, whose payload is not JSON: each
+    command names it in one line, exit 1 (`replay` was a JSONDecodeError traceback)."""
+    where = {"stream": "CLI_NOT_JSON", "subject": "imdtest.cli.notjson"}
+
+    async def forge(nc):
+        log = JetStreamLog(nc, **where)
+        await record_day(log)
+        await publish_raw(nc, where, b"not json", record_headers(log.last_hash))
+        return log.last_seq + 1
+
+    bad = run_with_client(nats_server.url, forge)
+    for command in ("replay", "verify", "audit"):
+        result = imdispatch(command, "--nats", nats_server.url, "--stream", where["stream"])
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert f"record {bad} is not a JSON event" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
