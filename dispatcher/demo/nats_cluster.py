@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -81,25 +82,31 @@ class NatsCluster:
 
     def launch(self, timeout: float = 10.0) -> None:
         """Start the stopped members one after another, each once the previous accepts
-        clients (in the thread that must be their parent, see `NatsServer.preexec_fn`).
+        clients, without the JetStream wait (in the thread that must be their parent, see
+        `NatsServer.preexec_fn`); if one fails, every member is stopped.
         Staggered, every route connects at its first try; started all at once, routes
         wait a 1 s retry and the first meta election sometimes fails, and the next one
-        comes only after raft's 4-9 s election timeout (seen 1 start in 30 here)."""
-        for server in self.servers:
-            if not server.running:
-                server.launch()
-                server.wait_accepting(timeout)
+        comes only after raft's 4-9 s election timeout (5 starts in 88 here)."""
+        try:
+            for server in self.servers:
+                if not server.running:
+                    server.launch()
+                    server.wait_accepting(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float = 20.0, members: list[int] | None = None) -> NatsCluster:
         """Return once each of `members` (default: all) answers a JetStream account-info
         request, which only the meta leader answers: the member is routed to a leader
         elected by a quorum. Raise (with the logs) if one exits first or the time runs
-        out. Runs its own event loop: call it from a thread without one
-        (`asyncio.to_thread` from async code)."""
+        out. It blocks (its probe runs an event loop in a thread of its own, so a caller's
+        running loop is no obstacle): from async code, call it via `asyncio.to_thread`."""
         deadline = time.monotonic() + timeout
         chosen = [self.servers[i] for i in (range(len(self.servers)) if members is None
                                              else members)]
-        asyncio.run(self._wait_jetstream(chosen, deadline))
+        with ThreadPoolExecutor(1, thread_name_prefix="nats-cluster-probe") as probe:
+            probe.submit(asyncio.run, self._wait_jetstream(chosen, deadline)).result()
         return self
 
     async def _wait_jetstream(self, servers: list[NatsServer], deadline: float) -> None:
@@ -146,6 +153,7 @@ class NatsCluster:
             server.stop()
 
     def log_tails(self, lines: int = 15) -> str:
+        """The end of every member's log, for an error that must say why."""
         return "\n".join(f"--- {self.server_name(i)} ({server.log_path})\n"
                          f"{server.log_tail(lines)}"
                          for i, server in enumerate(self.servers))
