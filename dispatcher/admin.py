@@ -8,8 +8,8 @@ Every change is an event recording the actor and the optional `reason`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -81,12 +81,13 @@ async def _nodes(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
     return 200, runtime.state.node_views()
 
 
-async def _recorded(runtime: Any, events: list, node_id: str, status: int) -> Reply:
+async def _recorded(runtime: Any, decide: Callable[[Any], list], node_id: str,
+                    status: int) -> Reply:
     """Record a change to one node and answer with the node as it then is. Another
     command may remove the node while the change is written (the loop runs it between
     this change being applied and being durable): the change stands recorded, so the
     answer is a 409 that says so, listing the recorded events, not a 500."""
-    recorded = await runtime.journal.record(events)
+    recorded = await runtime.journal.commit(decide)
     if node_id not in runtime.state.nodes:
         return 409, {"error": f"node {node_id!r} was removed by another command while this "
                               "change was being recorded; the change is in the log "
@@ -96,34 +97,38 @@ async def _recorded(runtime: Any, events: list, node_id: str, status: int) -> Re
 
 
 async def _add(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
-    events = decisions.add_node(runtime.state, args.get("id"), args.get("ip"),
-                                args.get("port"), args.get("weight", 1), actor=actor,
-                                reason=_reason(args))
-    return await _recorded(runtime, events, args["id"], 201)
+    reason = _reason(args)
+    return await _recorded(runtime, lambda state: decisions.add_node(
+        state, args.get("id"), args.get("ip"), args.get("port"), args.get("weight", 1),
+        actor=actor, reason=reason), args.get("id"), 201)
 
 
 async def _update(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
-    state, node_id, reason = runtime.state, args.get("node_id"), _reason(args)
-    if node_id not in state.nodes:
-        raise decisions.UnknownNode(f"unknown node {node_id!r}")
-    record, events = state.nodes[node_id], []
-    if "ip" in args or "port" in args:
-        events += decisions.change_address(state, node_id, args.get("ip", record.ip),
-                                           args.get("port", record.port), actor=actor,
+    node_id, reason = args.get("node_id"), _reason(args)
+
+    def decide(state: Any) -> list:
+        if node_id not in state.nodes:
+            raise decisions.UnknownNode(f"unknown node {node_id!r}")
+        record, events = state.nodes[node_id], []
+        if "ip" in args or "port" in args:
+            events += decisions.change_address(state, node_id, args.get("ip", record.ip),
+                                               args.get("port", record.port), actor=actor,
+                                               reason=reason)
+        if "weight" in args:
+            events += decisions.set_weight(state, node_id, args["weight"], actor=actor,
                                            reason=reason)
-    if "weight" in args:
-        events += decisions.set_weight(state, node_id, args["weight"], actor=actor,
-                                       reason=reason)
-    if "draining" in args:
-        events += decisions.set_draining(state, node_id, args["draining"], actor=actor,
-                                         reason=reason)
-    return await _recorded(runtime, events, node_id, 200)
+        if "draining" in args:
+            events += decisions.set_draining(state, node_id, args["draining"], actor=actor,
+                                             reason=reason)
+        return events
+
+    return await _recorded(runtime, decide, node_id, 200)
 
 
 async def _remove(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
-    node_id = args.get("node_id")
-    events = decisions.remove_node(runtime.state, node_id, actor=actor, reason=_reason(args))
-    await runtime.journal.record(events)
+    node_id, reason = args.get("node_id"), _reason(args)
+    await runtime.journal.commit(
+        lambda state: decisions.remove_node(state, node_id, actor=actor, reason=reason))
     return 200, {"removed": node_id}
 
 
@@ -131,12 +136,12 @@ async def _events(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
     after, limit = args.get("after", 0), args.get("limit", 100)
     if type(after) is not int or type(limit) is not int or after < 0 or not 1 <= limit <= 1000:
         raise AdminError(400, "`after` must be an integer >= 0 and `limit` one in 1..1000")
-    events = await asyncio.to_thread(_read_events, runtime.config.eventlog.path, after, limit)
-    return 200, events
+    return 200, await runtime.read_events(after, limit)
 
 
-def _read_events(path: str, after: int, limit: int) -> list[Any]:
-    """Stored events after `after` (read in a thread: the log is on disk)."""
+def read_file_events(path: str, after: int, limit: int) -> list[Any]:
+    """Stored events after `after` in the file log at `path` (blocking: run in a
+    thread)."""
     events = []
     for record in LogReader(path).records(after):
         events.append(orjson.loads(record.payload))

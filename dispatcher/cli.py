@@ -8,6 +8,7 @@ locked by a writer, written in a newer format).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -318,12 +319,14 @@ def _serve(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"imdispatch serve: {exc}", file=sys.stderr)
         return 2
-    problem = _log_directory_problem(config.eventlog.path)
-    if problem:
-        print(f"imdispatch serve: {args.config}: [eventlog] path: {problem}", file=sys.stderr)
-        return 2
-    if not _own_the_log(args.config, config.eventlog.path):
-        return 2
+    if not config.eventlog.clustered:  # a cluster's history is in its stream
+        problem = _log_directory_problem(config.eventlog.path)
+        if problem:
+            print(f"imdispatch serve: {args.config}: [eventlog] path: {problem}",
+                  file=sys.stderr)
+            return 2
+        if not _own_the_log(args.config, config.eventlog.path):
+            return 2
     http_server.raise_file_limit()  # the workers inherit it: their connection caps follow
     try:  # bound here, once: a taken port is one line, whatever the number of workers
         public = http_server.listen(config.http.host, config.http.port, config.http.backlog,
@@ -369,8 +372,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     loader = AppLoader(factory=functools.partial(create_app, config, args.config,
                                                  **app_options))
-    signal.signal(signal.SIGHUP, lambda *_: _reload_leader(config))
     app = loader.load()
+    signal.signal(signal.SIGHUP, lambda *_: _pass_reload(config, app))
     app.prepare(sock=public, protocol=fast_path.protocol_for(config.http),
                 workers=config.http.workers, backlog=config.http.backlog, access_log=False,
                 motd=False)
@@ -504,11 +507,18 @@ def _log_directory_problem(path: str) -> str | None:
     return None
 
 
-def _reload_leader(config: Any) -> None:
+def _pass_reload(config: Any, app: Any) -> None:
     """SIGHUP to the supervisor of several workers: pass it to the leader (its pid is in
-    the event log's LOCK file), which reloads and records the changes."""
+    the event log's LOCK file), which reloads and records the changes; in cluster mode
+    to every worker (each records what the file changes, so the first one does)."""
     from pathlib import Path
 
+    if config.eventlog.clustered:
+        manager = getattr(app, "manager", None)
+        for process in getattr(manager, "transient_processes", ()):
+            with contextlib.suppress(OSError, TypeError):
+                os.kill(process.pid, signal.SIGHUP)
+        return
     try:
         pid = int((Path(config.eventlog.path) / "LOCK").read_text().split()[0])
         os.kill(pid, signal.SIGHUP)

@@ -5,7 +5,8 @@
     [poll]     interval, timeout, rise, fall, stale_after
     [balance]  high_watermark, low_watermark, slow_start, panic_threshold, load_step,
                assign_rate
-    [eventlog] path, fsync, snapshot_every, segment_bytes
+    [eventlog] backend, path, fsync, snapshot_every, segment_bytes (the file log);
+               stream, replicas, lease (JetStream: cluster mode)
     [[nodes]]  id, ip, port, weight
 
 Every table and key is optional except each node's `id`, `ip` and `port`; an unknown
@@ -86,10 +87,18 @@ class BalanceConfig:
 
 @dataclass(frozen=True)
 class EventLogConfig:
+    backend: str = "file"  # "jetstream": replicas share one stream (cluster mode)
     path: str = "imdispatch-events"
     fsync: str = "batch"
     snapshot_every: int = 10_000
     segment_bytes: int = 64 * 1024 * 1024
+    stream: str = "IMDISPATCH"
+    replicas: int = 1  # JetStream replicas of the stream and of the cluster's buckets
+    lease: float = 3.0  # seconds a silent leader keeps the lead
+
+    @property
+    def clustered(self) -> bool:
+        return self.backend == "jetstream"
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,12 @@ def _string(value: Any) -> str:
     if type(value) is not str or not value:
         raise ValueError(f"must be a non-empty string, got {value!r}")
     return value
+
+
+def _stream_name(value: Any) -> str:
+    from dispatcher.eventlog.jetstream import check_stream_name
+
+    return check_stream_name(value)
 
 
 def _secret(value: Any) -> str:
@@ -299,8 +314,10 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
         "assign_rate": _number(0.0, 1e9),
     }),
     "eventlog": (EventLogConfig, {
+        "backend": _choice("file", "jetstream"),
         "path": _string, "fsync": _choice("always", "batch", "never"),
         "snapshot_every": _integer(1, 10**9), "segment_bytes": _integer(4096, 1 << 30),
+        "stream": _stream_name, "replicas": _integer(1, 5), "lease": _number(1.0, 60.0),
     }),
 }
 RELOADABLE: dict[str, tuple[str, ...]] = {

@@ -115,7 +115,7 @@ async def rebuild(
             state = RoutingState.from_dict(snapshot.state, selector_class)
             if state.seq != snapshot.seq:
                 raise SnapshotMismatch(f"its state is at seq {state.seq}, not {snapshot.seq}")
-            rebuilt = await _replay(read, state, snapshot.hash, end)
+            rebuilt = await fold(read, state, snapshot.hash, end)
         except SnapshotMismatch as exc:
             notes.append(f"skipped snapshot {path.name}: {exc}")
             continue
@@ -125,16 +125,18 @@ async def rebuild(
         rebuilt.snapshot_seq = snapshot.seq
         break
     else:
-        rebuilt = await _replay(read, RoutingState(selector_class), GENESIS_HASH, end)
+        rebuilt = await fold(read, RoutingState(selector_class), GENESIS_HASH, end)
     rebuilt.notes = notes
     return rebuilt
 
 
-async def _replay(
+async def fold(
     read: Callable[[int], AsyncIterator[list[Record]]], state: RoutingState,
     start_hash: bytes, end: tuple[int, bytes] | None,
 ) -> Rebuilt:
-    """Apply the records after `state.seq`, checking they chain from `start_hash`."""
+    """Apply the records after `state.seq`, checking they chain from `start_hash`, up
+    to `end` or, for a reader that never ends (a cluster member following the stream),
+    for ever."""
     seq, last_hash, count = state.seq, start_hash, 0
     if end is not None and end[0] == seq:
         if end[1] != start_hash:
@@ -156,6 +158,26 @@ async def _replay(
         raise LogCorrupted(f"replay ended at seq {seq} but the log ends at {end[0]}",
                            segment="", offset=0, seq=seq + 1)
     return Rebuilt(state, seq, last_hash, count)
+
+
+def stamp(events: Sequence[Event], state: RoutingState, max_payload: int,
+          now: float) -> tuple[list[Event], list[Entry], Exception | None]:
+    """Number, time and encode events after `state`, applying each to it as the log will
+    store it (decoded from the very bytes the log gets): the events that fit, their
+    entries, and the error that stopped the rest (too large, or not fitting the state)."""
+    stamped: list[Event] = []
+    entries: list[Entry] = []
+    for event in events:
+        try:
+            entry = Entry.of(dataclasses.replace(event, seq=state.seq + 1, time=now))
+            check_size(entry, max_payload)
+            event = entry.event()
+            state.apply(event)  # unchanged if it does not fit
+        except Exception as exc:
+            return stamped, entries, exc
+        stamped.append(event)
+        entries.append(entry)
+    return stamped, entries, None
 
 
 class Journal:
@@ -206,6 +228,15 @@ class Journal:
 
     # -- recording --------------------------------------------------------------------
 
+    async def commit(self, decide: Callable[[RoutingState], Sequence[Event]]) -> list[Event]:
+        """The one road from a decision to recorded events, for every caller (poller,
+        admin, reload) and both backends: `decide` reads the state and returns what
+        changes (raising a domain error to refuse). This log has one writer, so the
+        state it decided on is the one the events follow; the cluster's writer
+        (`dispatcher.cluster.writer`) decides again when another replica wrote first."""
+        events = decide(self.state)
+        return await self.record(events) if events else []
+
     async def record(self, events: Sequence[Event]) -> list[Event]:
         """Stamp, encode, apply and log events; returns them stamped once durable per
         fsync policy.
@@ -221,21 +252,7 @@ class Journal:
             raise LogClosed("the journal is closing; routing state changes are refused")
         if self.log.failure is not None:
             raise LogClosed("the event log failed; routing state changes are refused")
-        stamped: list[Event] = []
-        entries: list[Entry] = []
-        now = self.clock()
-        error: Exception | None = None
-        for event in events:
-            try:
-                entry = Entry.of(dataclasses.replace(event, seq=self.state.seq + 1, time=now))
-                check_size(entry, self.log.max_payload)
-                event = entry.event()
-                self.state.apply(event)  # unchanged if it does not fit
-            except Exception as exc:
-                error = exc
-                break
-            stamped.append(event)
-            entries.append(entry)
+        stamped, entries, error = stamp(events, self.state, self.log.max_payload, self.clock())
         if entries:
             durable = self.log.append(entries)
             self._maybe_snapshot(durable)

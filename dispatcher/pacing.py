@@ -33,13 +33,13 @@ def slow_start_ramp(record: NodeRecord, now: float, slow_start: float) -> int:
     return max(RAMP_START, min(RAMP_FULL, int(RAMP_FULL * elapsed / slow_start)))
 
 
-def open_ledger(reports: bool) -> Ledger:
+def open_ledger(reports: bool, shared: bool = True) -> Ledger:
     """The counters this worker picks against: the file every worker of this `serve`
     maps (in the run's directory, which the supervisor makes when it starts several
-    workers), else counters of its own. `reports`: this worker polls the nodes, so its
+    workers), else (or unless `shared`) counters of its own. `reports`: this worker's
     load reports reset the counts of picks (the leader's)."""
     directory = os.environ.get(DIRECTORY_VARIABLE)
-    if not directory:
+    if not directory or not shared:
         return Ledger(reports=reports)
     return Ledger.shared(Path(directory) / LEDGER_FILE, reports=reports)
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from nats.nuid import NUID
@@ -114,7 +115,7 @@ class Poller:
         self.link_misses, self.link_fault = 0, None
         self._fresh_link = self._fresh_link and all(
             isinstance(result, Failure) and result.cause == "timeout" for result in results)
-        events = []
+        verdicts = []
         for node_id, result in zip(node_ids, results, strict=True):
             record = state.nodes.get(node_id)
             if record is not asked[node_id]:
@@ -122,6 +123,29 @@ class Poller:
             if isinstance(result, Failure):
                 self.failures[result.cause] = self.failures.get(result.cause, 0) + 1
             change = self.health.observe(node_id, result, record.health, record.health_cause)
+            verdicts.append((node_id, result, change))
+        self.figures = {node_id: result.connections
+                        for node_id, result in zip(node_ids, results, strict=True)
+                        if isinstance(result, NodeStatus)}
+        if verdicts and self.journal.failure is None:
+            # A failed log refuses every change (the dispatcher is not ready then, and
+            # says why); the cycle still counts, so the loads follow the fresh figures.
+            await self.journal.commit(partial(self._decide, asked, verdicts))
+        self.cycles += 1
+        self.last_cycle = time.monotonic()
+        self.last_duration = self.last_cycle - started
+        if self.after_cycle is not None:
+            self.after_cycle()
+        return True
+
+    def _decide(self, asked: dict[str, Any], verdicts: list[tuple[str, Any, str | None]],
+                state: Any) -> list[Any]:
+        """The events of a cycle's verdicts, decided on `state` (again, if another writer
+        of a shared log wrote first: the health streaks are counted once, in `cycle`)."""
+        events: list[Any] = []
+        for node_id, result, change in verdicts:
+            if state.nodes.get(node_id) is not asked[node_id]:
+                continue  # removed (or removed and added again) meanwhile
             if change == "down":
                 events += decisions.mark_down(state, node_id, result.cause, result.detail)
             elif change == "up":
@@ -130,19 +154,7 @@ class Poller:
                 events += decisions.observe_load(state, node_id, result.connections,
                                                  result.capacity,
                                                  load_step=self.balance.load_step)
-        self.figures = {node_id: result.connections
-                        for node_id, result in zip(node_ids, results, strict=True)
-                        if isinstance(result, NodeStatus)}
-        if events and self.journal.failure is None:
-            # A failed log refuses every change (the dispatcher is not ready then, and
-            # says why); the cycle still counts, so the loads follow the fresh figures.
-            await self.journal.record(events)
-        self.cycles += 1
-        self.last_cycle = time.monotonic()
-        self.last_duration = self.last_cycle - started
-        if self.after_cycle is not None:
-            self.after_cycle()
-        return True
+        return events
 
     def _doubt(self, echoed: bool, records: list[Any],
                results: list[NodeStatus | Failure]) -> str | None:

@@ -180,13 +180,19 @@ class Leader(Serving):
 
     async def _record_polling(self, event: Any) -> None:
         """The outage in the log, once per change (it explains why health stood still)."""
-        if self.state.polling != isinstance(event, ev.PollingResumed):
-            with contextlib.suppress(Exception):  # e.g. the journal is closing
-                await self.journal.record([event])
+        resumed = isinstance(event, ev.PollingResumed)
+        with contextlib.suppress(Exception):  # e.g. the journal is closing
+            await self.journal.commit(lambda state: [event] if state.polling != resumed else [])
 
     async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
         """Run an admin command (this runtime writes the event log)."""
         return await admin.execute(self, op, args, actor)
+
+    async def read_events(self, after: int, limit: int) -> list[Any]:
+        """`/admin/events`: the stored events after `after` (read in a thread: the log
+        is on disk)."""
+        return await asyncio.to_thread(admin.read_file_events, self.config.eventlog.path,
+                                       after, limit)
 
     async def reload(self) -> list[str]:
         """Apply the config file again (SIGHUP, POST /admin/reload); the changes it
@@ -213,9 +219,9 @@ class Leader(Serving):
         changes nothing: the log is newer than any copy of the file a worker holds."""
         events: list = []
         if config.source != cfg.FROM_LOG:
-            events = decisions.reconcile_config(self.state, config.recorded(), config.source)
-            if events:
-                await self.journal.record(events)
+            recorded = config.recorded()
+            events = await self.journal.commit(
+                lambda state: decisions.reconcile_config(state, recorded, config.source))
         self.config = config.with_recorded(self.state.config)
         if self.poller is not None:
             poll, balance = self.config.poll, self.config.balance
@@ -301,6 +307,12 @@ async def open_runtime(config: cfg.Config, config_path: str | Path | None = None
     """The leader if this process gets the event log's writer lock, a follower if a
     worker of the same `serve` (the same `RUN_ID`) holds it; else `LogLocked` naming the
     holder's pid: another dispatcher has this log."""
+    if config.eventlog.clustered:
+        from dispatcher.cluster.member import Member
+
+        member = Member(config, config_path, stats)
+        await member.start()
+        return member
     run_id = os.environ.get(RUN_ID)
     deadline = time.monotonic() + LOCK_RECORD_WAIT
     # A worker started in place of a dead one (its settings come from the log) finds the

@@ -56,10 +56,12 @@ class Serving:
     def state(self) -> RoutingState:
         raise NotImplementedError
 
-    def _start_pacing(self) -> None:
+    def _start_pacing(self, shared: bool = True) -> None:
         """Once the state is in hand: count picks in the ledger this worker shares with
-        the others of its dispatcher, then pace them."""
-        self.state.use_ledger(pacing.open_ledger(reports=self.role == "leader"))
+        the others of its dispatcher (unless not `shared`: then its own, which its own
+        reports settle), then pace them."""
+        self.state.use_ledger(pacing.open_ledger(reports=self.role == "leader" or not shared,
+                                                 shared=shared))
         self.opened_at = time.monotonic()
         self._pacing = asyncio.get_running_loop().create_task(self._slow_start())
 
@@ -74,6 +76,10 @@ class Serving:
         """Why this worker's NATS link is not trusted now (the leader's poller found it
         delivers nothing), or None."""
         return None
+
+    def details(self) -> dict[str, Any]:
+        """What this kind of worker adds to its readiness details."""
+        return {}
 
 
     def choose(self, request: PickRequest) -> list[NodeRecord]:
@@ -226,6 +232,7 @@ class Serving:
             "last_poll_age_s": None if age is None else round(age, 3),
             "stale_after_s": stale_after,
             "event_log": "failed" if failure is not None else "ok",
+            **self.details(),
         }
         if failure is not None:
             return False, {**details, "reason": f"event log failed: {failure}"}

@@ -154,12 +154,23 @@ class PollingResumed(Event):
     type: str = "polling_resumed"
 
 
+@dataclass(kw_only=True)
+class LeaderElected(Event):
+    """Cluster mode: from here on `leader` (a replica's worker) polls and records what it
+    sees. The stream's expected last sequence makes this the fence: a deposed leader's
+    next append was decided on a state before this event, so the stream refuses it, and
+    once it has read this event it decides nothing as leader."""
+
+    type: str = "leader_elected"
+    leader: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__dataclass_fields__["type"].default: cls
     for cls in (
         NodeAdded, NodeRemoved, NodeAddressChanged, NodeWeightSet, NodeDrained,
         NodeUndrained, NodeUp, NodeDown, LoadReported, NodeOverloaded, NodeRecovered,
-        ConfigReloaded, PollingPaused, PollingResumed,
+        ConfigReloaded, PollingPaused, PollingResumed, LeaderElected,
     )
 }
 

@@ -47,6 +47,7 @@ class NodeRecord:
     updated_seq: int = 0  # the last event that changed this node
 
 
+RECORD_FIELDS = NodeRecord.__slots__  # plain values all: a dict of them is a deep copy
 CHANGES_KEPT = 50
 
 
@@ -59,6 +60,7 @@ class RoutingState:
         self.nodes: dict[str, NodeRecord] = {}  # in the order they were added
         self.config: dict[str, Any] | None = None
         self.polling = True  # False while the dispatcher has no NATS: health is frozen
+        self.leader: str | None = None  # cluster mode: the member that polls and records
         self.high_watermark = DEFAULT_HIGH_WATERMARK
         self.low_watermark = DEFAULT_LOW_WATERMARK
         self.high_ppm, self.low_ppm = core_ext.watermarks_ppm(
@@ -147,6 +149,11 @@ class RoutingState:
     def _polling(self, event: ev.PollingPaused | ev.PollingResumed) -> None:
         self.polling = isinstance(event, ev.PollingResumed)
 
+    def _leader(self, event: ev.LeaderElected) -> None:
+        if not isinstance(event.leader, str) or not event.leader:
+            raise InvalidTransition(f"leader_elected at seq {event.seq}: no leader named")
+        self.leader = event.leader
+
     def _config(self, event: ev.ConfigReloaded) -> None:
         balance = event.config.get("balance", {})
         high = balance.get("high_watermark", DEFAULT_HIGH_WATERMARK)
@@ -191,8 +198,14 @@ class RoutingState:
             "low_watermark": self.low_watermark,
             "config": self.config,
             "polling": self.polling,
-            "nodes": [asdict(record) for record in self.nodes.values()],
+            "leader": self.leader,
+            "nodes": [{name: getattr(record, name) for name in RECORD_FIELDS}
+                      for record in self.nodes.values()],
         }
+
+    def copy(self) -> RoutingState:
+        """An independent state equal to this one (to try events on)."""
+        return RoutingState.from_dict(self.to_dict(), self._selector_class)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], selector_class: type | None = None) -> RoutingState:
@@ -200,6 +213,7 @@ class RoutingState:
         state = cls(selector_class)
         state.seq, state.time, state.config = data["seq"], data["time"], data["config"]
         state.polling = data.get("polling", True)
+        state.leader = data.get("leader")
         state.high_watermark, state.low_watermark = data["high_watermark"], data["low_watermark"]
         state.high_ppm, state.low_ppm = core_ext.watermarks_ppm(
             state.high_watermark, state.low_watermark
@@ -246,4 +260,5 @@ _HANDLERS: dict[type, Callable[[RoutingState, Any], None]] = {
     ev.ConfigReloaded: RoutingState._config,
     ev.PollingPaused: RoutingState._polling,
     ev.PollingResumed: RoutingState._polling,
+    ev.LeaderElected: RoutingState._leader,
 }

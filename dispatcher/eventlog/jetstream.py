@@ -76,6 +76,16 @@ READ_BATCH = 1024
 HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
 
 
+def check_stream_name(name: str) -> str:
+    """JetStream's rule for stream (and bucket) names; ValueError names the problem."""
+    if type(name) is not str or not name or len(name) > 200:
+        raise ValueError(f"must be a stream name of 1..200 characters, got {name!r}")
+    bad = sorted({c for c in name if c in " .*>/\\\t" or not c.isprintable()})
+    if bad:
+        raise ValueError(f"a stream name cannot hold {''.join(bad)!r}, got {name!r}")
+    return name
+
+
 @dataclass(slots=True)
 class _Outgoing:
     seq: int
@@ -107,11 +117,11 @@ class JetStreamLog:
         retry_for: float = 30.0,
         duplicate_window: float = 120.0,
         max_inflight: int = 1000,
+        shared: bool = False,
     ) -> None:
         if not 1 <= replicas <= 5:
             raise ValueError(f"replicas must be 1..5, got {replicas}")
-        if any(c in stream for c in " .*>/\\\t") or not stream:
-            raise ValueError(f"invalid stream name {stream!r}")
+        check_stream_name(stream)
         if not subject or any(c in subject for c in " *>\t"):
             raise ValueError(f"the subject must be a literal subject, got {subject!r}")
         self.nc = nc
@@ -122,6 +132,8 @@ class JetStreamLog:
         self.retry_for = retry_for
         self.duplicate_window = duplicate_window
         self.max_inflight = max_inflight
+        self.shared = shared
+        self.behind = 0  # what `follow` last heard the stream held past what it yielded
         self.max_payload = records.MAX_PAYLOAD  # lowered to the server's limit at open
         self.last_seq = 0
         self.last_hash = records.GENESIS_HASH
@@ -333,6 +345,11 @@ class JetStreamLog:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_inflight))]
             try:
                 await self._send(batch)
+            except StaleWriter as exc:
+                if not self.shared:
+                    self._fail(exc)
+                    return
+                self._refuse(exc)  # another writer went first: this append only fails
             except BaseException as exc:  # whatever it is, the log stops here
                 self._fail(exc)
                 if isinstance(exc, asyncio.CancelledError):
@@ -462,14 +479,25 @@ class JetStreamLog:
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
-        error = exc if isinstance(exc, EventLogError) else LogClosed(
+        self._refuse(exc if isinstance(exc, EventLogError) else LogClosed(
             f"event log stream {self.stream}: append failed: {exc!r}"
-        )
+        ))
+
+    def _refuse(self, error: BaseException) -> None:
+        """Fail every append not yet acknowledged with `error`."""
         for _, waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(error)
         self._waiters.clear()
         self._queue.clear()
+
+    def rebase(self, seq: int, last_hash: bytes) -> None:
+        """A shared log's writer appends next after record `seq` (hash `last_hash`): the
+        end of the stream as its reader folded it. Only between appends."""
+        if self._queue or self._waiters:
+            raise RuntimeError("rebase with appends in flight")
+        self.last_seq = self._acked = seq
+        self.last_hash = last_hash
 
     async def sync(self) -> None:
         """Nothing to force: an acknowledged append is already stored by JetStream."""
@@ -479,35 +507,17 @@ class JetStreamLog:
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
         """Verified records after `after`, in batches (what arrived, at most `READ_BATCH`),
         up to `last_seq` when reading began (the stream's last message if this log was not
-        opened). Any gap in the seqs or break in the hash chain is corruption."""
+        opened, or is shared: others append). Any gap in the seqs or break in the hash
+        chain is corruption."""
         last = self.last_seq
-        if not self._opened:
+        if not self._opened or self.shared:
             try:
                 last = (await self._js.stream_info(self.stream)).state.last_seq or 0
             except NotFoundError:
                 raise StreamConfigError(f"no event log stream {self.stream}") from None
         if after >= last:
             return
-        buffer: deque[Msg] = deque()
-        arrived, room = asyncio.Event(), asyncio.Event()
-
-        async def deliver(msg: Msg) -> None:
-            # A callback, not next_msg(): no task per message. Blocking here when the
-            # buffer is full holds back flow control, so the server pauses delivery.
-            while len(buffer) >= READ_BUFFER:
-                room.clear()
-                await room.wait()
-            buffer.append(msg)
-            arrived.set()
-
-        sub = await self._js.subscribe(
-            self.subject,
-            stream=self.stream,
-            cb=deliver,
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=api.ConsumerConfig(opt_start_seq=after + 1),
-        )
+        sub, buffer, arrived, room = await self._consume(after)
         try:
             expected, prev, stalls = after + 1, None, 0
             while expected <= last:
@@ -559,10 +569,78 @@ class JetStreamLog:
                 room.set()
                 yield batch
         finally:
-            buffer.clear()
-            room.set()  # a callback blocked on a full buffer must not outlive the read
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._stop_consuming(sub, buffer, room)
+
+    async def follow(self, after: int, idle: float = 1.0,
+                     heartbeat: float = 1.0) -> AsyncIterator[list[records.Record]]:
+        """Records after `after` as they are appended, forever, in batches of what
+        arrived; an empty batch when nothing came for `idle` seconds (so the caller can
+        look at its own clocks). Seqs are checked here, the chain by whoever folds them.
+        `behind` is how many messages the stream held past the last one yielded, as the
+        server said. `heartbeat`: the consumer's idle heartbeat; nats-py recreates it
+        after two missed (its server died, say)."""
+        sub, buffer, arrived, room = await self._consume(after, heartbeat)
+        try:
+            expected = after + 1
+            while True:
+                if not buffer:
+                    arrived.clear()
+                    try:
+                        await asyncio.wait_for(arrived.wait(), idle)
+                    except TimeoutError:
+                        yield []
+                    continue
+                batch = []
+                while buffer and len(batch) < READ_BATCH:
+                    msg = buffer.popleft()
+                    seq = msg.metadata.sequence.stream
+                    if seq < expected:
+                        continue  # delivered again by a recreated consumer
+                    if seq != expected:
+                        raise LogUnavailable(
+                            f"event log stream {self.stream}: message {expected} was not "
+                            f"delivered (the next one was {seq})")
+                    batch.append(self._record(seq, msg.headers, msg.data))
+                    expected += 1
+                    self.behind = msg.metadata.num_pending
+                room.set()
+                if batch:
+                    yield batch
+        finally:
+            await self._stop_consuming(sub, buffer, room)
+
+    async def _consume(self, after: int, heartbeat: float | None = None
+                       ) -> tuple[Any, deque[Msg], asyncio.Event, asyncio.Event]:
+        """An ordered push consumer from `after + 1` feeding a bounded buffer."""
+        buffer: deque[Msg] = deque()
+        arrived, room = asyncio.Event(), asyncio.Event()
+
+        async def deliver(msg: Msg) -> None:
+            # A callback, not next_msg(): no task per message. Blocking here when the
+            # buffer is full holds back flow control, so the server pauses delivery.
+            while len(buffer) >= READ_BUFFER:
+                room.clear()
+                await room.wait()
+            buffer.append(msg)
+            arrived.set()
+
+        sub = await self._js.subscribe(
+            self.subject,
+            stream=self.stream,
+            cb=deliver,
+            ordered_consumer=True,
+            idle_heartbeat=heartbeat,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=after + 1),
+        )
+        return sub, buffer, arrived, room
+
+    @staticmethod
+    async def _stop_consuming(sub: Any, buffer: deque, room: asyncio.Event) -> None:
+        buffer.clear()
+        room.set()  # a callback blocked on a full buffer must not outlive the read
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
     # -- closing ----------------------------------------------------------------------
 

@@ -1,0 +1,375 @@
+"""One worker in cluster mode: a member of the dispatcher that every replica forms.
+
+Every member folds the shared stream into its routing state (`StreamTail`), answers
+picks from it, runs admin commands by optimistic appends (`StreamWriter`), and competes
+for the lease. The one that holds it records `leader_elected` and then polls the nodes,
+as the file log's leader does; the others learn from the lease's value when the leader
+finished a poll cycle, which is how fresh their state is once they have folded that
+cycle's events. A member's NATS connection carries all of it; when the poller finds the
+link delivers nothing, the member leaves it for a new one and keeps its state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from dispatcher import admin, nats_service
+from dispatcher import config as cfg
+from dispatcher.cluster.lease import Lease, member_id
+from dispatcher.cluster.tail import StreamTail
+from dispatcher.cluster.writer import NotLeader, StreamWriter
+from dispatcher.domain import decisions
+from dispatcher.domain import events as ev
+from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.jetstream import JetStreamLog
+from dispatcher.eventlog.records import GENESIS_HASH
+from dispatcher.journal import Rebuilt
+from dispatcher.poller import Poller
+from dispatcher.serving import Serving
+from dispatcher.stats import WorkerStats
+from imnode.micro import Service, close_link
+from imnode.tasks import cancel_and_wait
+
+log = logging.getLogger("imdispatch.cluster")
+TICK = 0.25  # seconds between looks at the lease (its holder's last cycle, or taking it)
+SUBJECT_PREFIX = "imdispatch.events."
+
+
+def stream_subject(stream: str) -> str:
+    """The one subject a cluster's stream captures."""
+    return SUBJECT_PREFIX + stream
+
+
+class Member(Serving):
+    """A worker of a replica in cluster mode; see the module docstring."""
+
+    def __init__(self, config: cfg.Config, config_path: str | Path | None = None,
+                 stats: WorkerStats | None = None) -> None:
+        super().__init__(config, stats)
+        self.config_path = Path(config_path) if config_path else None
+        self.id = member_id(os.getpid())
+        self.tail = StreamTail(Rebuilt(RoutingState(), 0, GENESIS_HASH), self._folded)
+        self.journal = StreamWriter(self.tail)
+        self.nc: Any = None
+        self.lease: Lease | None = None
+        self.service: Service | None = None
+        self.poller: Poller | None = None
+        self.leading = False  # holds the lease (polls once the stream names it leader)
+        self.members = 1  # live members, as last counted
+        self.caught_up = False  # the state reached the stream's end once since start
+        self._lease_until = 0.0  # monotonic: the lease is surely ours until then
+        self._deposed: str | None = None  # why to step down, said by the poller's commit
+        self._cycle_renewed: int | None = None  # as leader: the cycle the lease last said
+        self._cycle_heard: Any = None  # as follower: the lease's last cycle heard of
+        self._cycle_seq = 0  # the leader's seq after that cycle
+        self._cycle_pending = False  # heard of, not yet held by this state
+        self._config_seen: Any = None  # the recorded config the settings come from
+        self._fresh_at: float | None = None  # monotonic: our state held the last cycle
+        self._link_lost = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def state(self) -> RoutingState:
+        return self.tail.state
+
+    @property
+    def role(self) -> str:  # type: ignore[override]
+        return "leader" if self.leading and self.state.leader == self.id else "follower"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve at once (refusing picks until the state has caught up with the
+        stream); reach NATS, follow the stream and campaign in the background."""
+        self._start_pacing(shared=False)  # a replica's workers share no ledger: see shares
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sessions()),
+                       loop.create_task(self.tail.run(lambda: self.journal.log))]
+
+    async def _sessions(self) -> None:
+        """One NATS connection at a time, replaced when the poller finds it delivers
+        nothing; the state and the tail outlive it."""
+        while True:
+            nc = await nats_service.connect(
+                self.config.nats, error_cb=self._nats_error,
+                ping_interval=nats_service.PING_INTERVAL, max_outstanding_pings=3)
+            try:
+                await self._open(nc)
+            except Exception as exc:
+                log.warning("cannot use the event stream %s: %s", self.config.eventlog.stream,
+                            exc)
+                await self._close(nc)
+                await asyncio.sleep(1.0)
+                continue
+            campaign = asyncio.get_running_loop().create_task(self._campaign())
+            try:
+                await self._link_lost.wait()
+            finally:
+                await cancel_and_wait(campaign)
+                await self._close(nc)
+            self._link_lost.clear()
+            log.warning("left a NATS connection that delivers nothing; opening another")
+
+    async def _open(self, nc: Any) -> None:
+        eventlog = self.config.eventlog
+        stream = JetStreamLog(nc, stream=eventlog.stream, subject=stream_subject(eventlog.stream),
+                              replicas=eventlog.replicas, shared=True)
+        recovery = await stream.open()
+        for line in recovery.describe():
+            log.info("event stream: %s", line)
+        lease = Lease(nc.jetstream(timeout=2.0), eventlog.stream, self.id, eventlog.lease,
+                      eventlog.replicas)
+        await lease.open()
+        self.nc, self.lease = nc, lease
+        self.tail.saw(stream.last_seq)
+        self.journal.log = stream
+        if not self.caught_up:
+            await self.tail.reach(stream.last_seq, float("inf"))
+            self.caught_up = True
+            log.info("member %s caught up with the event stream at seq %d", self.id,
+                     self.tail.seq)
+            self._take_settings()
+            await self._apply_config(self.config)
+        self.service = await nats_service.serve(nc, self)
+
+    async def _close(self, nc: Any) -> None:
+        await self._step_down(None)
+        if self.journal.log is not None:
+            with contextlib.suppress(Exception):
+                await self.journal.log.close()
+        self.journal.log, self.lease = None, None
+        service, self.service, self.nc = self.service, None, None
+        await close_link(nc, service)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        lease = self.lease
+        await self._step_down(None)
+        if lease is not None:
+            await lease.release()  # another member leads at once, not after the lease time
+        await cancel_and_wait(*self._tasks, self._pacing)
+        if self.nc is not None:
+            await self._close(self.nc)
+
+    async def _nats_error(self, exc: Exception) -> None:
+        if not self._stopping:
+            log.warning("NATS: %s", exc or type(exc).__name__)
+
+    # -- the lease --------------------------------------------------------------------
+
+    async def _campaign(self) -> None:
+        """Every tick: the leader renews its lease (at once after a poll cycle, so the
+        others learn of it), the others read it and take it when nobody holds it; every
+        member says it is alive and counts the others."""
+        ttl = self.config.eventlog.lease
+        renewed = alive = float("-inf")
+        while True:
+            now = time.monotonic()
+            try:
+                if now - alive >= ttl / 4:
+                    await self.lease.here({"at": time.time()})
+                    self.members = max(1, await self.lease.members())
+                    alive = now
+                if self._deposed is not None:
+                    await self._step_down(self._deposed)
+                if self.leading:
+                    cycle = self._cycle_mark()
+                    if cycle != self._cycle_renewed or now - renewed >= ttl / 4:
+                        if not await self.lease.renew(self._lease_value()):
+                            await self._step_down("another member took the lease")
+                        else:
+                            self._lease_until, renewed = now + ttl, now
+                            self._cycle_renewed = cycle
+                else:
+                    holder = await self.lease.holder()
+                    if holder is None:
+                        if await self.lease.acquire(self._lease_value()):
+                            await self._lead(now + ttl)
+                            renewed = now
+                    else:
+                        self._heard(holder)
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                log.debug("lease: %r", exc)
+            if self.leading and time.monotonic() > self._lease_until:
+                await self._step_down("could not renew the lease in time")
+            await asyncio.sleep(TICK)
+
+    def _lease_value(self) -> dict[str, Any]:
+        """What the lease says of its holder: who, and its last full poll cycle."""
+        cycle = self._cycle_mark()
+        return {"leader": self.id, "cycle": cycle, "seq": self.state.seq}
+
+    def _cycle_mark(self) -> int | None:
+        return self.poller.cycles if self.poller is not None and self.leading else None
+
+    def _heard(self, holder: dict[str, Any]) -> None:
+        """The lease's value: a new cycle of the leader's is fresh news once this state
+        holds the events it recorded."""
+        cycle = (holder.get("leader"), holder.get("cycle"))
+        if holder.get("cycle") is not None and cycle != self._cycle_heard:
+            self._cycle_heard, self._cycle_seq = cycle, int(holder.get("seq") or 0)
+            self._cycle_pending = True
+        self._take_cycle()
+
+    def _take_cycle(self) -> None:
+        if self._cycle_pending and self.state.seq >= self._cycle_seq:
+            self._cycle_pending = False
+            self._fresh_at = time.monotonic()
+            self.state.selector.sample()  # picks since the cycle before stay pending
+            self.poll_happened()
+
+    async def _lead(self, until: float) -> None:
+        """Holding the lease: record it in the stream (the fence), then poll."""
+        self.leading, self._lease_until, self._deposed = True, until, None
+        previous = self.state.leader
+        try:
+            await self.journal.commit(lambda state: [] if state.leader == self.id else [
+                ev.LeaderElected(leader=self.id, reason=f"took the lease (previous leader: "
+                                                        f"{previous or 'none'})")])
+        except Exception as exc:
+            log.warning("took the lease but could not record it: %s", exc)
+            await self.lease.release()
+            self.leading = False
+            return
+        log.warning("member %s leads: it polls the nodes and records what it sees", self.id)
+        self.poller = Poller(self.nc, _AsLeader(self), self.config.poll, self.config.balance,
+                             after_cycle=self._after_cycle, link_lost=self._link_lost.set)
+        self.poller.start()
+
+    async def _step_down(self, why: str | None) -> None:
+        poller, self.poller = self.poller, None
+        was_leading, self.leading, self._deposed = self.leading, False, None
+        if poller is not None:
+            await poller.stop()
+        if was_leading and why is not None:
+            log.warning("member %s no longer leads: %s", self.id, why)
+
+    def _after_cycle(self) -> None:
+        self.stats.poll_cycle.observe(self.poller.last_duration)
+        self.stats.poll_failures = dict(self.poller.failures)
+        self.poll_happened(self.poller.figures)
+
+    # -- the state --------------------------------------------------------------------
+
+    def _folded(self, batch: list[Any]) -> None:
+        """After each batch the tail applied: settings recorded since, and a cycle the
+        lease announced that this state now holds."""
+        if self.state.config is not self._config_seen:
+            self._take_settings()
+        if not self.leading:
+            self._take_cycle()
+
+    def _take_settings(self) -> None:
+        self._config_seen = self.state.config
+        try:
+            self.config = self.config.with_recorded(self.state.config)
+        except cfg.ConfigError as exc:
+            log.error("keeping the previous settings: %s", exc)
+            return
+        if self.poller is not None:
+            poll, balance = self.config.poll, self.config.balance
+            self.poller.poll, self.poller.balance = poll, balance
+            self.poller.health.rise, self.poller.health.fall = poll.rise, poll.fall
+
+    async def _apply_config(self, config: cfg.Config) -> list:
+        """Record what the file `config` changes against the last recorded
+        configuration (every member at its start, and on reload, does: once one has
+        recorded it, the others find nothing to change)."""
+        events: list = []
+        if config.source != cfg.FROM_LOG:
+            recorded = config.recorded()
+            events = await self.journal.commit(
+                lambda state: decisions.reconcile_config(state, recorded, config.source))
+        self.config = config.with_recorded(self.state.config)
+        self._take_settings()
+        return events
+
+    # -- what the app asks ------------------------------------------------------------
+
+    def choose(self, request: Any) -> list:
+        if not self.caught_up:  # a state half way through the history is no state
+            return []
+        return super().choose(request)
+
+    async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
+        """Every member runs admin commands itself (see `dispatcher.cluster.writer`)."""
+        return await admin.execute(self, op, args, actor)
+
+    async def reload(self) -> list[str]:
+        if self.config_path is None:
+            raise cfg.ConfigError("no config file to reload")
+        config = cfg.load(self.config_path)
+        if config.eventlog != self.config.eventlog:
+            log.warning("[eventlog] changed in %s: takes effect at the next restart",
+                        config.source)
+        return [event.type for event in await self._apply_config(config)]
+
+    async def read_events(self, after: int, limit: int) -> list[Any]:
+        """`/admin/events`: the stored events after `after`, from the stream."""
+        stream = self.journal.log
+        if stream is None:
+            raise admin.AdminError(503, "the event stream is unreachable")
+        found: list[Any] = []
+        async for batch in stream.read(after):
+            found += [record.event().to_dict() for record in batch[:limit - len(found)]]
+            if len(found) >= limit:
+                break
+        return found
+
+    def poll_status(self) -> tuple[float | None, bool]:
+        connected = bool(self.nc is not None and self.nc.is_connected)
+        if self.poller is not None and self.poller.last_cycle is not None:
+            return time.monotonic() - self.poller.last_cycle, connected
+        if self._fresh_at is None:
+            return None, connected
+        return time.monotonic() - self._fresh_at, connected
+
+    def log_failure(self) -> BaseException | None:
+        return self.tail.failure
+
+    def link_fault(self) -> str | None:
+        if not self.caught_up:
+            return (f"catching up with the event stream (at seq {self.tail.seq} of "
+                    f"{self.tail.head})")
+        if self.tail.problem is not None:
+            return f"event stream: {self.tail.problem}"
+        return self.poller.link_fault if self.poller is not None else None
+
+    def details(self) -> dict[str, Any]:
+        return {"member": self.id, "leader": self.state.leader, "members": self.members,
+                "stream_lag": self.tail.lag}
+
+
+class _AsLeader:
+    """The journal the leader's poller records through: only while the stream names this
+    member as leader. Told otherwise, the member steps down (from its own task: the
+    poller cannot stop itself)."""
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+
+    @property
+    def state(self) -> RoutingState:
+        return self.member.state
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.member.journal.failure
+
+    async def commit(self, decide: Any) -> list:
+        member = self.member
+        if not member.leading or time.monotonic() > member._lease_until:
+            return []
+        try:
+            return await member.journal.commit(decide, leader=member.id)
+        except NotLeader as exc:
+            member._deposed = str(exc)
+            return []

@@ -1,0 +1,92 @@
+"""Writing to the shared stream: optimistic appends, decided again on conflict.
+
+A member decides on its folded state (at seq N) and appends the events with JetStream's
+expected last sequence N. If another member appended first, the stream refuses them
+(`StaleWriter`); the member waits until its state holds what the other wrote, decides
+again on that state and tries again. Chosen over forwarding admin commands to the
+leader: an admin change works on any replica while the leader is away or stalled (during
+a failover, say), there is no second path for commands to fail on, and the stream, not
+timing, keeps writers from interleaving. The decision is a function so that a retry
+decides afresh: a weight change that raced a poll cycle is checked against the node as
+the cycle left it.
+
+The events are stamped on a copy of the state: the member's own state changes only by
+folding what the stream stored, as every other member's does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from dispatcher.cluster.tail import StreamTail
+from dispatcher.domain.events import Event
+from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.errors import EventLogError, LogUnavailable, StaleWriter
+from dispatcher.eventlog.jetstream import JetStreamLog
+from dispatcher.journal import stamp
+
+ATTEMPTS = 20  # decisions in a row beaten by other writers before giving up
+FOLD_WAIT = 5.0  # seconds to wait for the member's state to hold what the stream stored
+
+
+class NotLeader(Exception):
+    """The stream names another leader: this member's poll results are not recorded."""
+
+
+class Contended(EventLogError):
+    """Other writers won `ATTEMPTS` times in a row."""
+
+
+class StreamWriter:
+    """`commit(decide)` for a member, the journal's counterpart in cluster mode."""
+
+    def __init__(self, tail: StreamTail, clock: Callable[[], float] = time.time) -> None:
+        self.tail = tail
+        self.clock = clock
+        self.log: JetStreamLog | None = None  # the current connection's; None without one
+        self._lock = asyncio.Lock()  # one decision at a time: a member never races itself
+
+    @property
+    def state(self) -> RoutingState:
+        return self.tail.state
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Damage in the stream: the state cannot follow it any more."""
+        return self.tail.failure
+
+    async def commit(self, decide: Callable[[RoutingState], Sequence[Event]], *,
+                     leader: str | None = None) -> list[Event]:
+        """Record what `decide` says on the latest state; the events as stored, once this
+        member's state holds them. `leader`: decide only while the stream names this
+        member as the leader (else `NotLeader`)."""
+        async with self._lock:
+            for _ in range(ATTEMPTS):
+                stream = self.log
+                if stream is None or stream.failure is not None:
+                    raise LogUnavailable("the event stream is unreachable: routing state "
+                                         "changes are refused until it is back")
+                await self.tail.reach(self.tail.head, FOLD_WAIT)  # what we know is there
+                state = self.tail.state
+                if leader is not None and state.leader != leader:
+                    raise NotLeader(f"the event stream names {state.leader!r} as the leader")
+                events = decide(state)
+                if not events:
+                    return []
+                stamped, entries, error = stamp(events, state.copy(), stream.max_payload,
+                                                self.clock())
+                if entries:
+                    stream.rebase(state.seq, self.tail.hash)
+                    try:
+                        await asyncio.shield(stream.append(entries))
+                    except StaleWriter:  # another writer first: hold what it wrote, again
+                        self.tail.saw(state.seq + 1)
+                        continue
+                    self.tail.saw(entries[-1].seq)
+                    await self.tail.reach(entries[-1].seq, FOLD_WAIT)
+                if error is not None:
+                    raise error
+                return stamped
+            raise Contended(f"other writers appended first {ATTEMPTS} times in a row; "
+                            "nothing recorded")
