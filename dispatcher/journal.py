@@ -39,10 +39,10 @@ def _log_when_durable(events: list[Event], durable: asyncio.Future) -> None:
     """Log the events once the log holds them, even if whoever awaited is gone."""
     if not durable.cancelled() and durable.exception() is None:
         for event in events:
-            _log_event(event)
+            log_event(event)
 
 
-def _log_event(event: Event) -> None:
+def log_event(event: Event) -> None:
     """Each recorded event once, in the one process that records it, with its fields."""
     level = logging.DEBUG if event.type in QUIET else logging.INFO
     if not log.isEnabledFor(level):

@@ -121,7 +121,7 @@ class Member(Serving):
     async def _open(self, nc: Any) -> None:
         eventlog = self.config.eventlog
         stream = JetStreamLog(nc, stream=eventlog.stream, subject=stream_subject(eventlog.stream),
-                              replicas=eventlog.replicas, shared=True)
+                              replicas=eventlog.replicas, shared=True, writer=self.id)
         recovery = await stream.open()
         for line in recovery.describe():
             log.info("event stream: %s", line)

@@ -24,7 +24,7 @@ from dispatcher.domain.events import Event
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.errors import EventLogError, LogUnavailable, StaleWriter
 from dispatcher.eventlog.jetstream import JetStreamLog
-from dispatcher.journal import stamp
+from dispatcher.journal import log_event, stamp
 
 ATTEMPTS = 20  # decisions in a row beaten by other writers before giving up
 FOLD_WAIT = 5.0  # seconds to wait for the member's state to hold what the stream stored
@@ -84,6 +84,8 @@ class StreamWriter:
                         self.tail.saw(state.seq + 1)
                         continue
                     self.tail.saw(entries[-1].seq)
+                    for event in stamped:
+                        log_event(event)
                     await self.tail.reach(entries[-1].seq, FOLD_WAIT)
                 if error is not None:
                     raise error

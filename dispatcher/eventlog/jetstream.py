@@ -10,6 +10,7 @@ event seq (both count from 1 without gaps). The message data is the event's orjs
 - `Nats-Expected-Last-Sequence: seq - 1`: the server stores the message only if the stream
   still ends where this writer believes it does. Two replicas cannot interleave: the one
   that did not read the other's events gets `StaleWriter` and must reopen to catch up;
+- `Imd-Writer`, in cluster mode: the member that appended it (for audits; not hashed);
 - `Nats-Msg-Id: <stream>:<seq>:<hash prefix>` (stable per record), so JetStream's duplicate
   window recognises a resent record, and `Nats-Expected-Stream`, so a message captured by
   some other stream is refused. The server checks the expected last sequence before the
@@ -68,6 +69,7 @@ from dispatcher.eventlog.errors import (
 FORMAT = "1"
 FORMAT_HEADER = "Imd-Format"
 PREV_HEADER = "Imd-Prev-Hash"
+WRITER_HEADER = "Imd-Writer"  # which cluster member appended the record (audit only)
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 STREAM_NAME_IN_USE = 10058
 SUBJECTS_OVERLAP = 10065
@@ -104,6 +106,9 @@ class JetStreamLog:
     `nc` is connected and closed by its owner; the log never closes it. `timeout` bounds
     each API request and the wait for each ack; `retry_for` how long an append keeps
     retrying before the log fails; `duplicate_window` is the stream's dedup window.
+    `shared`: several writers take turns (cluster mode): `StaleWriter` fails only the
+    append it met, and the writer `rebase`s before its next; `writer` names it in each
+    record's `Imd-Writer` header.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class JetStreamLog:
         duplicate_window: float = 120.0,
         max_inflight: int = 1000,
         shared: bool = False,
+        writer: str | None = None,
     ) -> None:
         if not 1 <= replicas <= 5:
             raise ValueError(f"replicas must be 1..5, got {replicas}")
@@ -133,6 +139,7 @@ class JetStreamLog:
         self.duplicate_window = duplicate_window
         self.max_inflight = max_inflight
         self.shared = shared
+        self._writer = {WRITER_HEADER: writer} if writer else {}
         self.behind = 0  # what `follow` last heard the stream held past what it yielded
         self.max_payload = records.MAX_PAYLOAD  # lowered to the server's limit at open
         self.last_seq = 0
@@ -322,6 +329,7 @@ class JetStreamLog:
                 api.Header.MSG_ID: f"{self.stream}:{seq}:{digest.hex()[:32]}",
                 api.Header.EXPECTED_LAST_SEQUENCE: str(seq - 1),
                 api.Header.EXPECTED_STREAM: self.stream,
+                **self._writer,
             }, digest))
             prev = digest
         self._queue.extend(outgoing)
