@@ -58,15 +58,7 @@ class SnapshotStore:
         # Not `parents=True`: a log directory removed meanwhile must not be recreated.
         self.directory.mkdir(exist_ok=True)
         path = self.directory / snapshot_name(snapshot.seq)
-        state = orjson.dumps(snapshot.state)
-        data = orjson.dumps({
-            "format": SNAPSHOT_FORMAT,
-            "seq": snapshot.seq,
-            "hash": snapshot.hash.hex(),
-            "state_sha256": hashlib.sha256(state).hexdigest(),
-            "state": orjson.Fragment(state),
-        })
-        replace_atomically(path, data, fsync=True)
+        replace_atomically(path, encode(snapshot), fsync=True)
         for old in self._paths()[:-KEEP]:
             old.unlink(missing_ok=True)
         return path
@@ -131,9 +123,27 @@ def _name_seq(path: Path) -> int:
     return int(NAME.fullmatch(path.name).group(1))
 
 
+def encode(snapshot: Snapshot) -> bytes:
+    """A snapshot's stored form (a file here, an object beside a cluster's stream)."""
+    state = orjson.dumps(snapshot.state)
+    return orjson.dumps({
+        "format": SNAPSHOT_FORMAT,
+        "seq": snapshot.seq,
+        "hash": snapshot.hash.hex(),
+        "state_sha256": hashlib.sha256(state).hexdigest(),
+        "state": orjson.Fragment(state),
+    })
+
+
 def _load(path: Path) -> Snapshot:
     """The snapshot in `path`; `ValueError` saying why if it does not check out."""
-    raw = orjson.loads(read_regular(path))
+    return decode(read_regular(path), _name_seq(path))
+
+
+def decode(data: bytes, named_seq: int) -> Snapshot:
+    """A stored snapshot whose name says it is at `named_seq`; `ValueError` saying why
+    if it does not check out."""
+    raw = orjson.loads(data)
     if not isinstance(raw, dict):
         raise ValueError(f"a JSON {type(raw).__name__}, not an object")
     if raw.get("format") != SNAPSHOT_FORMAT:
@@ -141,7 +151,7 @@ def _load(path: Path) -> Snapshot:
     seq, digest, state = raw.get("seq"), raw.get("hash"), raw.get("state")
     if type(seq) is not int or seq < 1:
         raise ValueError(f"seq {seq!r} is not a positive integer")
-    if seq != _name_seq(path):
+    if seq != named_seq:
         raise ValueError(f"seq {seq} is not the one its name says")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ValueError(f"hash {digest!r} is not 64 hex digits")
