@@ -46,6 +46,7 @@ class Serving:
         self.config = config
         self.stats = stats if stats is not None else WorkerStats()
         self._paced: Any = None  # the selector update_pacing last set rates on
+        self.ledger: Any = None  # where picks are counted, once pacing started
         self._ramping: set[str] = set()
         self._pacing: asyncio.Task | None = None
         self.opened_at: float | None = None
@@ -60,8 +61,9 @@ class Serving:
         """Once the state is in hand: count picks in the ledger this worker shares with
         the others of its dispatcher (unless not `shared`: then its own, which its own
         reports settle), then pace them."""
-        self.state.use_ledger(pacing.open_ledger(reports=self.role == "leader" or not shared,
-                                                 shared=shared))
+        self.ledger = pacing.open_ledger(reports=self.role == "leader" or not shared,
+                                         shared=shared)
+        self.state.use_ledger(self.ledger)
         self.opened_at = time.monotonic()
         self._pacing = asyncio.get_running_loop().create_task(self._slow_start())
 

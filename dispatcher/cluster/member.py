@@ -23,6 +23,7 @@ import nats
 from dispatcher import admin, nats_service
 from dispatcher import config as cfg
 from dispatcher.cluster.lease import Lease, member_id
+from dispatcher.cluster.snapshots import StreamSnapshots
 from dispatcher.cluster.tail import StreamTail
 from dispatcher.cluster.writer import NotLeader, StreamWriter
 from dispatcher.domain import decisions
@@ -30,7 +31,8 @@ from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.eventlog.records import GENESIS_HASH
-from dispatcher.journal import Rebuilt
+from dispatcher.eventlog.snapshots import Snapshot
+from dispatcher.journal import Rebuilt, rebuild
 from dispatcher.poller import Poller
 from dispatcher.serving import Serving
 from dispatcher.stats import WorkerStats
@@ -59,6 +61,9 @@ class Member(Serving):
         self.journal = StreamWriter(self.tail)
         self.nc: Any = None
         self.lease: Lease | None = None
+        self.snapshots: StreamSnapshots | None = None
+        self._snapshot_seq = 0  # the last snapshot kept (or being kept) beside the stream
+        self._snapshotting: asyncio.Task | None = None
         self.service: Service | None = None
         self.poller: Poller | None = None
         self.leading = False  # holds the lease (polls once the stream names it leader)
@@ -90,9 +95,7 @@ class Member(Serving):
         """Serve at once (refusing picks until the state has caught up with the
         stream); reach NATS, follow the stream and campaign in the background."""
         self._start_pacing(shared=False)  # a replica's workers share no ledger: see shares
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._sessions()),
-                       loop.create_task(self.tail.run(lambda: self.journal.log))]
+        self._tasks = [asyncio.get_running_loop().create_task(self._sessions())]
 
     async def _sessions(self) -> None:
         """One NATS connection at a time, replaced when the poller finds it delivers
@@ -128,7 +131,12 @@ class Member(Serving):
         lease = Lease(nc.jetstream(timeout=2.0), eventlog.stream, self.id, eventlog.lease,
                       eventlog.replicas)
         await lease.open()
-        self.nc, self.lease = nc, lease
+        snapshots = StreamSnapshots(nc.jetstream(timeout=5.0), eventlog.stream,
+                                    eventlog.replicas)
+        await snapshots.open()
+        if not self.caught_up:
+            await self._join(stream, snapshots)
+        self.nc, self.lease, self.snapshots = nc, lease, snapshots
         self.tail.saw(stream.last_seq)
         self.journal.log = stream
         if not self.caught_up:
@@ -139,6 +147,22 @@ class Member(Serving):
             self._take_settings()
             await self._apply_config(self.config)
         self.service = await nats_service.serve(nc, self)
+
+    async def _join(self, stream: JetStreamLog, snapshots: StreamSnapshots) -> None:
+        """The state the stream holds now, from the newest snapshot that fits; then
+        follow the stream from there."""
+        started = time.perf_counter()
+        rebuilt = await rebuild(stream.read, await snapshots.fetch())
+        for note in rebuilt.notes:
+            log.warning("%s", note)
+        self.tail.adopt(rebuilt)
+        self.state.use_ledger(self.ledger)
+        self._snapshot_seq = rebuilt.snapshot_seq or 0
+        log.info("member %s rebuilt the state from %s plus %d events in %.3f s", self.id,
+                 f"snapshot at seq {rebuilt.snapshot_seq}" if rebuilt.snapshot_seq
+                 else "an empty state", rebuilt.replayed, time.perf_counter() - started)
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            self.tail.run(lambda: self.journal.log)))
 
     async def _close(self, nc: Any) -> None:
         await self._step_down(None)
@@ -155,7 +179,7 @@ class Member(Serving):
         await self._step_down(None)
         if lease is not None:
             await lease.release()  # another member leads at once, not after the lease time
-        await cancel_and_wait(*self._tasks, self._pacing)
+        await cancel_and_wait(*self._tasks, self._pacing, self._snapshotting)
         if self.nc is not None:
             await self._close(self.nc)
 
@@ -239,6 +263,10 @@ class Member(Serving):
             await self.lease.release()
             self.leading = False
             return
+        with contextlib.suppress(Exception):  # the newest snapshot: the next one is due after
+            kept = await self.snapshots.names()
+            if kept:
+                self._snapshot_seq = max(self._snapshot_seq, int(kept[-1][9:29]))
         log.warning("member %s leads: it polls the nodes and records what it sees", self.id)
         self.poller = Poller(self.nc, _AsLeader(self), self.config.poll, self.config.balance,
                              after_cycle=self._after_cycle, link_lost=self._link_lost.set)
@@ -266,6 +294,24 @@ class Member(Serving):
             self._take_settings()
         if not self.leading:
             self._take_cycle()
+        elif self.state.seq - self._snapshot_seq >= self.config.eventlog.snapshot_every:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        """As leader: keep a snapshot of the state beside the stream (one at a time)."""
+        if self._snapshotting is not None and not self._snapshotting.done():
+            return
+        snapshot = Snapshot(self.state.seq, self.tail.hash, self.state.to_dict())
+        self._snapshot_seq = snapshot.seq
+        self._snapshotting = asyncio.get_running_loop().create_task(
+            self._save_snapshot(self.snapshots, snapshot))
+
+    @staticmethod
+    async def _save_snapshot(snapshots: StreamSnapshots, snapshot: Snapshot) -> None:
+        try:
+            await snapshots.save(snapshot)
+        except Exception as exc:  # a missed snapshot only costs joining members time
+            log.warning("could not keep a snapshot at seq %d: %r", snapshot.seq, exc)
 
     def _take_settings(self) -> None:
         self._config_seen = self.state.config

@@ -40,6 +40,14 @@ class StreamTail:
         self._on_batch = on_batch
         self._moved = asyncio.Event()
 
+    def adopt(self, rebuilt: Rebuilt) -> None:
+        """Start from `rebuilt` instead (a joining member's snapshot plus the records
+        after it); before `run`."""
+        old, self.state = self.state, rebuilt.state
+        self.seq, self.hash = rebuilt.seq, rebuilt.hash
+        self.head = max(self.head, rebuilt.seq)
+        old.selector.close()  # gives its ledger slots back
+
     def saw(self, seq: int) -> None:
         """The stream holds `seq` (an append was acknowledged there, say)."""
         self.head = max(self.head, seq)
@@ -50,6 +58,9 @@ class StreamTail:
         attempt = 0
         while True:
             stream, start = log_of(), self.seq
+            if stream is None:  # between connections
+                await asyncio.sleep(0.05)
+                continue
             if stream is not None:
                 try:
                     await fold(partial(self._batches, stream), self.state, self.hash, None)

@@ -1,0 +1,89 @@
+"""Snapshots of a cluster's routing state, kept beside its stream, so that a member joining
+a long history folds only its tail.
+
+They are objects `snapshot-<seq>` in a JetStream object store `<stream>_SNAPSHOTS` (as
+many replicas as the stream), in the file snapshots' stored form
+(`dispatcher.eventlog.snapshots.encode`: state, its checksum and the hash of record
+`seq`). The leader writes one every `snapshot_every` events; a joining member takes the
+newest that checks out and whose hash matches the stream's record, and skips the others
+with a note: the stream is the truth."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import PurePosixPath
+from typing import Any
+
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+
+from dispatcher.eventlog.snapshots import NAME, Snapshot, decode, encode, snapshot_name
+
+log = logging.getLogger("imdispatch.cluster")
+BUCKET_SUFFIX = "_SNAPSHOTS"
+STREAM_NAME_IN_USE = 10058
+
+
+class Fetched:
+    """The snapshots read from the store, as `journal.rebuild` takes them."""
+
+    def __init__(self, found: list[tuple[Snapshot | None, PurePosixPath, str]]) -> None:
+        self.found = found  # newest first
+
+    def candidates(self, max_seq: int) -> list[tuple[Snapshot | None, PurePosixPath, str]]:
+        return [(None, name, f"seq {snapshot.seq} is past the stream's end {max_seq}")
+                if snapshot is not None and snapshot.seq > max_seq else (snapshot, name, problem)
+                for snapshot, name, problem in self.found]
+
+
+class StreamSnapshots:
+    """The object store of stream `stream`'s snapshots; `keep` newest are kept."""
+
+    def __init__(self, js: Any, stream: str, replicas: int, keep: int = 2) -> None:
+        self.js, self.replicas, self.keep = js, replicas, keep
+        self.bucket = f"{stream}{BUCKET_SUFFIX}"
+        self.store: Any = None
+
+    async def open(self) -> None:
+        """Bind the store, making it if no member has yet."""
+        try:
+            self.store = await self.js.object_store(self.bucket)
+            return
+        except BucketNotFoundError:
+            pass
+        try:
+            self.store = await self.js.create_object_store(
+                self.bucket, replicas=self.replicas,
+                description="imdispatch cluster: snapshots of the routing state")
+        except APIError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            self.store = await self.js.object_store(self.bucket)
+
+    async def names(self) -> list[str]:
+        """The snapshots' object names, oldest first."""
+        try:
+            infos = await self.store.list(ignore_deletes=True)
+        except NotFoundError:
+            return []
+        return sorted(info.name for info in infos if NAME.fullmatch(info.name))
+
+    async def fetch(self, newest: int = 3) -> Fetched:
+        """The `newest` snapshots, read and checked (a bad one is kept as a note)."""
+        found: list[tuple[Snapshot | None, PurePosixPath, str]] = []
+        for name in reversed((await self.names())[-newest:]):
+            path = PurePosixPath(name)
+            try:
+                result = await self.store.get(name)
+                found.append((decode(result.data, int(NAME.fullmatch(name).group(1))),
+                              path, ""))
+            except (ValueError, NotFoundError) as exc:
+                found.append((None, path, f"unreadable: {exc}"))
+        return Fetched(found)
+
+    async def save(self, snapshot: Snapshot) -> None:
+        """Store a snapshot, then drop the oldest beyond `keep`."""
+        await self.store.put(snapshot_name(snapshot.seq), encode(snapshot))
+        for name in (await self.names())[:-self.keep]:
+            with contextlib.suppress(NotFoundError):
+                await self.store.delete(name)
