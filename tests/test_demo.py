@@ -1,6 +1,7 @@
 """`imdispatch demo` as a newcomer runs it: real processes, scripted moments, Ctrl-C."""
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -254,3 +257,121 @@ def test_screen_parts():
     assert line.endswith("...") and len(line) < 140
     assert screen.visible([{"type": "load_reported"}, {"type": "node_up"}]) == [
         {"type": "node_up"}]
+
+
+def free_port_run(count):
+    """A first port with the `count - 1` after it free too (the replicas' HTTP ports)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count <= 65536 and not any(listening(base + i) for i in range(count)):
+            with contextlib.ExitStack() as held:
+                try:
+                    for i in range(count):
+                        probe = held.enter_context(socket.socket())
+                        probe.bind(("127.0.0.1", base + i))
+                except OSError:
+                    continue
+            return base
+    pytest.fail("no run of free ports")
+
+
+def get_json(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_three_replicas_fail_over_a_killed_leader_and_a_killed_stream_leader():
+    """`demo --replicas 3`: the leader replica and the stream's leading nats-server are
+    SIGKILLed and come back; the script says who took over; every replica answers;
+    Ctrl-C leaves nothing."""
+    base = free_port_run(3)
+    process = demo("--replicas", "3", "--http-port", str(base), "--clients", "30",
+                   "--ramp", "3", "--moment-every", "3", "--duration", "120")
+    lines = []
+    deadline = time.monotonic() + 100
+    try:
+        while not any("is back in the cluster" in line for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
+            lines.append(process.stdout.readline())
+        urls = [f"http://127.0.0.1:{base + i}" for i in range(3)]
+        for url in urls:  # every replica answers, after both failovers
+            status, body = get_json(f"{url}/get-tcp-ip?uid=test")
+            assert status == 200 and body["node"] in {"n1", "n2", "n3"}, body
+        settle = time.monotonic() + 10
+        while True:  # one leader, every replica ready at the same state_seq
+            ready = [get_json(f"{url}/readyz")[1] for url in urls]
+            if (all(r["ready"] for r in ready) and len({r["state_seq"] for r in ready}) == 1
+                    and [r["role"] for r in ready].count("leader") == 1):
+                break
+            assert time.monotonic() < settle, ready
+            time.sleep(0.2)
+        children = descendants(process.pid)
+        assert len(children) >= 9  # three nats-servers, three imnodes, three replicas
+        for pid in children:  # what `pkill -f imdispatch-demo-child` matches
+            assert lifetime.MARK in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=90)
+    out = "".join(lines) + out
+    assert process.returncode == 0, out + err
+    assert "Traceback" not in err, err
+    assert "stopped: nothing of the demo is left running" in out
+    assert f"r1 http://127.0.0.1:{base}, r2 http://127.0.0.1:{base + 1}, " \
+           f"r3 http://127.0.0.1:{base + 2}" in out
+    assert not [port for port in ports_in(out) | {base, base + 1, base + 2} if listening(port)]
+    assert not {pid for pid in children if running(pid)}
+    said = [line for line in out.splitlines() if line.startswith(("== moment", "-- "))]
+    text = "\n".join(said)
+    # the leader replica: killed, another leads and polls, the killed one rejoins
+    killed, old = re.search(r"^-- (r\d) led \(member (\S+)\): SIGKILLed$", text, re.M).groups()
+    new, member = re.search(r"^-- (r\d) \(member (\S+)\) leads [\d.]+ s after the kill$",
+                            text, re.M).groups()
+    assert new != killed and member != old
+    assert re.search(rf"^-- {new}'s first poll cycle as leader ended [\d.]+ s after the "
+                     r"kill \(its readyz: last_poll_age_s 0\.\d+\)$", text, re.M), text
+    assert re.search(rf"^-- {killed} rejoined: ready [\d.]+ s after its restart, follower",
+                     text, re.M), text
+    assert f"(previous leader: {old})) leader={member}" in out  # leader_elected, recorded
+    # the stream's leading nats-server: killed, another leads, writes resume, it rejoins
+    server = re.search(r"^-- nats-server (\S+) \(nats://127\.0\.0\.1:\d+\) led stream "
+                       r"IMDISPATCH: SIGKILLed$", text, re.M).group(1)
+    assert re.search(r"^-- writes resume: the admin change was stored [\d.]+ s after the "
+                     r"kill", text, re.M), text
+    answers = re.search(r"^-- get-tcp-ip meanwhile: (.*)$", text, re.M).group(1)
+    for replica in answers.split("; "):  # each replica answered 200, and only 200
+        assert re.fullmatch(r"r\d \d+ x 200", replica), answers
+    assert f"-- nats-server {server} is back in the cluster" in text
+    assert "node_weight_set n1 by admin:demo (demo script: a write while the stream " \
+           "elects a leader) weight=6" in out
+    order = [text.index(s) for s in ("== moment 1: kill the replica that leads",
+                                     "== moment 2: restart the killed replica",
+                                     "== moment 3: kill the nats-server",
+                                     "== moment 4: restart the killed nats-server")]
+    assert order == sorted(order)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--replicas", "6"], "--replicas must be 1 to 5, not 6"),
+    (["--replicas", "0"], "--replicas must be 1 to 5, not 0"),
+    (["--replicas", "3", "--nats-port", "4222"], "--nats-port is the single nats-server's"),
+    (["--replicas", "3", "--http-port", "65534"], "65534 is too high"),
+])
+def test_bad_replica_options_are_refused_at_once(args, said):
+    process = demo(*args)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert said in err
+
+
+def test_replica_table():
+    ready = {"role": "leader", "state_seq": 42, "ready": True, "last_poll_age_s": 0.25,
+             "member": "host-7"}
+    table = screen.replica_table([("r1", 8080, ready), ("r2", 8081, None)],
+                                 Counter({"r1": 25}))
+    assert table[0].split()[:3] == ["REPLICA", "PORT", "ROLE"]
+    assert table[1].split() == ["r1", "8080", "leader", "42", "yes", "0.2", "s", "2.5",
+                                "host-7"]
+    assert table[2].split() == ["r2", "8081", "down", "-", "-", "-", "0.0"]

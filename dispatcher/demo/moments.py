@@ -15,7 +15,8 @@ from typing import Any
 from dispatcher.demo.stack import Stack
 
 
-async def admin(stack: Stack, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+async def admin(stack: Stack, method: str, path: str, body: Any = None,
+                timeout: float = 5.0) -> tuple[int, Any]:
     """One admin API call (in a thread: urllib blocks)."""
 
     def call() -> tuple[int, Any]:
@@ -24,7 +25,7 @@ async def admin(stack: Stack, method: str, path: str, body: Any = None) -> tuple
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {stack.token}"})
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
@@ -34,8 +35,11 @@ async def admin(stack: Stack, method: str, path: str, body: Any = None) -> tuple
 
 @dataclass(frozen=True)
 class Moment:
+    """What the script does next; `act` may return a task that watches what follows (the
+    next moment waits for it)."""
+
     what: str
-    act: Callable[[Stack], Awaitable[None]]
+    act: Callable[[Stack], Awaitable[asyncio.Task | None]]
 
 
 def script(stack: Stack) -> list[Moment]:

@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nats-server's port (default: a free one)")
     parser.add_argument("--node-base-port", type=int, default=None,
                         help="first imnode port, the others follow (default: free ones)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="dispatcher replicas, 2 to 5: run them on a three-server NATS "
+                             "cluster sharing one JetStream history (ports --http-port, "
+                             "+1, ...); the script then kills the leader replica and a "
+                             "NATS server (default 1: one dispatcher, one nats-server)")
     parser.add_argument("--token", default="demo",
                         help="the admin API's bearer token (default 'demo')")
     parser.add_argument("--moment-every", type=float, default=15.0,

@@ -1,11 +1,14 @@
 """The demo's clients: reference imnode clients that ask get-tcp-ip, connect, heartbeat
 and chat, their number growing to the target over the ramp. They keep the figures the
-live view shows: where the dispatcher sent them lately, refusals, messages."""
+live view shows: where the dispatcher sent them lately, refusals, messages. Given several
+dispatcher replicas, each question goes to the next one in turn, as behind DNS or an L4
+balancer; a replica that does not answer costs the client one retry."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections import Counter, deque
@@ -18,12 +21,15 @@ CHAT_INTERVAL = 0.2  # one message from a random client to another this often
 
 
 class Population:
-    def __init__(self, url: str, target: int, ramp: float,
+    def __init__(self, url: str | Sequence[str], target: int, ramp: float,
                  node_of: dict[Address, str]) -> None:
-        self.url, self.target, self.ramp = url, target, ramp
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.target, self.ramp = target, ramp
+        self._turn = itertools.count()
         self.node_of = node_of  # (ip, port) -> node id, to name where a client was sent
         self.clients: list[ImClient] = []
         self.assignments: deque[tuple[float, str]] = deque()
+        self.answers: deque[tuple[float, str]] = deque()  # (when, which dispatcher URL)
         self.refusals: deque[float] = deque()
         self.sent = self.delivered = self.failed = 0
         self._tasks: list[asyncio.Task] = []
@@ -41,6 +47,11 @@ class Population:
         self._forget(window)
         return Counter(node for _, node in self.assignments)
 
+    def answered(self, window: float = 10.0) -> Counter[str]:
+        """get-tcp-ip answers (any status) each dispatcher URL gave in `window` seconds."""
+        self._forget(window)
+        return Counter(url for _, url in self.answers)
+
     def refused(self, window: float = 10.0) -> int:
         self._forget(window)
         return len(self.refusals)
@@ -51,17 +62,22 @@ class Population:
             self.assignments.popleft()
         while self.refusals and self.refusals[0] < horizon:
             self.refusals.popleft()
+        while self.answers and self.answers[0][0] < horizon:
+            self.answers.popleft()
 
     def _locator(self, uid: str):
-        ask = dispatcher_locator(self.url, uid)
+        asks = {url: dispatcher_locator(url, uid) for url in self.urls}
 
         async def locate(exclude: Sequence[str]) -> Address:
+            url = self.urls[next(self._turn) % len(self.urls)]
             try:
-                address = await ask(exclude)
+                address = await asks[url](exclude)
             except ClientError as exc:
+                self.answers.append((time.monotonic(), url))
                 if exc.code == "http_503":
                     self.refusals.append(time.monotonic())
                 raise
+            self.answers.append((time.monotonic(), url))
             self.assignments.append((time.monotonic(), self.node_of.get(address, "?")))
             return address
 

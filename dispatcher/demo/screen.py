@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 ENVELOPE = {"type", "seq", "time", "actor", "reason", "node"}
@@ -38,6 +38,27 @@ def node_table(nodes: list[dict[str, Any]], shares: Counter[str]) -> list[str]:
     return lines
 
 
+def replica_table(replicas: list[tuple[str, int, dict[str, Any] | None]],
+                  answers: Counter[str], window: float = 10.0) -> list[str]:
+    """One line per dispatcher replica from (name, port, its /readyz body or None when
+    it does not answer), with the get-tcp-ip answers per second the clients got from it
+    over the last `window` seconds (`answers` by replica name)."""
+    lines = [f"{'REPLICA':<7} {'PORT':>5} {'ROLE':<8} {'STATE_SEQ':>9} {'READY':<5} "
+             f"{'POLL AGE':>8} {'ANSWERS/s':>9}  MEMBER"]
+    for name, port, ready in replicas:
+        rate = f"{answers[name] / window:.1f}"
+        if ready is None:
+            lines.append(f"{name:<7} {port:>5} {'down':<8} {'-':>9} {'-':<5} {'-':>8} "
+                         f"{rate:>9}")
+            continue
+        age = ready.get("last_poll_age_s")
+        lines.append(f"{name:<7} {port:>5} {ready.get('role', '?'):<8} "
+                     f"{ready.get('state_seq', '?'):>9} {'yes' if ready.get('ready') else 'no':<5} "
+                     f"{'-' if age is None else f'{age:.1f} s':>8} {rate:>9}  "
+                     f"{ready.get('member', '')}")
+    return lines
+
+
 def event_line(event: dict[str, Any]) -> str:
     details = " ".join(f"{k}={v}" for k, v in event.items()
                        if k not in ENVELOPE and v not in (None, ""))
@@ -59,10 +80,14 @@ NATS_CLI = ("  (nats is natscli: https://github.com/nats-io/natscli/releases or 
 
 
 def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str, *,
-          imdispatch: str = "imdispatch", nats_installed: bool = True) -> list[str]:
+          imdispatch: str = "imdispatch", nats_installed: bool = True,
+          stream: str | None = None) -> list[str]:
     """What to try while the demo runs: HTTP with curl, NATS with the nats CLI, the log
-    with `imdispatch` (named as it runs from here: `make demo` activates no venv)."""
+    with `imdispatch` (named as it runs from here: `make demo` activates no venv); the
+    JetStream `stream` instead of the file log at `events_path` when one is given."""
     auth = f"-H 'Authorization: Bearer {token}'"
+    history = (f"--nats {nats_url} --stream {stream}" if stream is not None
+               else f"--log {events_path}")
     return [
         f"  open {url}/dashboard in a browser",
         f"  curl {url}/metrics",
@@ -76,8 +101,9 @@ def hints(url: str, nats_url: str, token: str, events_path: str, node_id: str, *
         f"  nats -s {nats_url} req imdispatch.pick '{{\"uid\": \"alice\"}}'",
         f"  nats -s {nats_url} req imdispatch.nodes ''",
         f"  nats -s {nats_url} req imnode.{node_id}.status ''",
+        *([f"  nats -s {nats_url} stream info {stream}"] if stream is not None else []),
         *([] if nats_installed else [NATS_CLI]),
-        f"  {imdispatch} audit --log {events_path}",
+        f"  {imdispatch} audit {history}",
     ]
 
 
@@ -89,10 +115,13 @@ def summary(elapsed: float, connected: int, target: int, refused: int, sent: int
 
 
 def screen(head: str, table: list[str], events: list[dict[str, Any]], upcoming: str,
-           tips: list[str]) -> str:
-    """The whole terminal screen."""
+           tips: list[str], replicas: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """The whole terminal screen (the replicas' table and the script's notes, if any,
+    below the nodes)."""
     return "\n".join([
         HOME_AND_CLEAR + head, "", *table, "",
+        *([*replicas, ""] if replicas else []),
+        *(["what the script saw:", *(f"  {note}" for note in notes[-6:]), ""] if notes else []),
         "latest events (load reports hidden):",
         *(f"  {event_line(event)}" for event in events[-8:]),
         "", upcoming, "", "try:", *tips,

@@ -82,11 +82,14 @@ class Stack:
         self.http_port = http_port
         self.token = token
         self._preexec = lifetime.die_with_parent()
-        self.nats = NatsServer(workdir / "nats", port=nats_port, args=("-n", lifetime.MARK),
-                               preexec_fn=self._preexec)
+        self.nats = self._broker(nats_port)
         self.dispatcher: subprocess.Popen | None = None
         self.stopping = threading.Event()  # set from the demo's loop: start() gives up
         self._logs: list[IO[bytes]] = []
+
+    def _broker(self, nats_port: int | None) -> NatsServer:
+        return NatsServer(self.workdir / "nats", port=nats_port, args=("-n", lifetime.MARK),
+                          preexec_fn=self._preexec)
 
     @property
     def url(self) -> str:
@@ -99,13 +102,10 @@ class Stack:
     async def start(self) -> None:
         """Spawn here, in the main thread (the children's parent thread: they die with
         it); wait in threads, so that the loop hears a Ctrl-C meanwhile."""
-        check_port_free(self.http_port, "the dispatcher's HTTP port", "--http-port")
-        check_port_free(self.nats.port, "the NATS port", "--nats-port")
-        for node in self.nodes.values():
-            check_port_free(node.port, f"imnode {node.id}", "--node-base-port")
+        self._check_ports()
         try:
             self.nats.launch()
-            await asyncio.to_thread(self.nats.wait_accepting)
+            await asyncio.to_thread(self._wait_broker)
         except NatsServerMissing:
             raise
         except RuntimeError as exc:  # it exited or did not answer: its log says why
@@ -114,19 +114,37 @@ class Stack:
             if self.stopping.is_set():
                 raise Interrupted
             self.start_node(node_id)
-        self._write_config()
-        self.dispatcher = self._spawn(
-            "dispatcher", lifetime.python_argv("-m", "dispatcher", "serve", "--config",
-                                               str(self.workdir / "dispatcher.toml")),
-            {"IMDISPATCH_ADMIN_TOKEN": f"demo:{self.token}"})
-        await asyncio.to_thread(self._wait_ready)
+        await self._start_dispatchers()
+
+    def _check_ports(self) -> None:
+        check_port_free(self.http_port, "the dispatcher's HTTP port", "--http-port")
+        check_port_free(self.nats.port, "the NATS port", "--nats-port")
+        self._check_node_ports()
+
+    def _check_node_ports(self) -> None:
+        for node in self.nodes.values():
+            check_port_free(node.port, f"imnode {node.id}", "--node-base-port")
+
+    def _wait_broker(self) -> None:
+        self.nats.wait_accepting()
+
+    async def _start_dispatchers(self) -> None:
+        config = self.workdir / "dispatcher.toml"
+        config.write_text(self.config_text(self.http_port, [self.nats.url],
+                                           f'path = "{self.events_path}"\n'))
+        self.dispatcher = self.spawn_dispatcher("dispatcher", config)
+        await asyncio.to_thread(self.wait_ready, self.dispatcher, self.url, "dispatcher")
+
+    def nats_urls_for(self, node_id: str) -> list[str]:
+        """The NATS servers imnode `node_id` is told of."""
+        return [self.nats.url]
 
     def start_node(self, node_id: str) -> None:
         """Start (or restart) a node: from the main thread, see `start`."""
         node = self.nodes[node_id]
         node.process = self._spawn(f"imnode-{node.id}", lifetime.python_argv(
             "-m", "imnode", "serve", "--id", node.id,
-            "--listen", f"127.0.0.1:{node.port}", "--nats", self.nats.url,
+            "--listen", f"127.0.0.1:{node.port}", "--nats", ",".join(self.nats_urls_for(node_id)),
             "--capacity", str(node.capacity)))
 
     def kill_node(self, node_id: str) -> None:
@@ -138,12 +156,22 @@ class Stack:
 
     def stop(self) -> None:
         """Dispatcher first (it flushes its log), then the nodes, then the broker."""
-        _terminate([self.dispatcher] if self.dispatcher else [], 20)
+        self._stop_dispatchers()
         _terminate([n.process for n in self.nodes.values() if n.process], 10)
         self.nats.stop()
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+    def _stop_dispatchers(self) -> None:
+        _terminate([self.dispatcher] if self.dispatcher else [], 20)
+
+    def spawn_dispatcher(self, name: str, config: Path) -> subprocess.Popen:
+        """`imdispatch serve --config <config>` with the demo's admin token; its output
+        goes to `<name>.log`. From the main thread, see `start`."""
+        return self._spawn(name, lifetime.python_argv("-m", "dispatcher", "serve", "--config",
+                                                      str(config)),
+                           {"IMDISPATCH_ADMIN_TOKEN": f"demo:{self.token}"})
 
     def _spawn(self, name: str, argv: list[str],
                env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -155,33 +183,38 @@ class Stack:
                                 stderr=subprocess.STDOUT, process_group=0,
                                 env={**os.environ, **(env or {})}, preexec_fn=self._preexec)
 
-    def _write_config(self) -> None:
+    def config_text(self, port: int, nats_urls: list[str], eventlog: str) -> str:
+        """A dispatcher's config: its port, its NATS servers, the lines of its
+        `[eventlog]`; the same nodes, polling and balancing for every dispatcher."""
         nodes = "".join(f'[[nodes]]\nid = "{n.id}"\nip = "127.0.0.1"\nport = {n.port}\n'
                         f"weight = {n.weight}\n" for n in self.nodes.values())
-        (self.workdir / "dispatcher.toml").write_text(
-            f'[http]\nhost = "127.0.0.1"\nport = {self.http_port}\nretry_after = 2\n'
-            f'[nats]\nservers = ["{self.nats.url}"]\n'
-            "[poll]\ninterval = 0.5\ntimeout = 0.25\nrise = 2\nfall = 2\nstale_after = 5\n"
-            "[balance]\nslow_start = 20\n"
-            f'[eventlog]\npath = "{self.events_path}"\n' + nodes)
+        servers = ", ".join(f'"{url}"' for url in nats_urls)
+        return (f'[http]\nhost = "127.0.0.1"\nport = {port}\nretry_after = 2\n'
+                f"[nats]\nservers = [{servers}]\n"
+                "[poll]\ninterval = 0.5\ntimeout = 0.25\nrise = 2\nfall = 2\nstale_after = 5\n"
+                "[balance]\nslow_start = 20\n"
+                f"[eventlog]\n{eventlog}" + nodes)
 
-    def _wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, process: subprocess.Popen, url: str, name: str,
+                   timeout: float = 30.0) -> None:
+        """Return once `url`/readyz answers 200; a DemoError with the end of `<name>.log`
+        if the process exits first or the time runs out (blocks: run it in a thread)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.stopping.is_set():
                 raise Interrupted
-            if self.dispatcher.poll() is not None:
-                raise DemoError("the dispatcher stopped at start-up:\n"
-                                + _tail(self.workdir / "dispatcher.log"))
+            if process.poll() is not None:
+                raise DemoError(f"the {name} stopped at start-up:\n"
+                                + _tail(self.workdir / f"{name}.log"))
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
                     if response.status == 200:
                         return
             except (OSError, urllib.error.URLError):
                 pass
             time.sleep(0.1)
-        raise DemoError(f"the dispatcher was not ready after {timeout:.0f} s:\n"
-                        + _tail(self.workdir / "dispatcher.log"))
+        raise DemoError(f"the {name} was not ready after {timeout:.0f} s:\n"
+                        + _tail(self.workdir / f"{name}.log"))
 
 
 def _terminate(processes: list[subprocess.Popen], timeout: float) -> None:

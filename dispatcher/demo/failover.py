@@ -1,0 +1,262 @@
+"""The scripted moments of `imdispatch demo --replicas N`: the replica that leads is
+SIGKILLed and comes back, then the nats-server that leads the stream is SIGKILLed and
+comes back. Each moment starts a watch that says what followed and when, from what an
+operator can see too: the replicas' /readyz (`role`, `member`, `last_poll_age_s`), their
+get-tcp-ip answers, an admin write, and JetStream's stream info."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.errors import Error as NatsError
+
+from dispatcher.demo.moments import Moment, admin
+from dispatcher.demo.replicas import STREAM, ClusterStack
+
+Say = Callable[[str], None]
+WATCH_LIMIT = 30.0  # seconds a watch waits before it says what did not happen
+FRESH = 1.0  # last_poll_age_s at most this (2 poll intervals): a poll cycle just ended
+PROBE_EVERY = 0.25  # seconds between two get-tcp-ip probes of a replica, or two writes
+WRITE_TIMEOUT = 2.0  # one admin write during the stream's election
+
+
+def _get(url: str, timeout: float = 1.0) -> tuple[int, Any] | None:
+    """(status, JSON body) of a GET, None when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+    except (OSError, ValueError):
+        return None
+
+
+async def readiness(stack: ClusterStack) -> list[dict[str, Any] | None]:
+    """Every replica's /readyz body (503 ones too), None for one that does not answer."""
+
+    async def one(url: str | None) -> dict[str, Any] | None:
+        got = await asyncio.to_thread(_get, f"{url}/readyz") if url else None
+        return got[1] if got is not None and isinstance(got[1], dict) else None
+
+    return list(await asyncio.gather(*(one(r.url if r.running else None)
+                                       for r in stack.replicas)))
+
+
+async def stream_leader(stack: ClusterStack) -> str | None:
+    """The server name JetStream gives as the stream's leader (asked of each running
+    server in turn), None if no server says."""
+
+    async def quiet(_exc: Exception) -> None:  # a refused probe is an answer here
+        pass
+
+    for server in stack.nats.servers:
+        if not server.running:
+            continue
+        try:
+            nc = await nats.connect(server.url, connect_timeout=1, allow_reconnect=False,
+                                    max_reconnect_attempts=0, error_cb=quiet)
+        except (OSError, NatsError):
+            continue
+        try:
+            info = await nc.jetstream(timeout=1).stream_info(STREAM)
+            if info.cluster is not None and info.cluster.leader:
+                return info.cluster.leader
+        except (TimeoutError, NatsError):
+            pass
+        finally:
+            await nc.close()
+    return None
+
+
+def script(stack: ClusterStack, say: Say) -> list[Moment]:
+    """The moments in order (the demo plays them in a loop); each act returns the task
+    that watches what follows, and the next moment waits for it."""
+    killed: dict[str, Any] = {}  # what the last kill took down, for its restart
+    heavy = next(iter(stack.nodes.values()))
+
+    def watched(act: Callable[[], Awaitable[None] | None]) -> Callable[[Any], Awaitable[Any]]:
+        async def start(_stack: Any) -> asyncio.Task | None:
+            watch = act()
+            return None if watch is None else asyncio.get_running_loop().create_task(watch)
+        return start
+
+    def kill_leader() -> Awaitable[None]:
+        async def watch() -> None:
+            ready = await readiness(stack)
+            leading = [i for i, r in enumerate(ready) if r and r.get("role") == "leader"]
+            if not leading:
+                say("no replica says it leads right now: nothing killed")
+                return
+            index = leading[0]
+            member, replica = ready[index]["member"], stack.replicas[index]
+            stack.kill_replica(index)  # on the loop's (main) thread, like every spawn
+            killed["replica"], started = index, time.monotonic()
+            say(f"{replica.name} led (member {member}): SIGKILLed")
+            await _takeover(stack, member, started, say)
+        return watch()
+
+    def restart_replica() -> Awaitable[None] | None:
+        index = killed.pop("replica", None)
+        if index is None:
+            say("no replica was killed: nothing to restart")
+            return None
+        stack.start_replica(index)  # here, in the main thread (see Stack.start)
+        return _rejoin(stack, index, time.monotonic(), say)
+
+    def kill_stream_leader() -> Awaitable[None]:
+        async def watch() -> None:
+            name = await stream_leader(stack)
+            if name is None:
+                say(f"no server says it leads stream {STREAM}: nothing killed")
+                return
+            index = stack.nats.index_of(name)
+            stack.nats.kill(index)
+            killed["server"], started = index, time.monotonic()
+            say(f"nats-server {name} ({stack.nats.urls[index]}) led stream {STREAM}: "
+                "SIGKILLed")
+            await _stream_failover(stack, name, heavy.id, heavy.weight * 2, started, say)
+        return watch()
+
+    def restart_server() -> Awaitable[None] | None:
+        index = killed.pop("server", None)
+        if index is None:
+            say("no nats-server was killed: nothing to restart")
+            return None
+        stack.nats.servers[index].launch()  # same ports, same store: the same member
+        return _server_back(stack, index, heavy.id, heavy.weight, time.monotonic(), say)
+
+    return [
+        Moment("kill the replica that leads (SIGKILL): another takes the lease and polls",
+               watched(kill_leader)),
+        Moment("restart the killed replica: same config, it rejoins as a follower",
+               watched(restart_replica)),
+        Moment(f"kill the nats-server that leads stream {STREAM} (SIGKILL), and make an "
+               f"admin change meanwhile (weight of {heavy.id} {heavy.weight} -> "
+               f"{heavy.weight * 2})", watched(kill_stream_leader)),
+        Moment(f"restart the killed nats-server: it rejoins the cluster; weight of {heavy.id} "
+               f"back to {heavy.weight}", watched(restart_server)),
+    ]
+
+
+async def _takeover(stack: ClusterStack, old: str, killed_at: float, say: Say) -> None:
+    """Until a replica other than `old` says it leads and has polled since the kill."""
+    named = False
+    while time.monotonic() - killed_at < WATCH_LIMIT:
+        for replica, ready in zip(stack.replicas, await readiness(stack), strict=True):
+            if not ready or ready.get("role") != "leader" or ready.get("member") == old:
+                continue
+            now = time.monotonic()
+            if not named:
+                named = True
+                say(f"{replica.name} (member {ready['member']}) leads "
+                    f"{now - killed_at:.1f} s after the kill")
+            age = ready.get("last_poll_age_s")
+            if age is not None and age <= FRESH and now - age > killed_at:
+                say(f"{replica.name}'s first poll cycle as leader ended "
+                    f"{now - age - killed_at:.1f} s after the kill "
+                    f"(its readyz: last_poll_age_s {age:.2f})")
+                return
+        await asyncio.sleep(0.1)
+    say(f"no other replica led and polled within {WATCH_LIMIT:.0f} s of the kill")
+
+
+async def _rejoin(stack: ClusterStack, index: int, started: float, say: Say) -> None:
+    replica = stack.replicas[index]
+    while time.monotonic() - started < WATCH_LIMIT:
+        ready = (await readiness(stack))[index]
+        if ready and ready.get("ready"):
+            others = [r.get("state_seq") for i, r in enumerate(await readiness(stack))
+                      if i != index and r]
+            say(f"{replica.name} rejoined: ready {time.monotonic() - started:.1f} s after its "
+                f"restart, {ready.get('role')} at state_seq {ready.get('state_seq')} "
+                f"(the others at {', '.join(map(str, others))})")
+            return
+        if not replica.running:
+            say(f"{replica.name} exited after its restart: see replica-{replica.name}.log")
+            return
+        await asyncio.sleep(0.1)
+    say(f"{replica.name} was not ready {WATCH_LIMIT:.0f} s after its restart")
+
+
+async def _stream_failover(stack: ClusterStack, old: str, node_id: str, weight: int,
+                           killed_at: float, say: Say) -> None:
+    """While the stream elects a new leader: every replica's get-tcp-ip answers, an admin
+    write tried until it is stored, and the stream's next leader."""
+    answers: dict[str, Counter[str]] = {r.name: Counter() for r in stack.replicas}
+    done = asyncio.Event()
+
+    async def probe(index: int) -> None:
+        replica = stack.replicas[index]
+        while not done.is_set():
+            if replica.running:
+                got = await asyncio.to_thread(_get, f"{replica.url}/get-tcp-ip?uid=probe")
+                answers[replica.name][str(got[0]) if got else "no answer"] += 1
+            await asyncio.sleep(PROBE_EVERY)
+
+    async def next_leader() -> None:
+        while not done.is_set():
+            name = await stream_leader(stack)
+            if name is not None and name != old:
+                say(f"stream {STREAM} led by {name} {time.monotonic() - killed_at:.1f} s "
+                    "after the kill")
+                return
+            await asyncio.sleep(PROBE_EVERY)
+
+    probes = [asyncio.create_task(probe(i)) for i in range(len(stack.replicas))]
+    leader = asyncio.create_task(next_leader())
+    try:
+        tries: Counter[str] = Counter()  # the write's answers, as an operator would see them
+        while time.monotonic() - killed_at < WATCH_LIMIT:
+            try:
+                status, _ = await admin(stack, "PUT", f"/admin/nodes/{node_id}",
+                                        {"weight": weight, "reason": "demo script: a write "
+                                         "while the stream elects a leader"}, WRITE_TIMEOUT)
+            except (OSError, ValueError):
+                status = None
+            tries[str(status) if status else "no answer"] += 1
+            if status == 200:
+                say(f"writes resume: the admin change was stored "
+                    f"{time.monotonic() - killed_at:.1f} s after the kill (tries: "
+                    f"{_counted(tries)})")
+                break
+            await asyncio.sleep(PROBE_EVERY)
+        else:
+            say(f"no write was stored within {WATCH_LIMIT:.0f} s of the kill")
+        await asyncio.sleep(1.0)  # answers a little after the writes resumed too
+    finally:
+        done.set()
+        await asyncio.gather(*probes, leader, return_exceptions=True)
+    say("get-tcp-ip meanwhile: " + "; ".join(f"{name} {_counted(seen)}"
+                                             for name, seen in answers.items()))
+
+
+def _counted(seen: Counter[str]) -> str:
+    """`12 x 200, 1 x no answer`: answers by status."""
+    return ", ".join(f"{count} x {status}" for status, count in sorted(seen.items()))
+
+
+async def _server_back(stack: ClusterStack, index: int, node_id: str, weight: int,
+                       started: float, say: Say) -> None:
+    name = stack.nats.server_name(index)
+    try:
+        await asyncio.to_thread(stack.nats.wait_ready, WATCH_LIMIT, [index])
+    except RuntimeError as exc:
+        say(f"nats-server {name} did not rejoin: {str(exc).splitlines()[0]}")
+        return
+    say(f"nats-server {name} is back in the cluster {time.monotonic() - started:.1f} s "
+        "after its restart")
+    status, _ = await admin(stack, "PUT", f"/admin/nodes/{node_id}",
+                            {"weight": weight, "reason": "demo script"})
+    if status != 200:
+        say(f"the weight of {node_id} could not be set back (HTTP {status})")
