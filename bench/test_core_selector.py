@@ -31,6 +31,18 @@ def test_pick(benchmark, implementation, nodes):
     targets.record(case, implementation, benchmark)
 
 
+def test_pick_with_share(benchmark, implementation):
+    """A cluster member taking 1/3 of the headroom: each pick counts 3 in the ledger, at
+    the same cost as 1."""
+    case = "pick, 8 nodes, share 3"
+    benchmark.group = case
+    selector = loaded_selector(implementation, 8)
+    selector.set_share(3)
+    assert benchmark(selector.pick) is not None
+    assert selector.node("node-0000")["pending"] % 3 == 0
+    targets.record(case, implementation, benchmark)
+
+
 @pytest.mark.parametrize("nodes", [64])
 def test_pick_with_exclude(benchmark, implementation, nodes):
     case = f"pick excluding 2, {nodes} nodes"

@@ -29,6 +29,10 @@ has room for them several times over, so a valid event never finds it full."""
 MAX_BACKUPS = 64
 """Most backups one call names (clients ask for a handful)."""
 
+MAX_SHARE = 1024
+"""Most members that can split a node's headroom (`Selector.set_share`): far more
+dispatcher replicas times workers than any deployment runs."""
+
 WEIGHT_SCALE = 1_000
 """Effective weights are fixed-point: a node with full headroom has weight * WEIGHT_SCALE.
 
@@ -147,6 +151,16 @@ def backup_count(value: Any) -> int:
         raise InvalidArgumentType(f"count must be an int, got {_describe(value)}")
     if not 0 <= value <= MAX_BACKUPS:
         raise InvalidArgument(f"count must be in 0..{MAX_BACKUPS}, got {value}")
+    return value
+
+
+def share(value: Any) -> int:
+    """`set_share`'s count of members: an int (not a bool) in 1..MAX_SHARE."""
+    if type(value) is not int:
+        raise InvalidArgumentType(
+            f"share must be an int in 1..{MAX_SHARE}, got {_describe(value)}")
+    if not 1 <= value <= MAX_SHARE:
+        raise InvalidArgument(f"share must be in 1..{MAX_SHARE}, got {value}")
     return value
 
 

@@ -24,6 +24,7 @@ cdef class Selector:
     cdef uint8_t *latched        # reported over the high watermark, not yet below the low
     cdef uint8_t *eligible       # cache: up and not draining, not overloaded, effective > 0
     cdef uint8_t *excluded       # scratch for pick() and backups(), all zero between calls
+    cdef int64_t share           # what one pick counts in the ledger (set_share); 1..MAX_SHARE
     cdef int64_t high_ppm
     cdef int64_t low_ppm
     cdef tuple watermarks        # as given, for state() and the properties

@@ -44,6 +44,7 @@ cdef object _check_ramp = _rules.ramp
 cdef object _check_exclusion = _rules.exclusion
 cdef object _check_rate = _rules.rate
 cdef object _check_backups = _rules.backup_count
+cdef object _check_share = _rules.share
 cdef object _check_ledger = _rules.ledger
 cdef object _Ledger = _ledger.Ledger
 cdef object _unknown_node = _rules.unknown_node
@@ -93,29 +94,34 @@ cdef inline bint _available(Selector self, Py_ssize_t i, int64_t now, bint peek)
     )
 
 cdef bint _take(Selector self, Py_ssize_t i, int64_t now) noexcept nogil:
-    # Count one client for node i: the load check and the count are one atomic step,
-    # then the allowance; False (and nothing counted) if another process got there first.
+    # Count one client for node i (`share` in the ledger): the load check and the count
+    # are one atomic step, then the allowance; False (and nothing counted) if another
+    # process got there first.
     cdef int64_t *load = _field(self, i, LOAD)
     cdef int64_t *due = _field(self, i, DUE)
     cdef int64_t *picks = _field(self, i, PICKS)
-    cdef int64_t seen, after, limit = self.high_ppm * self.capacity[i]
-    ledger_add(picks, 1)  # first, so a report meanwhile counts it pending (see _settle)
+    cdef int64_t share = self.share
+    cdef int64_t seen, after, counted, limit = self.high_ppm * self.capacity[i]
+    ledger_add(picks, share)  # first, so a report meanwhile counts it pending (see _settle)
     while True:
         seen = ledger_get(load)
         if self.capacity[i] and seen * PPM >= limit:
-            ledger_add(picks, -1)
+            ledger_add(picks, -share)
             self.overloaded[i] = 1
             self.eligible[i] = 0
             return False
-        after = seen + 1 if seen < MAX_LOAD else seen
+        after = seen + share
+        if after > MAX_LOAD:  # the count stops at MAX_LOAD (and never goes down here)
+            after = seen if seen > MAX_LOAD else MAX_LOAD
         if ledger_swap(load, seen, after):
             break
+    counted = after - seen
     while self.interval[i]:
         seen = ledger_get(due)
         if seen - self.tolerance[i] > now:
-            if after != seen:
-                ledger_add(load, -1)  # give the count back
-            ledger_add(picks, -1)
+            if counted:
+                ledger_add(load, -counted)  # give the count back
+            ledger_add(picks, -share)
             return False
         if ledger_swap(due, seen, (seen if seen > now else now) + self.interval[i]):
             break
@@ -175,6 +181,7 @@ cdef class Selector:
         # skips it): a zero high_ppm would divide by zero in C.
         self.high_ppm, self.low_ppm = _rules.watermarks(0.9, 0.8)
         self.watermarks = (0.9, 0.8)
+        self.share = 1
         self.n = 0
         self.allocated = 0
         self.node_ids = []
@@ -185,6 +192,7 @@ cdef class Selector:
         self.high_ppm, self.low_ppm = _rules.watermarks(high_watermark, low_watermark)
         self.watermarks = (high_watermark, low_watermark)
         self._attach(_check_ledger(ledger) if ledger is not None else _Ledger())
+        self.share = 1
         self.n = 0  # a second __init__ starts empty, as the reference does
         self.node_ids = []
         self.index = {}
@@ -359,6 +367,16 @@ cdef class Selector:
         if before != interval and ledger_swap(shared, before, interval):
             ledger_set(_field(self, i, DUE), 0)
 
+    def set_share(self, members):
+        """Take 1/`members` of every node's headroom: each pick counts `members` in the
+        ledger (see `core_ext.reference.Selector.set_share`)."""
+        self.share = _check_share(members)
+
+    @property
+    def share(self):
+        """What one pick counts in the ledger (`set_share`)."""
+        return self.share
+
     # -- the choice -------------------------------------------------------------------
 
     def pick(self, exclude=(), now=None):
@@ -468,15 +486,16 @@ cdef class Selector:
         views = []
         for i in range(self.n):  # the reported latch: a pending-picks block is in the load
             views.append({**self.node(self.node_ids[i]), "overloaded": bool(self.latched[i])})
-        return _snapshot.dump(*self.watermarks, views)
+        return _snapshot.dump(*self.watermarks, views, self.share)
 
     @classmethod
     def from_state(cls, state, ledger=None):
         """The inverse of `state()`: a selector whose next picks are this one's. On a
         ledger where another selector already holds a node, the load counted there is
         kept: it has every pick since, which this state cannot know."""
-        high, low, rows = _snapshot.parse(state)
+        high, low, share, rows = _snapshot.parse(state)
         cdef Selector selector = cls(high, low, ledger)
+        selector.share = share
         cdef Py_ssize_t i
         for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
             fresh = not selector.ledger.holds(nid)

@@ -46,22 +46,25 @@ def node_view(
     }
 
 
-def dump(high: float, low: float, views: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def dump(high: float, low: float, views: Iterable[Mapping[str, Any]],
+         share: int = 1) -> dict[str, Any]:
     return {
         "version": FORMAT_VERSION,
         "high_watermark": high,
         "low_watermark": low,
+        "share": share,
         "nodes": [{field: view[field] for field in SAVED_FIELDS} for view in views],
     }
 
 
-def _mapping(what: str, value: Any, fields: Iterable[str]) -> Mapping[str, Any]:
+def _mapping(what: str, value: Any, fields: Iterable[str],
+             optional: Iterable[str] = ()) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidArgumentType(f"{what} must be a mapping, got {type(value).__name__}")
-    expected = set(fields)
-    if set(value) != expected:
+    expected, allowed = set(fields), set(fields) | set(optional)
+    if not expected <= set(value) <= allowed:
         missing = sorted(expected - set(value))
-        unknown = sorted(map(str, set(value) - expected))
+        unknown = sorted(map(str, set(value) - allowed))
         raise InvalidArgument(f"{what}: missing fields {missing}, unknown fields {unknown}")
     return value
 
@@ -94,12 +97,14 @@ def _row(index: int, raw: Any) -> NodeRow:
     )
 
 
-def parse(state: Any) -> tuple[Any, Any, list[NodeRow]]:
-    """Validate a saved state; return (high_watermark, low_watermark, node rows in order).
+def parse(state: Any) -> tuple[Any, Any, int, list[NodeRow]]:
+    """Validate a saved state; return (high_watermark, low_watermark, share, node rows in
+    order). `share` may be left out (1: a state built by hand, or by an older build).
 
     Watermarks and duplicate ids are checked by the selector that the rows are loaded into.
     """
-    top = _mapping("selector state", state, ("version", "high_watermark", "low_watermark", "nodes"))
+    top = _mapping("selector state", state,
+                   ("version", "high_watermark", "low_watermark", "nodes"), ("share",))
     if top["version"] != FORMAT_VERSION:
         raise InvalidArgument(
             f"selector state version {top['version']!r} is not supported "
@@ -107,5 +112,6 @@ def parse(state: Any) -> tuple[Any, Any, list[NodeRow]]:
         )
     if not isinstance(top["nodes"], list):
         raise InvalidArgumentType("selector state: nodes must be a list")
+    share = _rules.share(top.get("share", 1))
     rows = [_row(i, raw) for i, raw in enumerate(top["nodes"])]
-    return top["high_watermark"], top["low_watermark"], rows
+    return top["high_watermark"], top["low_watermark"], share, rows

@@ -7,11 +7,13 @@ with N workers:
 - `load`: the node's reported connections plus the picks made since that report, by any
   process. A pick takes a client only if the load stays below the high watermark, with one
   compare-and-swap, so two processes can never both take the last place.
-- `picks` (every pick ever made of the node), `asked` (what `picks` was when the poller
-  last asked the node for its load) and `mark` (what it was the time before; -1 until the
-  poller has asked twice): a report leaves pending the picks made after `mark`, those that
-  cannot be in the answer, and those whose clients may still be connecting (a client has
-  a whole poll interval to do it before its place is taken as filled by the figure).
+- `picks` (every pick ever made of the node, each counted as the picking selector's
+  share: see `Selector.set_share`; `load` counts them the same way), `asked` (what
+  `picks` was when the poller last asked the node for its load) and `mark` (what it was
+  the time before; -1 until the poller has asked twice): a report leaves pending the picks
+  made after `mark`, those that cannot be in the answer, and those whose clients may still
+  be connecting (a client has a whole poll interval to do it before its place is taken as
+  filled by the figure).
 - `due`: the assignment cap's GCRA "theoretical arrival time" (CLOCK_MONOTONIC
   nanoseconds, one clock for every process on the machine), and `interval`, the rate it
   was counted at, so a changed rate restarts the allowance once, not once per process.

@@ -12,13 +12,14 @@ Rules, in the order a pick applies them:
    node adds its effective weight to its current weight; the largest current weight wins
    (a tie goes to the node added first); the winner subtracts the sum of the effective
    weights that took part.
-3. The winner's pending count grows by one. Overload is judged on reported connections
-   plus pending picks, so a burst between two reports cannot push a node past its high
-   watermark: once (connections + pending) / capacity reaches the high watermark, the node
-   is overloaded and gets no picks until the next report. A report judges afresh: a node
-   whose reported connections reached the high watermark stays overloaded until a report
-   shows it below the low watermark (hysteresis); otherwise it is overloaded only while
-   its connections plus the picks still pending reach the high watermark.
+3. The winner's pending count grows by one (by the share, see below). Overload is judged
+   on reported connections plus pending picks, so a burst between two reports cannot push
+   a node past its high watermark: once (connections + pending) / capacity reaches the high
+   watermark, the node is overloaded and gets no picks until the next report. A report
+   judges afresh: a node whose reported connections reached the high watermark stays
+   overloaded until a report shows it below the low watermark (hysteresis); otherwise it is
+   overloaded only while its connections plus the picks still pending reach the high
+   watermark.
 4. A node with an assignment cap (`set_rate`) takes part only while its allowance lets it
    take one more client (GCRA: a second's worth at once, then one per 1/rate seconds).
 
@@ -27,6 +28,20 @@ Connections plus pending picks (the node's *load*) and the cap's allowance live 
 worker process of one dispatcher, so the watermark and the cap hold whatever the number of
 processes picking. Checking a node's load and counting the pick is one atomic step per
 node, so two processes never both take a node's last place.
+
+Several selectors that cannot share a ledger (dispatcher replicas on other machines, each
+with a private one) split a node's headroom instead: after `set_share(members)` every pick
+counts `members` in the load and in `picks`, so a selector stops once the node's
+connections plus `members` times its own pending picks reach the watermark. With M
+selectors, all with share M and the same reported figures, the picks of a node between two
+reports total at most M * ceil((T - connections) / M) <= T - connections + M - 1, where
+T = ceil(high_watermark * capacity) is the first load the watermark refuses: at most M - 1
+clients past it, whatever the order of the picks. (The bound assumes the members pick about
+evenly while their clients are still connecting: a member's pending picks stand for every
+member's.) `pending` in views and in `state()` is in these units, the load counted beyond
+the reported connections: the clients the selector takes all members to have sent, its own
+picks times the share. The assignment cap is not divided: give each member its part of the
+rate with `set_rate`.
 
 `backups(count)` names the nodes the rotation would choose next, without taking their
 turns or counting them: a client's fallbacks are not where it goes.
@@ -97,6 +112,7 @@ class Selector:
         self._nodes: list[_Node] = []  # in the order they were added: nginx's peer order
         self._index: dict[str, _Node] = {}
         self.ledger = _rules.ledger(ledger) if ledger is not None else Ledger()
+        self._share = 1  # what one pick counts in the ledger (see set_share)
 
     # -- membership -------------------------------------------------------------------
 
@@ -197,6 +213,21 @@ class Selector:
                 ledger.set(node.cell, INTERVAL, node.interval)
                 ledger.set(node.cell, DUE, 0)
 
+    def set_share(self, members: int) -> None:
+        """Take 1/`members` of every node's headroom: from now on a pick counts `members`
+        in the ledger's load and picks (1: the whole headroom, the default), so `members`
+        selectors with private ledgers, fed the same reports, fill a node to at most
+        `members` - 1 clients past its watermark together. Backups count nothing, as ever.
+        Setting the same value again changes nothing (a caller may set it every tick), and
+        `state()` keeps it: a rebuild on a watermark change happens on every member at
+        once and must not lift the bound until the share is set again."""
+        self._share = _rules.share(members)
+
+    @property
+    def share(self) -> int:
+        """What one pick counts in the ledger (`set_share`)."""
+        return self._share
+
     # -- the choice -------------------------------------------------------------------
 
     def pick(self, exclude: Iterable[str] = (), now: int | None = None) -> str | None:
@@ -221,10 +252,11 @@ class Selector:
             if best is None:
                 return None
             best.current -= total
-            ledger.set(best.cell, PICKS, ledger.get(best.cell, PICKS) + 1)
+            share = self._share
+            ledger.set(best.cell, PICKS, ledger.get(best.cell, PICKS) + share)
             load = ledger.get(best.cell, LOAD)
             if load < MAX_LOAD:
-                load += 1
+                load = min(MAX_LOAD, load + share)
                 ledger.set(best.cell, LOAD, load)
             if best.capacity is not None and load * PPM >= self._high * best.capacity:
                 best.overloaded = True
@@ -273,15 +305,16 @@ class Selector:
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this selector is (plain data)."""
         return _snapshot.dump(*self._watermarks, (
-            {**self.node(n.id), "overloaded": n.latched} for n in self._nodes))
+            {**self.node(n.id), "overloaded": n.latched} for n in self._nodes), self._share)
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], ledger: Ledger | None = None) -> Selector:
         """The inverse of `state()`: a selector whose next picks are this one's. On a
         ledger where another selector already holds a node, the load counted there is
         kept: it has every pick since, which this state cannot know."""
-        high, low, rows = _snapshot.parse(state)
+        high, low, share, rows = _snapshot.parse(state)
         selector = cls(high, low, ledger)
+        selector._share = share
         for nid, weight, current, up, draining, overloaded, conns, cap, pending, ramp in rows:
             fresh = not selector.ledger.holds(nid)
             Selector.add(selector, nid, weight)  # not an override that may add elsewhere
@@ -354,7 +387,8 @@ class Selector:
             ledger.set(node.cell, LOAD, min(MAX_LOAD, connections + since))
 
     def _pending(self, node: _Node) -> int:
-        """Picks counted since the node's last report (by every process sharing the ledger)."""
+        """The load counted beyond the node's last report: picks by every process sharing
+        the ledger, each counted as the share it was made with."""
         load = self.ledger.get(node.cell, LOAD)
         return min(MAX_COUNT, max(0, load - (node.connections or 0)))
 

@@ -37,6 +37,8 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("backups"), st.integers(-1, 6), st.lists(IDS, max_size=3), NOW),
     st.tuples(st.just("sample")),
     st.tuples(st.just("settle"), IDS, COUNTS),
+    st.tuples(st.just("set_share"), st.one_of(st.integers(1, 5), st.integers(-1, 1025),
+                                              st.sampled_from([1024, True, 2.0, None]))),
 )
 
 
@@ -69,6 +71,7 @@ def test_compiled_matches_reference(watermarks, operations):
         pure, expected = apply(pure, operation)
         assert got == expected, f"step {step}: {operation}"
         assert views(compiled) == views(pure), f"step {step}: {operation}"
+        assert compiled.share == pure.share, f"step {step}: {operation}"
     assert compiled.state() == pure.state()
 
 
