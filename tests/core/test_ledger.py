@@ -245,12 +245,14 @@ def test_processes_never_push_a_node_past_its_watermark(tmp_path, processes, imp
     for i in range(8):  # the leader's reports set the loads before anyone picks
         leader.add(f"n{i}", 1 + i % 3)
         leader.report(f"n{i}", connections=0, capacity=1000 + 100 * i)
-    start, results = context.Event(), context.Queue()
-    workers = [context.Process(target=_follower, args=(implementation, path, start, results))
+    # All set up, then all at once: a spawned process takes far longer to start than to
+    # fill the nodes, so without the barrier they would fill them one after the other.
+    ready, results = context.Barrier(processes + 1), context.Queue()
+    workers = [context.Process(target=_follower, args=(implementation, path, ready, results))
                for _ in range(processes)]
     for worker in workers:
         worker.start()
-    start.set()
+    ready.wait(timeout=60)
     totals = Counter()
     for _ in workers:
         totals.update(results.get(timeout=60))
@@ -260,12 +262,12 @@ def test_processes_never_push_a_node_past_its_watermark(tmp_path, processes, imp
     assert totals == {f"n{i}": math.ceil(0.9 * (1000 + 100 * i)) for i in range(8)}
 
 
-def _follower(implementation, path, start, results):
+def _follower(implementation, path, ready, results):
     selector = IMPLEMENTATIONS[implementation](ledger=Ledger.shared(path, reports=False))
     for i in range(8):
         selector.add(f"n{i}", 1 + i % 3)
         selector.report(f"n{i}", connections=0, capacity=1000 + 100 * i)  # no reset
-    start.wait()
+    ready.wait(timeout=60)
     taken = Counter()
     while (node := selector.pick()) is not None:
         taken[node] += 1
