@@ -79,6 +79,12 @@ class Serving:
         delivers nothing), or None."""
         return None
 
+    def share(self) -> int:
+        """How many pick for the same nodes without seeing each other's picks until the
+        next report: each takes that share of every node's headroom and assignment rate
+        (1: the workers of one dispatcher share one ledger)."""
+        return 1
+
     def details(self) -> dict[str, Any]:
         """What this kind of worker adds to its readiness details."""
         return {}
@@ -145,10 +151,14 @@ class Serving:
         starts small at once, and four times a second, so its share grows smoothly."""
         configured = self.config.balance.assign_rate
         selector = self._paced = self.state.selector
+        share = self.share()
+        if selector.share != share:
+            selector.set_share(share)
         now = time.time()
         slow_start = self.config.balance.slow_start
         for node_id, record in self.state.nodes.items():
-            selector.set_rate(node_id, pacing.assign_rate(record, configured))
+            rate = pacing.assign_rate(record, configured)
+            selector.set_rate(node_id, None if rate is None else rate / share)
             ramp = pacing.slow_start_ramp(record, now, slow_start)
             if ramp < pacing.RAMP_FULL or node_id in self._ramping:
                 selector.set_ramp(node_id, ramp)

@@ -26,9 +26,9 @@ class Replicas:
     """Three imnodes on a NATS cluster and `count` dispatcher replicas on one stream."""
 
     def __init__(self, tmp_path, nats: NatsCluster, count=3, workers=(1, 1, 2),
-                 capacity=10000, balance="", stream=STREAM):
+                 capacity=10000, balance="", stream=STREAM, eventlog=""):
         self.tmp, self.nats, self.capacity = tmp_path, nats, capacity
-        self.stream, self.balance = stream, balance
+        self.stream, self.balance, self.eventlog = stream, balance, eventlog
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes: dict[str, subprocess.Popen] = {}
         self.replicas: list[subprocess.Popen | None] = []
@@ -54,7 +54,7 @@ class Replicas:
                 f"[nats]\nservers = [{servers}]\n{POLL}"
                 f"[balance]\nslow_start = 0\n{self.balance}"
                 f'[eventlog]\nbackend = "jetstream"\nstream = "{self.stream}"\nreplicas = 3\n'
-                f"lease = {LEASE}\n"
+                f"lease = {LEASE}\n{self.eventlog}"
                 + "".join(f'[[nodes]]\nid = "{node}"\nip = "127.0.0.1"\nport = {port}\n'
                           f"weight = {WEIGHTS[node]}\n"
                           for node, port in self.node_ports.items()))
@@ -80,6 +80,15 @@ class Replicas:
         log.close()
         assert process.stdout.readline().startswith("imdispatch serving"), self.log(index)
         return process
+
+    def add(self, workers: int = 1) -> int:
+        """Start one more replica; its index."""
+        index = len(self.replicas)
+        self.ports.append(free_port())
+        self.workers.append(workers)
+        self.replicas.append(self.start_replica(index))
+        self.wait_ready(index)
+        return index
 
     def log(self, index: int) -> str:
         return (self.tmp / f"replica{index}.log").read_text(errors="replace")[-4000:]
@@ -398,3 +407,99 @@ def test_the_streams_nats_server_killed_no_event_lost_and_clients_served(
     # 4-9 s after a SIGKILL; `bench/test_nats_cluster.py` measures it)
     assert resumed < 20, f"writes resumed after {resumed:.1f} s"
     print(f"writes resumed {resumed:.2f} s after the stream leader's server was killed")
+
+
+def test_replicas_filling_nodes_at_once_stay_within_the_watermark(tmp_path, nats_cluster):
+    """Three replicas (four members) fill the nodes with real clients at once: each takes
+    its share of the headroom, so no node goes past ceil(0.9 x capacity) by more than
+    1% of its capacity."""
+    import asyncio
+    import math
+
+    from tests.filler import fill
+
+    capacity = 1000
+    running = Replicas(tmp_path, nats_cluster, capacity=capacity,
+                       balance="assign_rate = 100000\n", stream="IMDFILL")
+    try:
+        wait(lambda: all(replicas_ready["members"] == 4 for replicas_ready in
+                         (running.ready(i) for i in range(3))), "every member counted")
+
+        async def together():
+            return await asyncio.gather(*(fill(running.url(i, ""), seconds=40)
+                                          for i in range(3)))
+
+        results = asyncio.run(together())
+        held = Counter()
+        for result in results:
+            held.update(result["held"])
+        limit = math.ceil(0.9 * capacity)
+        assert all(result["refused"] > 0 for result in results), results
+        assert all(count <= limit + capacity // 100 for count in held.values()), held
+        assert sum(held.values()) >= 3 * limit - 30, held  # and nearly to the top
+        print(f"held per node: {dict(held)} (limit {limit})")
+    finally:
+        running.stop()
+
+
+def snapshot_names(nats_cluster, stream: str) -> list:
+    import asyncio
+
+    import nats
+
+    async def main():
+        nc = await nats.connect(nats_cluster.urls)
+        try:
+            store = await nc.jetstream(timeout=5).object_store(f"{stream}_SNAPSHOTS")
+            return sorted(info.name for info in await store.list(ignore_deletes=True))
+        except Exception:
+            return []
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def put_object(nats_cluster, bucket: str, name: str, data: bytes) -> None:
+    import asyncio
+
+    import nats
+
+    async def main():
+        nc = await nats.connect(nats_cluster.urls)
+        try:
+            await (await nc.jetstream(timeout=5).object_store(bucket)).put(name, data)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_a_joining_replica_starts_from_the_newest_sound_snapshot(tmp_path, nats_cluster):
+    running = Replicas(tmp_path, nats_cluster, count=2, workers=(1, 1), stream="IMDJOIN",
+                       eventlog="snapshot_every = 20\n")
+    try:
+        for weight in range(1, 61):
+            status, _, body = running.admin(weight % 2, "PUT", "/admin/nodes/e2e1",
+                                            {"weight": weight})
+            assert status == 200, body
+        wait(lambda: snapshot_names(nats_cluster, "IMDJOIN"), "a snapshot is kept")
+        names = snapshot_names(nats_cluster, "IMDJOIN")
+        sound = int(names[-1][9:29])
+        seq = running.ready(0)["state_seq"]
+        assert 20 <= sound <= seq
+        # a damaged snapshot newer than the sound ones is skipped, with a note
+        bad = f"snapshot-{seq:020d}.json"
+        put_object(nats_cluster, "IMDJOIN_SNAPSHOTS", bad, b'{"format": 1, "seq": 3}')
+        index = running.add()
+        log = running.log(index)
+        assert f"skipped snapshot {bad}" in log, log
+        assert f"from snapshot at seq {sound} plus" in log, log
+        wait(lambda: len({running.ready(i)["state_seq"] for i in range(3)}) == 1,
+             "the new replica at the same seq")
+        views = [running.admin(i, "GET", "/admin/nodes")[2] for i in range(3)]
+        assert views[2] == views[0] or [n["weight"] for n in views[2]] == [
+            n["weight"] for n in views[0]]
+        assert [n["weight"] for n in views[2] if n["id"] == "e2e1"] == [60]
+    finally:
+        running.stop()

@@ -68,6 +68,7 @@ class Member(Serving):
         self.poller: Poller | None = None
         self.leading = False  # holds the lease (polls once the stream names it leader)
         self.members = 1  # live members, as last counted
+        self.stream_health = "not checked yet"
         self.caught_up = False  # the state reached the stream's end once since start
         self._lease_until = 0.0  # monotonic: the lease is surely ours until then
         self._deposed: str | None = None  # why to step down, said by the poller's commit
@@ -201,6 +202,7 @@ class Member(Serving):
                 if now - alive >= ttl / 4:
                     await self.lease.here({"at": time.time()})
                     self.members = max(1, await self.lease.members())
+                    self.stream_health = await self._stream_health()
                     alive = now
                 if self._deposed is not None:
                     await self._step_down(self._deposed)
@@ -225,6 +227,21 @@ class Member(Serving):
             if self.leading and time.monotonic() > self._lease_until:
                 await self._step_down("could not renew the lease in time")
             await asyncio.sleep(TICK)
+
+    async def _stream_health(self) -> str:
+        """The stream as JetStream reports it: "ok" with its raft leader, or why not."""
+        try:
+            info = await self.nc.jetstream(timeout=1.0).stream_info(self.config.eventlog.stream)
+        except Exception as exc:
+            return f"unavailable: {exc!r}"
+        cluster = info.cluster
+        if cluster is None:
+            return "ok (one server)"
+        if not cluster.leader:
+            return "no leader (an election is under way)"
+        behind = [r.name for r in cluster.replicas or [] if not r.current]
+        return f"ok (leader {cluster.leader}" + (f"; behind: {', '.join(behind)})" if behind
+                                                 else ")")
 
     def _lease_value(self) -> dict[str, Any]:
         """What the lease says of its holder: who, and its last full poll cycle."""
@@ -385,13 +402,21 @@ class Member(Serving):
         if not self.caught_up:
             return (f"catching up with the event stream (at seq {self.tail.seq} of "
                     f"{self.tail.head})")
-        if self.tail.problem is not None:
-            return f"event stream: {self.tail.problem}"
         return self.poller.link_fault if self.poller is not None else None
 
+    def share(self) -> int:
+        """Every live member, workers of the same replica included (each its own
+        ledger)."""
+        return self.members
+
     def details(self) -> dict[str, Any]:
+        """A stalled consumer or a stream without a leader are details, not reasons: a
+        member that cannot follow the stream stops seeing the leader's cycles, so its
+        state goes stale (`stale_after`) as it would without the stream; meanwhile it
+        answers from the last state, as every replica does during a stream election."""
         return {"member": self.id, "leader": self.state.leader, "members": self.members,
-                "stream_lag": self.tail.lag}
+                "stream": self.stream_health, "stream_lag": self.tail.lag,
+                "following": self.tail.problem or "ok"}
 
 
 class _AsLeader:
