@@ -4,6 +4,10 @@ A history is a file log's directory or a JetStream stream (`StreamSource`). Repl
 and verify read either through its backend's `read` (verified records in batches), so they
 do the same with both. None takes a writer's role: they run beside a live dispatcher (on a
 file log, a record being written at that moment shows up as a torn tail).
+
+A bounded history (`dispatcher.eventlog.retention`) starts after seq 1, right after a
+snapshot: replay and verify then begin at the oldest kept snapshot that fits (the
+anchor), from any snapshot source with `candidates(max_seq)` and any `read(after)`.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nats
 from nats.js.errors import NotFoundError
 
 from dispatcher.config import NatsConfig
+from dispatcher.domain.errors import DomainError
 from dispatcher.domain.events import Event
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.base import Recovery
@@ -27,22 +32,39 @@ from dispatcher.eventlog.errors import LogCorrupted, LogUnavailable, StreamConfi
 from dispatcher.eventlog.filelog import FileLog, LogReader
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.eventlog.records import GENESIS_HASH, Record
+from dispatcher.eventlog.retention import (
+    BeforeHistory,
+    HistoryTrimmed,
+    check_continues,
+    unanchored,
+)
 from dispatcher.eventlog.segments import TornTail, list_segments
-from dispatcher.eventlog.snapshots import SnapshotStore
-from dispatcher.journal import SnapshotMismatch, rebuild
+from dispatcher.eventlog.snapshots import Snapshot, SnapshotStore
+from dispatcher.journal import SnapshotMismatch, fold, rebuild
 from dispatcher.nats_service import nats_options
 
 CONNECT_TIMEOUT = 2.0  # seconds for each NATS server to accept us: a CLI must not hang
 Read = Callable[[int], AsyncIterator[list[Record]]]
 
 
+class Snapshots(Protocol):
+    """Any snapshot source: a file log's `SnapshotStore`, a stream's snapshots."""
+
+    def candidates(self, max_seq: int) -> list[tuple[Snapshot | None, Any, str]]:
+        """Snapshots up to `max_seq`, newest first: (snapshot or None, name, problem)."""
+
+
 @dataclass(frozen=True)
 class StreamSource:
     """A history on the JetStream stream `stream` of the NATS servers in `nats`, reached
-    with its credentials (the `[nats]` table's options)."""
+    with its credentials (the `[nats]` table's options). `snapshots`, if given, reads the
+    stream's snapshots over the reader's connection (for a bounded history's anchor);
+    without it the stream is read from seq 1, snapshots unchecked."""
 
     nats: NatsConfig
     stream: str
+    snapshots: Callable[[JetStreamLog], Awaitable[Snapshots]] | None = field(
+        default=None, compare=False)
 
     def __str__(self) -> str:
         return f"stream {self.stream} on {','.join(self.nats.servers)}"
@@ -123,6 +145,81 @@ async def _reader(source: Source) -> AsyncIterator[LogReader | JetStreamLog]:
             await nc.close()
 
 
+async def _snapshots(source: Source, reader: Any) -> Snapshots | None:
+    """The source's snapshots: a file log's folder, or what the stream source reads."""
+    if not isinstance(source, StreamSource):
+        return snapshot_store(source)
+    return await source.snapshots(reader) if source.snapshots is not None else None
+
+
+# -- where a history starts --------------------------------------------------------------
+
+
+async def first_seq(read: Read) -> int:
+    """The first seq the history holds (1 for a whole or empty one): what `read(0)`
+    starts with, or the start its `HistoryTrimmed` names."""
+    try:
+        async with contextlib.aclosing(read(0)) as batches:
+            async for batch in batches:
+                return batch[0].seq
+    except HistoryTrimmed as exc:
+        return exc.start
+    return 1
+
+
+def anchors(snapshots: Snapshots | None, first: int) -> list[tuple[Snapshot, str]]:
+    """The snapshots that check out and could start a history whose first record is
+    `first` (at `first - 1` or later), oldest first, with their names."""
+    if snapshots is None or first <= 1:
+        return []
+    found = [(snapshot, getattr(name, "name", str(name)))
+             for snapshot, name, _ in snapshots.candidates(2**63) if snapshot is not None]
+    return sorted(((s, n) for s, n in found if s.seq >= first - 1), key=lambda x: x[0].seq)
+
+
+@dataclass(slots=True)
+class Start:
+    """Where a history starts: at seq 1, or right after the snapshot `anchor`."""
+
+    first: int = 1  # the first record kept
+    anchor: int | None = None  # the seq of the snapshot it starts after
+    name: str = ""  # that snapshot's name
+
+    def describe(self) -> str | None:
+        """One line for an operator, or None for a whole history."""
+        if self.first <= 1:
+            return None
+        if self.anchor is None:
+            return (f"history starts at seq {self.first} and no snapshot anchors it: "
+                    f"records 1..{self.first - 1} are missing")
+        kept = (f"; records {self.first}..{self.anchor} before it are kept, chain-checked"
+                if self.anchor >= self.first else "")
+        return (f"history starts after seq {self.anchor} (snapshot {self.name}): older "
+                f"events were dropped (retention){kept}")
+
+
+def history_start(source: Source) -> Start:
+    """Where the history starts, anchored at its oldest kept snapshot that checks out
+    (whether its records fit it, `verify` says)."""
+
+    async def run() -> Start:
+        async with _reader(source) as reader:
+            first = await first_seq(reader.read)
+            found = anchors(await _snapshots(source, reader), first)
+        if not found:
+            return Start(first)
+        return Start(first, found[0][0].seq, found[0][1])
+
+    return asyncio.run(run())
+
+
+async def _from_start(read: Read) -> AsyncIterator[list[Record]]:
+    """Every record the history holds, from its first (seq 1 or later)."""
+    async with contextlib.aclosing(read(await first_seq(read) - 1)) as batches:
+        async for batch in batches:
+            yield batch
+
+
 def _until(read: Read, until: int | None) -> Read:
     """`read`, ending after record `until`."""
     if until is None:
@@ -147,7 +244,8 @@ def _batches(source: Source) -> Iterator[list[Record]]:
     read (`audit --json` streams the events out, not the whole history at once)."""
 
     async def batches() -> AsyncIterator[list[Record]]:
-        async with _reader(source) as reader, contextlib.aclosing(reader.read(0)) as read:
+        async with _reader(source) as reader, contextlib.aclosing(
+                _from_start(reader.read)) as read:
             async for batch in read:
                 yield batch
 
@@ -174,18 +272,47 @@ def replay(source: Source, until: int | None = None) -> tuple[RoutingState, Torn
     """Fold the whole history (or up to seq `until`) into a fresh state with the journal's
     own fold (`journal.rebuild`), every record verified; also the file log's torn tail.
 
-    Snapshots are not used: an audit should rest on the records alone.
+    Snapshots are not used, so an audit rests on the records alone, except where a
+    bounded history starts: at its oldest kept snapshot that fits (`BeforeHistory` for an
+    `until` before it).
     """
 
     async def run() -> tuple[RoutingState, TornTail | None]:
         async with _reader(source) as reader:
+            read = _until(reader.read, until)
+            first = await first_seq(reader.read)
+            if first > 1:
+                state = await _anchored(source, read, await _snapshots(source, reader),
+                                        first, until)
+                return state, getattr(reader, "torn", None)
             try:
-                rebuilt = await rebuild(_until(reader.read, until), None)
+                rebuilt = await rebuild(read, None)
             except SnapshotMismatch:  # with no snapshot: record 1 does not start the chain
                 raise _unchained(source) from None
             return rebuilt.state, getattr(reader, "torn", None)
 
     return asyncio.run(run())
+
+
+async def _anchored(source: Source, read: Read, snapshots: Snapshots | None, first: int,
+                    until: int | None) -> RoutingState:
+    """The state of a history that starts at `first` > 1: its records folded from the
+    oldest kept snapshot that fits (the anchor), up to `until`."""
+    notes = []
+    for snapshot, name in anchors(snapshots, first):
+        if until is not None and until < snapshot.seq:
+            raise BeforeHistory(
+                f"{source}: history starts after seq {snapshot.seq} (snapshot {name}): "
+                f"there is no state at seq {until} to replay to (the events before were "
+                f"dropped); replay --until {snapshot.seq} or later")
+        try:
+            state = RoutingState.from_dict(snapshot.state)
+            if state.seq != snapshot.seq:
+                raise SnapshotMismatch(f"its state is at seq {state.seq}")
+            return (await fold(read, state, snapshot.hash, None)).state
+        except (SnapshotMismatch, KeyError, TypeError, ValueError, DomainError) as exc:
+            notes.append(f"skipped snapshot {name}: {exc}")
+    raise unanchored(str(source), first, notes)
 
 
 def _unchained(source: Source) -> LogCorrupted:
@@ -229,9 +356,11 @@ class Verification:
     source: str = ""
     records: int = 0
     segments: int | None = None  # a file log's; None for a stream
+    first_seq: int = 1  # the first record kept (a bounded history's start)
     last_seq: int = 0
     head_hash: bytes = GENESIS_HASH
     torn: TornTail | None = None
+    start: Start = field(default_factory=Start)  # where the history starts
     snapshots: list[str] = field(default_factory=list)  # one line per snapshot checked
     bad_snapshots: int = 0
 
@@ -239,7 +368,10 @@ class Verification:
 def verify(source: Source) -> Verification:
     """Check every record (a file log's checksum; a stream message's record format), the
     sequence numbers and the hash chain from the genesis hash, replay every event, and
-    compare each snapshot of a file log with the state its records build.
+    compare each snapshot (a file log's, or those a `StreamSource` reads) with the state
+    its records build. A bounded history is checked from its anchor: the oldest kept
+    snapshot whose hash is the log's record there; the records before it only for their
+    chain; a history that starts after seq 1 with no such snapshot is damage.
 
     Raises `LogCorrupted` naming the first bad record (or a `DomainError` for a record
     whose event does not fit the state before it).
@@ -249,42 +381,103 @@ def verify(source: Source) -> Verification:
 
 async def _verify(source: Source) -> Verification:
     result = Verification(str(source))
-    store = None if isinstance(source, StreamSource) else snapshot_store(source)
-    candidates = store.candidates(2**63) if store is not None else []
-    wanted = {s.seq: s for s, _, _ in candidates if s is not None}
-    state = RoutingState()
-    built: dict[int, tuple[bytes, dict]] = {}
     async with _reader(source) as reader:
-        if store is not None:
+        if not isinstance(source, StreamSource):
             result.segments = len(list_segments(Path(source)))
-        async for batch in reader.read(0):
-            if result.records == 0 and batch[0].prev_hash != GENESIS_HASH:
-                raise _unchained(source)
+        first = result.first_seq = await first_seq(reader.read)
+        check = _SnapshotCheck(await _snapshots(source, reader), first)
+        async for batch in reader.read(first - 1):
+            if result.records == 0:
+                check_continues(first - 1, batch, str(source))
+                if first == 1 and batch[0].prev_hash != GENESIS_HASH:
+                    raise _unchained(source)
+                check.at(first - 1, batch[0].prev_hash)
             for record in batch:
-                state.apply(record.event())
-                if record.seq in wanted:
-                    built[record.seq] = (record.hash, state.to_dict())
+                check.apply(record)
             result.records += len(batch)
             result.last_seq, result.head_hash = batch[-1].seq, batch[-1].hash
         result.torn = getattr(reader, "torn", None)
-    for snapshot, path, problem in candidates:
-        if snapshot is None:
-            result.snapshots.append(f"{path.name}: {problem}")
-        elif snapshot.seq > result.last_seq:
-            result.snapshots.append(f"{path.name}: seq {snapshot.seq} is past the log's end")
-        elif built[snapshot.seq][0] != snapshot.hash:
-            result.snapshots.append(f"{path.name}: hash differs from the log's record")
-        elif built[snapshot.seq][1] != snapshot.state:
-            result.snapshots.append(f"{path.name}: its state is not what the log's records "
-                                    f"build at seq {snapshot.seq}")
-        else:
-            result.snapshots.append(f"{path.name}: matches the log at seq {snapshot.seq}")
-            continue
-        result.bad_snapshots += 1
+    if check.state is None:
+        if not result.records and check.anchors:  # nothing after it to check it against
+            check.at(first - 1, check.anchors[0][0].hash)
+        if check.state is None:
+            raise unanchored(str(source), first, [line for line in check.lines.values()])
+    result.start = check.start
+    result.snapshots, result.bad_snapshots = check.report(result.last_seq)
     return result
 
 
+class _SnapshotCheck:
+    """Verify's snapshot checks in one pass over the records: the state is built from
+    genesis (a whole history) or from the first snapshot whose hash is the log's record
+    at its seq (a bounded one: the anchor); each snapshot at or after it must be the
+    state the records build there."""
+
+    def __init__(self, snapshots: Snapshots | None, first: int) -> None:
+        self.candidates = snapshots.candidates(2**63) if snapshots is not None else []
+        self.first = first
+        self.anchors = anchors(snapshots, first)
+        self.start = Start(first)
+        self.state: RoutingState | None = RoutingState() if first == 1 else None
+        self.pending = {snapshot.seq: (snapshot, getattr(name, "name", str(name)))
+                        for snapshot, name, _ in self.candidates if snapshot is not None}
+        self.lines: dict[str, str] = {}  # snapshot name -> verdict
+        self.bad: set[str] = set()
+
+    def apply(self, record: Record) -> None:
+        if self.state is not None:
+            self.state.apply(record.event())
+        if record.seq in self.pending:
+            self.at(record.seq, record.hash)
+
+    def at(self, seq: int, record_hash: bytes) -> None:
+        """The snapshot at `seq` (if any) against the log, whose record `seq` has
+        `record_hash`."""
+        found = self.pending.pop(seq, None)
+        if found is None:
+            return
+        snapshot, name = found
+        if snapshot.hash != record_hash:
+            self._judge(name, "hash differs from the log's record", bad=True)
+        elif self.state is None:
+            try:
+                self.state = RoutingState.from_dict(snapshot.state)
+                if self.state.seq != seq:
+                    raise ValueError(f"its state is at seq {self.state.seq}")
+            except (KeyError, TypeError, ValueError, DomainError) as exc:
+                self.state = None
+                self._judge(name, f"its state does not load: {exc!r}", bad=True)
+                return
+            self.start = Start(self.first, seq, name)
+            self._judge(name, f"anchors the history at seq {seq}")
+        elif self.state.to_dict() != snapshot.state:
+            self._judge(name, f"its state is not what the log's records build at seq {seq}",
+                        bad=True)
+        else:
+            self._judge(name, f"matches the log at seq {seq}")
+
+    def _judge(self, name: str, verdict: str, *, bad: bool = False) -> None:
+        self.lines[name] = f"{name}: {verdict}"
+        if bad:
+            self.bad.add(name)
+
+    def report(self, last_seq: int) -> tuple[list[str], int]:
+        """One line per snapshot, newest first, and how many are bad."""
+        lines = []
+        for snapshot, path, problem in self.candidates:
+            name = getattr(path, "name", str(path))
+            if snapshot is None:
+                self._judge(name, problem, bad=True)
+            elif snapshot.seq > last_seq:
+                self._judge(name, f"seq {snapshot.seq} is past the log's end", bad=True)
+            elif name not in self.lines:  # its records were dropped
+                self._judge(name, f"seq {snapshot.seq} is before the history's start")
+            lines.append(self.lines[name])
+        return lines, len(self.bad)
+
+
 __all__ = [
-    "LogCorrupted", "Source", "StreamSource", "Verification", "audit", "connect", "recover",
+    "BeforeHistory", "LogCorrupted", "Snapshots", "Source", "Start", "StreamSource",
+    "Verification", "anchors", "audit", "connect", "first_seq", "history_start", "recover",
     "replay", "snapshot_store", "verify",
 ]

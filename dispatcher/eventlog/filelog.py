@@ -17,6 +17,11 @@ groups: whatever arrived while the previous write was in flight goes out in one 
 Opening for writing recovers from a crash as Kafka and LevelDB do: a torn final record is
 truncated and reported; damage followed by valid records is corruption and the log
 refuses to open (naming segment, offset and seq) unless `salvage=True`.
+
+Bounded history (`retention`): at open and after each rotation, whole segments before the
+oldest kept snapshot go once a limit lets them (in a thread of their own, never the
+writer's). The log then starts after seq 1, anchored by a snapshot; one that starts later
+with no snapshot at its first seq - 1 or after lost records, and is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -34,6 +40,7 @@ import orjson
 
 from dispatcher.domain import events as ev
 from dispatcher.eventlog import records
+from dispatcher.eventlog import retention as retain
 from dispatcher.eventlog.base import Recovery
 from dispatcher.eventlog.errors import (
     EventLogError,
@@ -61,6 +68,7 @@ from dispatcher.eventlog.segments import (
 )
 from dispatcher.eventlog.snapshots import SNAPSHOT_DIR, SnapshotStore, snapshot_name
 
+log = logging.getLogger("imdispatch.eventlog")
 FSYNC_POLICIES = ("always", "batch", "never")
 CLEAN_MARKER = "CLEAN"
 LOCK_FILE = "LOCK"
@@ -81,6 +89,7 @@ class FileLog:
         salvage: bool = False,
         create: bool = True,
         run_id: str | None = None,
+        retention: retain.Retention | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
@@ -93,6 +102,7 @@ class FileLog:
         self.salvage = salvage
         self.create = create  # False: the log must exist (never make a new one in its place)
         self.run_id = run_id  # recorded in LOCK: the `imdispatch serve` this writer belongs to
+        self.retention = retention or retain.Retention()  # default: every event kept
         self.max_payload = records.MAX_PAYLOAD
         self.last_seq = 0
         self.last_hash = records.GENESIS_HASH
@@ -111,6 +121,8 @@ class FileLog:
         self._dirty = False  # written but not yet fsynced
         self._last_sync = time.monotonic()
         self.appended = 0  # events appended since open
+        self._rotated = False  # a segment was sealed since retention last looked
+        self._retaining: asyncio.Future | None = None  # retention at work (its own thread)
         self.on_sync: Callable[[float], None] | None = None  # seconds each fsync took
 
     # -- opening ----------------------------------------------------------------------
@@ -134,6 +146,7 @@ class FileLog:
                 raise LogMissing(f"event log {self.path} has no segment files any more")
             recovery = self._recover()
             self._drop_clean_marker()
+            recovery.notes += self._retain()
         except BaseException:
             self._release()
             raise
@@ -225,6 +238,7 @@ class FileLog:
         marker = self._read_clean_marker()
         if not self.salvage:
             self._check_vouched(marker, paths)
+        self._check_anchored(paths)
         unfinished = None
         if paths and paths[-1].stat().st_size < SEGMENT_HEADER.size:
             # A crash while rotating: the new segment has no whole header, so no records.
@@ -233,6 +247,12 @@ class FileLog:
                 f"removed {unfinished.name}: {unfinished.stat().st_size} bytes, "
                 "an unfinished segment header"
             )
+        if not paths and unfinished is not None and int(unfinished.name[:20]) > 1:
+            raise LogCorrupted(
+                f"event log {self.path} corrupted: its only segment {unfinished.name} has no "
+                "whole header (a crash while rotating), and the records before it are gone "
+                "(retention): the log cannot go on from there", segment=unfinished.name,
+                offset=0, seq=int(unfinished.name[:20]))
         if not paths:
             self._check_snapshots(0)
             if not dry:
@@ -313,6 +333,59 @@ class FileLog:
             f"{marker.get('last_seq')}): records were lost",
             segment=str(name), offset=size or 0, seq=0,
         )
+
+    def _check_anchored(self, paths: list[Path]) -> None:
+        """A log whose first segment starts after seq 1 (retention dropped the ones
+        before) must be anchored by a snapshot that checks out at that seq - 1 or later;
+        else records were lost (`HistoryTrimmed`, naming the missing range)."""
+        start = int(paths[0].name[:20]) if paths else 1
+        if start > 1 and self._anchor(start) is None:
+            raise retain.unanchored(f"event log {self.path}", start)
+
+    def _anchor(self, start: int, store: SnapshotStore | None = None) -> int | None:
+        """The seq of the newest snapshot that checks out at `start - 1` or later."""
+        store = store or SnapshotStore(self.path / SNAPSHOT_DIR)
+        for seq in reversed(store.seqs()):
+            if seq >= start - 1 and _sound(store, seq):
+                return seq
+        return None
+
+    def _retain(self) -> list[str]:
+        """Drop what `retention` lets go: sealed segments before the oldest kept snapshot,
+        oldest first (the directory fsynced after each, so a crash never leaves a gap),
+        and snapshots beyond `keep_snapshots`; one line for what was dropped. Never the
+        segment being written. Any thread but the writer's (it only reads `_segment`)."""
+        if not self.retention.bounded or self._segment is None:
+            return []
+        paths = list_segments(self.path)
+        firsts = [int(path.name[:20]) for path in paths]
+        sealed = [path for path in paths if path.name < self._segment.name]
+        units = [retain.Unit(first, following - 1, path.stat().st_mtime)
+                 for path, first, following in zip(sealed, firsts, firsts[1:], strict=False)]
+        store = SnapshotStore(self.path / SNAPSHOT_DIR, self.retention.keep_snapshots)
+        plan = retain.plan(self.retention, start=firsts[0], last_seq=self.last_seq,
+                           units=units, snapshots=store.seqs(),
+                           sound=lambda seq: _sound(store, seq), now=time.time())
+        for path in paths[:plan.units]:
+            os.unlink(path.name, dir_fd=self._dir_fd)
+            os.fsync(self._dir_fd)
+        for seq in plan.snapshots:
+            (store.directory / snapshot_name(seq)).unlink(missing_ok=True)
+        if not plan.units:
+            return []
+        return [f"retention dropped {plan.units} segment(s), seq {firsts[0]}.."
+                f"{plan.start - 1}: history starts at seq {plan.start}, anchored by "
+                f"{snapshot_name(plan.anchor)}"]
+
+    def _after_rotation(self) -> None:
+        """Start retention in a thread of its own once a segment was sealed (one at a
+        time: the next rotation catches up with what a running one missed)."""
+        self._rotated = False
+        if not self.retention.bounded or (
+                self._retaining is not None and not self._retaining.done()):
+            return
+        self._retaining = asyncio.get_running_loop().run_in_executor(None, self._retain)
+        self._retaining.add_done_callback(_said)
 
     def _check_snapshots(self, last_seq: int) -> None:
         """Refuse a snapshot file that is not a regular file, and a sound snapshot of a
@@ -451,6 +524,8 @@ class FileLog:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+            if self._rotated:
+                self._after_rotation()
         if self._failure is None and self._dirty and self.fsync != "never":
             try:
                 await loop.run_in_executor(self._executor, self._sync)
@@ -497,6 +572,7 @@ class FileLog:
             if kind == "rotate":
                 self._flush(pending)
                 self._open_segment(*item)  # type: ignore[misc]
+                self._rotated = True
             else:
                 pending += item  # type: ignore[operator]
         self._flush(pending)
@@ -552,6 +628,9 @@ class FileLog:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._writer
             self._executor.shutdown(wait=True)
+        if self._retaining is not None:
+            with contextlib.suppress(Exception):  # said by `_said`
+                await self._retaining
         if self._fd is not None and self._failure is None:
             try:
                 self._check_in_place()  # a marker in a directory that replaced ours would lie
@@ -574,6 +653,27 @@ class FileLog:
             "last_hash": self.last_hash.hex(),
         }), fsync=True)
         os.fsync(self._dir_fd)
+
+
+def _sound(store: SnapshotStore, seq: int) -> bool:
+    """Whether the snapshot at `seq` checks out (read whole: asked for few)."""
+    try:
+        store.load(seq)
+    except (OSError, ValueError, NotRegularFile):
+        return False
+    return True
+
+
+def _said(done: asyncio.Future) -> None:
+    """Log what a retention run did, or why it failed (the log goes on: it only keeps
+    more than it needs to)."""
+    if done.cancelled():
+        return
+    if done.exception() is not None:
+        log.warning("event log retention failed: %r", done.exception())
+        return
+    for line in done.result():
+        log.info("event log: %s", line)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -640,17 +740,19 @@ class LogReader:
             if int(path.name[:20]) <= after + 1:
                 start = index
         first = int(paths[start].name[:20])
-        if first > after + 1:
-            raise LogCorrupted(
-                f"event log corrupted: it starts at seq {first} in {paths[start].name}; "
-                f"records {after + 1}..{first - 1} are missing (deleted segments?)",
-                segment=paths[start].name, offset=0, seq=after + 1,
-            )
+        if first > after + 1:  # dropped by retention (a snapshot anchors it), or lost
+            raise retain.trimmed(f"event log {self.path}", first, after + 1, paths[start].name)
         expected_seq = expected_hash = None
         if first == 1:  # the log's first record must link to the genesis hash
             expected_seq, expected_hash = 1, records.GENESIS_HASH
         for index in range(start, len(paths)):
-            segment = Segment.read(paths[index])
+            try:
+                segment = Segment.read(paths[index])
+            except FileNotFoundError:  # retention dropped it meanwhile: read from later on
+                raise retain.HistoryTrimmed(
+                    f"event log {self.path}: {paths[index].name} was removed while it was "
+                    "read (retention dropped it)", start=expected_seq or after + 1,
+                    segment=paths[index].name) from None
             if expected_seq is not None and (
                 segment.first_seq != expected_seq or segment.prev_hash != expected_hash
             ):
@@ -683,26 +785,34 @@ class LogTail:
     appended since the last poll, reading only the new bytes (followers poll often).
 
     Records are checked as everywhere (checksum, seq, hash chain from `after_hash`). An
-    incomplete record at the end is a write in progress: it is read again next time.
+    incomplete record at the end is a write in progress: it is read again next time. The
+    segment being followed is held open, so retention dropping it meanwhile takes
+    nothing this follower has not read yet.
     """
 
     def __init__(self, path: str | os.PathLike, after_seq: int, after_hash: bytes) -> None:
         self.path = Path(path)
+        self._fd: int | None = None  # the segment followed, held open
         self.seq, self.prev = after_seq + 1, after_hash  # the next record expected
         paths = list_segments(self.path)
         if not paths:
             raise FileNotFoundError(f"{self.path} is not an event log: no segment files")
+        if int(paths[0].name[:20]) > self.seq:
+            raise retain.trimmed(f"event log {self.path}", int(paths[0].name[:20]), self.seq,
+                                 paths[0].name)
         self.segment = paths[0]
         for candidate in paths:  # the segment that holds (or will hold) seq `after + 1`
             if int(candidate.name[:20]) <= self.seq:
                 self.segment = candidate
-        self.offset = self._offset_of(self.segment, self.seq)
+        self._fd = open_regular(self.segment, os.O_RDONLY)
+        self.offset = self._offset_of(self._fd, int(self.segment.name[:20]), self.seq)
 
     @staticmethod
-    def _offset_of(path: Path, seq: int) -> int:
-        """Byte offset where record `seq` starts (or will start) in segment `path`."""
-        data = read_regular(path)
-        offset, current = SEGMENT_HEADER.size, int(path.name[:20])
+    def _offset_of(fd: int, first: int, seq: int) -> int:
+        """Byte offset where record `seq` starts (or will start) in the segment open as
+        `fd`, whose first record is `first`."""
+        data = os.pread(fd, 1 << 30, 0)
+        offset, current = SEGMENT_HEADER.size, first
         while current < seq and offset < len(data):
             try:
                 _, offset = records.decode(data, offset, check=False)
@@ -715,8 +825,7 @@ class LogTail:
         """The new whole records, possibly across segments; [] if there are none."""
         found: list[records.Record] = []
         while True:
-            with open(open_regular(self.segment, os.O_RDONLY), "rb") as handle:
-                data = os.pread(handle.fileno(), 1 << 30, self.offset)
+            data = os.pread(self._fd, 1 << 30, self.offset)
             batch, used, seq, prev, why = scan_batch(data, 0, self.seq, self.prev, 1 << 30)
             found += batch
             self.offset += used
@@ -731,6 +840,17 @@ class LogTail:
             if why == records.SCANNED and following != self.segment and following.exists() and (
                 following.stat().st_size >= SEGMENT_HEADER.size
             ):
-                self.segment, self.offset = following, SEGMENT_HEADER.size
-                continue  # the writer rotated: go on in the next segment
+                fd = open_regular(following, os.O_RDONLY)  # the writer rotated: go on there
+                os.close(self._fd)
+                self._fd, self.segment, self.offset = fd, following, SEGMENT_HEADER.size
+                continue
             return found
+
+    def close(self) -> None:
+        """Let go of the segment held open."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
