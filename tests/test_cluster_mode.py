@@ -382,8 +382,11 @@ def test_the_streams_nats_server_killed_no_event_lost_and_clients_served(
         killed = time.monotonic()
         resumed = None
         while resumed is None and time.monotonic() - killed < 30:
-            status, _, body = http("PUT", replicas.url(0, "/admin/nodes/e2e2"),
-                                   {"weight": 7}, token=TOKEN.split(":")[1])
+            try:  # the append waits for the stream's new leader: longer than http()'s 5 s
+                status, _, body = http("PUT", replicas.url(0, "/admin/nodes/e2e2"),
+                                       {"weight": 7}, token=TOKEN.split(":")[1])
+            except TimeoutError:
+                continue
             if status == 200:
                 resumed = time.monotonic() - killed
             else:

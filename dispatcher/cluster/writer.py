@@ -74,14 +74,15 @@ class StreamWriter:
                 events = decide(state)
                 if not events:
                     return []
+                base = state.seq  # the state moves on as the tail folds: not read after
                 stamped, entries, error = stamp(events, state.copy(), stream.max_payload,
                                                 self.clock())
                 if entries:
-                    stream.rebase(state.seq, self.tail.hash)
+                    stream.rebase(base, self.tail.hash)
                     try:
                         await asyncio.shield(stream.append(entries))
                     except StaleWriter:  # another writer first: hold what it wrote, again
-                        self.tail.saw(state.seq + 1)
+                        self.tail.saw(base + 1)
                         continue
                     self.tail.saw(entries[-1].seq)
                     for event in stamped:
