@@ -506,3 +506,18 @@ def test_a_joining_replica_starts_from_the_newest_sound_snapshot(tmp_path, nats_
         assert [n["weight"] for n in views[2] if n["id"] == "e2e1"] == [60]
     finally:
         running.stop()
+
+
+def test_a_leader_stopped_cleanly_hands_over_at_once(replicas):
+    old, _ = replicas.leader()
+    process = replicas.replicas[old]
+    process.terminate()
+    stopped = time.monotonic()
+    found = []
+    wait(lambda: found.append(leader_by_others(replicas, old)) or found[-1],
+         "another replica leads", timeout=LEASE + 10)
+    took = time.monotonic() - stopped
+    assert process.wait(timeout=15) == 0
+    replicas.replicas[old] = None
+    # the lease was given up: no waiting for it to expire
+    assert took < LEASE, f"{took:.2f} s"

@@ -81,6 +81,7 @@ class Member(Serving):
         self._link_lost = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
+        self._campaigning: asyncio.Task | None = None
 
     @property
     def state(self) -> RoutingState:
@@ -113,14 +114,14 @@ class Member(Serving):
                 await self._close(nc)
                 await asyncio.sleep(1.0)
                 continue
-            campaign = asyncio.get_running_loop().create_task(self._campaign())
+            self._campaigning = asyncio.get_running_loop().create_task(self._campaign())
             try:
                 await self._link_lost.wait()
             finally:
-                await cancel_and_wait(campaign)
+                await cancel_and_wait(self._campaigning)
                 await self._close(nc)
             self._link_lost.clear()
-            log.warning("left a NATS connection that delivers nothing; opening another")
+            log.warning("left the NATS connection; opening another")
 
     async def _open(self, nc: Any) -> None:
         eventlog = self.config.eventlog
@@ -176,6 +177,7 @@ class Member(Serving):
 
     async def stop(self) -> None:
         self._stopping = True
+        await cancel_and_wait(self._campaigning)  # it would take the lease back
         lease = self.lease
         await self._step_down(None)
         if lease is not None:
@@ -226,6 +228,11 @@ class Member(Serving):
                 log.debug("lease: %r", exc)
             if self.leading and time.monotonic() > self._lease_until:
                 await self._step_down("could not renew the lease in time")
+            stream = self.journal.log
+            if stream is not None and stream.failure is not None:  # appends gave up: anew
+                log.warning("the event stream refused appends for good (%s); reconnecting",
+                            stream.failure)
+                self._link_lost.set()
             await asyncio.sleep(TICK)
 
     async def _stream_health(self) -> str:
