@@ -521,3 +521,21 @@ def test_a_leader_stopped_cleanly_hands_over_at_once(replicas):
     replicas.replicas[old] = None
     # the lease was given up: no waiting for it to expire
     assert took < LEASE, f"{took:.2f} s"
+
+
+def test_a_reload_on_one_replica_reaches_every_replica(replicas):
+    """SIGHUP to the supervisor of the two-worker replica: each worker reloads, the
+    first records the change, the others find nothing left to change."""
+    config = replicas.tmp / "replica2.toml"
+    text = config.read_text()
+    config.write_text(text.replace("weight = 2\n", "weight = 9\n", 1))
+    os.kill(replicas.replicas[2].pid, signal.SIGHUP)
+
+    def weight_everywhere():
+        return all([n["weight"] for n in replicas.admin(index, "GET", "/admin/nodes")[2]
+                    if n["id"] == "e2e2"] == [9] for index in range(3))
+
+    wait(weight_everywhere, "every replica has the reloaded weight", timeout=3.0)
+    events = replicas.admin(0, "GET", "/admin/events?after=0&limit=1000")[2]
+    changes = [e for e in events if e["type"] == "node_weight_set" and e["node"] == "e2e2"]
+    assert len(changes) == 1 and changes[0]["actor"] == "config", changes
