@@ -193,10 +193,13 @@ def descendants(pid):
     return {int(child) for child in found if "Z" not in _state(child)}
 
 
-def test_a_demo_killed_with_sigkill_takes_every_child_with_it():
-    process, started = started_demo("--http-port", str(free_port()))
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_demo_killed_with_sigkill_takes_every_child_with_it(replicas):
+    process, started = started_demo("--http-port", str(free_port_run(replicas)),
+                                    "--replicas", str(replicas))
     children = descendants(process.pid)
-    assert len(children) >= 5  # nats-server, three imnodes, the dispatcher
+    # nats-server, three imnodes, the dispatcher; or three nats-servers and two replicas
+    assert len(children) >= (5 if replicas == 1 else 8)
     for pid in children:  # what `pkill -f imdispatch-demo-child` (README) matches
         assert lifetime.MARK in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     process.kill()
@@ -288,7 +291,7 @@ def test_three_replicas_fail_over_a_killed_leader_and_a_killed_stream_leader():
     SIGKILLed and come back; the script says who took over; every replica answers;
     Ctrl-C leaves nothing."""
     base = free_port_run(3)
-    process = demo("--replicas", "3", "--http-port", str(base), "--clients", "30",
+    process = demo("--replicas", "3", "--http-port", str(base), "--clients", "60",
                    "--ramp", "3", "--moment-every", "3", "--duration", "120")
     lines = []
     deadline = time.monotonic() + 100
@@ -375,3 +378,7 @@ def test_replica_table():
     assert table[1].split() == ["r1", "8080", "leader", "42", "yes", "0.2", "s", "2.5",
                                 "host-7"]
     assert table[2].split() == ["r2", "8081", "down", "-", "-", "-", "0.0"]
+    whole = screen.screen("head", ["NODE"], [], "next", ["  curl"], table, ["r2 leads"])
+    assert whole.index("NODE") < whole.index("REPLICA") < whole.index(
+        "what the script saw:\n  r2 leads") < whole.index("latest events")
+    assert "what the script saw" not in screen.screen("head", ["NODE"], [], "next", [])

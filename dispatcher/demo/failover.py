@@ -24,7 +24,10 @@ from dispatcher.demo.replicas import STREAM, ClusterStack
 Say = Callable[[str], None]
 WATCH_LIMIT = 30.0  # seconds a watch waits before it says what did not happen
 FRESH = 1.0  # last_poll_age_s at most this (2 poll intervals): a poll cycle just ended
-PROBE_EVERY = 0.25  # seconds between two get-tcp-ip probes of a replica, or two writes
+ASK_EVERY = 1.0  # seconds between two get-tcp-ip probes of a replica: each probe is a
+# pick that holds a share of the headroom until a poll cycle is heard, so probing
+# faster would fill the demo's small nodes and measure the probe (503 "no IM node")
+WRITE_EVERY = 0.25  # seconds between two tries of the admin write, or two stream probes
 WRITE_TIMEOUT = 2.0  # one admin write during the stream's election
 
 
@@ -201,8 +204,8 @@ async def _stream_failover(stack: ClusterStack, old: str, node_id: str, weight: 
         while not done.is_set():
             if replica.running:
                 got = await asyncio.to_thread(_get, f"{replica.url}/get-tcp-ip?uid=probe")
-                answers[replica.name][str(got[0]) if got else "no answer"] += 1
-            await asyncio.sleep(PROBE_EVERY)
+                answers[replica.name][_status(got)] += 1
+            await asyncio.sleep(ASK_EVERY)
 
     async def next_leader() -> None:
         while not done.is_set():
@@ -211,7 +214,7 @@ async def _stream_failover(stack: ClusterStack, old: str, node_id: str, weight: 
                 say(f"stream {STREAM} led by {name} {time.monotonic() - killed_at:.1f} s "
                     "after the kill")
                 return
-            await asyncio.sleep(PROBE_EVERY)
+            await asyncio.sleep(WRITE_EVERY)
 
     probes = [asyncio.create_task(probe(i)) for i in range(len(stack.replicas))]
     leader = asyncio.create_task(next_leader())
@@ -219,18 +222,19 @@ async def _stream_failover(stack: ClusterStack, old: str, node_id: str, weight: 
         tries: Counter[str] = Counter()  # the write's answers, as an operator would see them
         while time.monotonic() - killed_at < WATCH_LIMIT:
             try:
-                status, _ = await admin(stack, "PUT", f"/admin/nodes/{node_id}",
-                                        {"weight": weight, "reason": "demo script: a write "
-                                         "while the stream elects a leader"}, WRITE_TIMEOUT)
+                got: tuple[int, Any] | None = await admin(
+                    stack, "PUT", f"/admin/nodes/{node_id}",
+                    {"weight": weight, "reason": "demo script: a write while the stream "
+                     "elects a leader"}, WRITE_TIMEOUT)
             except (OSError, ValueError):
-                status = None
-            tries[str(status) if status else "no answer"] += 1
-            if status == 200:
+                got = None
+            tries[_status(got)] += 1
+            if got is not None and got[0] == 200:
                 say(f"writes resume: the admin change was stored "
                     f"{time.monotonic() - killed_at:.1f} s after the kill (tries: "
                     f"{_counted(tries)})")
                 break
-            await asyncio.sleep(PROBE_EVERY)
+            await asyncio.sleep(WRITE_EVERY)
         else:
             say(f"no write was stored within {WATCH_LIMIT:.0f} s of the kill")
         await asyncio.sleep(1.0)  # answers a little after the writes resumed too
@@ -239,6 +243,15 @@ async def _stream_failover(stack: ClusterStack, old: str, node_id: str, weight: 
         await asyncio.gather(*probes, leader, return_exceptions=True)
     say("get-tcp-ip meanwhile: " + "; ".join(f"{name} {_counted(seen)}"
                                              for name, seen in answers.items()))
+
+
+def _status(got: tuple[int, Any] | None) -> str:
+    """`200`, `503 (why)` or `no answer`: an answer as the probe shows it."""
+    if got is None:
+        return "no answer"
+    status, body = got
+    why = body.get("error") if status != 200 and isinstance(body, dict) else None
+    return f"{status} ({why})" if why else str(status)
 
 
 def _counted(seen: Counter[str]) -> str:
