@@ -7,17 +7,24 @@ event seq (both count from 1 without gaps). The message data is the event's orjs
 - `Imd-Format: 1`, the record format; a reader refuses others (`UnsupportedFormat`);
 - `Imd-Prev-Hash`: hex of the previous record's hash. The record's own hash is not stored:
   it is re-derived as SHA-256(seq || prev || payload), so the chain is checked, not trusted;
-- `Nats-Expected-Last-Sequence: seq - 1`: the server stores the message only if the stream
-  still ends where this writer believes it does. Two replicas cannot interleave: the one
-  that did not read the other's events gets `StaleWriter` and must reopen to catch up;
 - `Imd-Writer`, in cluster mode: the member that appended it (for audits; not hashed);
 - `Nats-Msg-Id: <stream>:<seq>:<hash prefix>` (stable per record), so JetStream's duplicate
-  window recognises a resent record, and `Nats-Expected-Stream`, so a message captured by
-  some other stream is refused. The server checks the expected last sequence before the
-  duplicate window, though: a resend whose first attempt was stored (only its ack was
-  lost) comes back as "wrong last sequence". The writer then fetches the stored message
-  and, if it is the same record (same hash), counts it as acknowledged; so a record is
-  never stored twice, and a record identical to one another replica stored is no conflict.
+  window recognises a resent record.
+
+Records are published in atomic batches (JetStream's atomic batch publish, nats-server
+2.12+, `allow_atomic` on the stream; `Nats-Batch-Id`, `-Sequence`, `-Commit`): the stream
+stores a whole batch or none of it. The batch's first message carries
+`Nats-Expected-Last-Sequence: seq - 1` and `Nats-Expected-Stream` (JetStream refuses an
+expected last sequence further in a batch), so the server stores the batch only if the
+stream still ends where this writer believes it does. Two replicas cannot interleave: the
+one that did not read the other's events gets `StaleWriter` and must catch up; and as a
+batch is all-or-nothing, a refused writer leaves no part of it behind (with one message at
+a time in flight, a later message could follow the other writer's record and break the
+chain). A resend whose first attempt was stored (only its ack was lost) comes back as
+"duplicate message id" or "wrong last sequence": the writer then fetches the stored
+record at the batch's last seq and, if it has the same hash (which seals the batch),
+counts the batch as acknowledged; so a record is never stored twice, and a batch identical
+to one another replica stored is no conflict.
 
 Durability: the file log's `fsync` policy has no meaning here. An append completes when
 the stream's leader acknowledged every message, which (with `replicas` > 1) means a quorum
@@ -25,21 +32,27 @@ stored it; when JetStream fsyncs is the server's own setting (`jetstream.sync_in
 2 minutes by default, or `always`): with one replica, an acknowledged event survives a
 crash of the server process but not necessarily a power cut.
 
-Appends are encoded at once (so `last_seq`/`last_hash` are current on return) and sent by
-one background task, in order, pipelined: up to `max_inflight` messages are published
-before their acks are awaited, and each append's future completes when its last message is
-acknowledged. A lost ack (timeout, no responders while JetStream restarts) is retried from
-the first unacknowledged message for up to `retry_for` seconds; any other failure stops the
-log (`failure`), fails what is pending and makes later appends raise `LogClosed`.
+Appends are encoded at once (so `last_seq`/`last_hash` are current on return, each
+message's own headers included) and sent by one background task, one batch at a time: what
+queued while the previous batch was in flight, as many whole appends as fit in
+`max_inflight` (at most 1000) messages, written to the socket in one buffer with one ack
+for the batch (an append larger than a batch spans several, each atomic). Each append's
+future completes when its last message is acknowledged. A lost ack (timeout, no responders
+while JetStream restarts, an incomplete batch) is retried, the whole batch again, for up
+to `retry_for` seconds; any other failure stops the log (`failure`), fails what is pending
+and makes later appends raise `LogClosed`.
 
-Reading uses an ordered push consumer (a memory-only, ack-less consumer the client recreates
-on any gap in delivery): messages stream with flow control instead of a request each.
+`read` uses a push consumer of its own (memory-only, ack-less, flow-controlled) and takes
+its messages as raw bytes (`natswire`): nats-py's parsing of each message into a `Msg`
+costs more than checking the record. `follow`, which waits for new records for ever, uses
+nats-py's ordered consumer (recreated on any gap in delivery, after missed heartbeats).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -53,7 +66,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError
 
-from dispatcher.eventlog import records
+from dispatcher.eventlog import natswire, records
 from dispatcher.eventlog.base import Recovery
 from dispatcher.eventlog.errors import (
     AppendFailed,
@@ -71,11 +84,21 @@ FORMAT_HEADER = "Imd-Format"
 PREV_HEADER = "Imd-Prev-Hash"
 WRITER_HEADER = "Imd-Writer"  # which cluster member appended the record (audit only)
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
+DUPLICATE_IN_BATCH = 10201  # JSAtomicPublishContainsDuplicateMessageErr: a resent batch
+INCOMPLETE_BATCH = 10176  # JSAtomicPublishIncompleteBatchErr: part of it was lost
 STREAM_NAME_IN_USE = 10058
 SUBJECTS_OVERLAP = 10065
+MAX_BATCH = 1000  # messages in one atomic batch: nats-server's limit
+BATCH_BYTES = 8 * 1024 * 1024  # and a bound of ours on its size (one write, one proposal)
 READ_BUFFER = 4096  # messages read ahead of the consumer of `read()`
 READ_BATCH = 1024
+READ_HEARTBEAT = 5.0  # seconds: the bulk reader's consumer (flow control needs one)
 HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
+_FORMAT_NEEDLE = f"\r\n{FORMAT_HEADER}:".encode()
+_PREV_NEEDLE = f"\r\n{PREV_HEADER}:".encode()
+_FORMAT_SKIP, _PREV_SKIP = len(_FORMAT_NEEDLE), len(_PREV_NEEDLE)
+_STALLED_NEEDLE = f"\r\n{api.Header.CONSUMER_STALLED.value}:".encode()
+_FORMAT_LINE = f"{FORMAT_HEADER}: {FORMAT}\r\n{PREV_HEADER}: ".encode()  # + the hash's hex
 
 
 def check_stream_name(name: str) -> str:
@@ -92,12 +115,69 @@ def check_stream_name(name: str) -> str:
 class _Outgoing:
     seq: int
     data: bytes
-    headers: dict[str, str]
+    lines: bytes  # the record's own header lines; a batch adds its own around them
     hash: bytes
+
+
+_Message = tuple[int, str | None, str | None, bytes]
+"""A message as read: (stream seq, Imd-Format, Imd-Prev-Hash, data)."""
 
 
 class _Retry(Exception):
     """A problem that a retry may cure: no ack in time, no responders, not connected."""
+
+
+def _record_headers(block: bytes | None) -> tuple[str | None, str | None]:
+    """(Imd-Format, Imd-Prev-Hash) from a raw header block: what reading needs of it."""
+    if not block:
+        return None, None
+    fmt = block.find(_FORMAT_NEEDLE)
+    prev = block.find(_PREV_NEEDLE)
+    if fmt >= 0:
+        fmt += _FORMAT_SKIP
+        fmt = block[fmt:block.find(b"\r\n", fmt)].strip().decode()
+    if prev >= 0:
+        prev += _PREV_SKIP
+        prev = block[prev:block.find(b"\r\n", prev)].strip().decode()
+    return (fmt if fmt != -1 else None), (prev if prev != -1 else None)
+
+
+class _Feed:
+    """What a bulk reader's push consumer delivered, raw: (reply, header block, data).
+    JetStream pauses delivery at a flow-control request until it is answered; answering
+    only while `READ_BUFFER` has room bounds what waits here."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.messages: deque[tuple[bytes, bytes | None, bytes]] = deque()
+        self.flow: list[str] = []  # flow-control requests not answered yet
+        self.arrived = asyncio.Event()
+
+    def take(self, subject: bytes, reply: bytes, block: bytes | None, data: bytes) -> None:
+        if natswire.status(block) is None:
+            self.messages.append((reply, block, data))
+        elif reply:  # 100 FlowControl Request
+            self.flow.append(reply.decode())
+        else:  # 100 Idle Heartbeat, which names a request left unanswered if one was
+            stalled = natswire.header(block, _STALLED_NEEDLE)
+            if not stalled:
+                return
+            self.flow.append(stalled)
+        self.arrived.set()
+
+    async def release(self) -> None:
+        """Answer the flow-control requests once the reader has room."""
+        while self.flow and len(self.messages) < READ_BUFFER:
+            await self.nc.publish(self.flow.pop(0), b"")
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for something to arrive; False after `timeout` seconds of nothing."""
+        self.arrived.clear()
+        try:
+            await asyncio.wait_for(self.arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 class JetStreamLog:
@@ -140,6 +220,8 @@ class JetStreamLog:
         self.max_inflight = max_inflight
         self.shared = shared
         self._writer = {WRITER_HEADER: writer} if writer else {}
+        self._writer_line = natswire.header_lines(self._writer)
+        self._msg_id = f"{api.Header.MSG_ID.value}: {stream}:".encode()  # + seq:hash prefix
         self.behind = 0  # what `follow` last heard the stream held past what it yielded
         self.max_payload = records.MAX_PAYLOAD  # lowered to the server's limit at open
         self.last_seq = 0
@@ -155,6 +237,7 @@ class JetStreamLog:
         self._ack_prefix = ""
         self._acks: dict[str, asyncio.Future] = {}
         self._tokens = 0
+        self._batch_id = f"{os.urandom(8).hex()}-"  # + a count: unique per attempt
         self._failure: BaseException | None = None
         self._closing = False
 
@@ -176,6 +259,7 @@ class JetStreamLog:
             duplicate_window=self.duplicate_window,
             deny_delete=True,
             deny_purge=True,
+            allow_atomic=True,
         )
 
     # -- opening ----------------------------------------------------------------------
@@ -215,7 +299,7 @@ class JetStreamLog:
                     f"created JetStream stream {self.stream} ({self.subject}, file storage, "
                     f"{self.replicas} replica{'s' if self.replicas > 1 else ''})"
                 )
-                return info
+                return await self._allow_batches(info, recovery)
             except APIError as exc:
                 if exc.err_code == SUBJECTS_OVERLAP:
                     raise StreamConfigError(
@@ -229,6 +313,28 @@ class JetStreamLog:
                     ) from exc
                 info = await self._js.stream_info(self.stream)
         self._check_config(info.config, recovery)
+        return await self._allow_batches(info, recovery)
+
+    async def _allow_batches(self, info: api.StreamInfo, recovery: Recovery) -> api.StreamInfo:
+        """Allow atomic batch publish (nats-server 2.12+), which appends need, on a
+        stream made before they did."""
+        config = info.config
+        if config.allow_atomic:
+            return info
+        config.allow_atomic = True
+        try:
+            info = await self._js.update_stream(config)
+        except APIError as exc:
+            raise StreamConfigError(
+                f"cannot allow atomic batches on stream {self.stream}: "
+                f"{exc.description} (error {exc.err_code})"
+            ) from exc
+        if not info.config.allow_atomic:
+            raise StreamConfigError(
+                f"stream {self.stream}: the server ignored allow_atomic; the event log "
+                "appends in atomic batches, which need nats-server 2.12 or newer"
+            )
+        recovery.notes.append(f"allowed atomic batch publish on stream {self.stream}")
         return info
 
     def _check_config(self, config: api.StreamConfig, recovery: Recovery) -> None:
@@ -273,7 +379,10 @@ class JetStreamLog:
     ) -> records.Record:
         """A message as a record, its hash re-derived; the format and header checked."""
         headers = headers or {}
-        fmt = headers.get(FORMAT_HEADER)
+        return self._checked(seq, headers.get(FORMAT_HEADER), headers.get(PREV_HEADER), data)
+
+    def _checked(self, seq: int, fmt: str | None, prev_hex: str | None,
+                 data: bytes | None) -> records.Record:
         if fmt is None:
             raise LogCorrupted(
                 f"event log stream {self.stream} corrupted: message {seq} is not an event "
@@ -286,10 +395,12 @@ class JetStreamLog:
                 f"this build reads format {FORMAT} (a newer dispatcher wrote it?)"
             )
         try:
-            prev = bytes.fromhex(headers[PREV_HEADER])
+            if prev_hex is None:
+                raise ValueError("missing")
+            prev = bytes.fromhex(prev_hex)
             if len(prev) != 32:
                 raise ValueError(f"{len(prev)} bytes")
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             raise LogCorrupted(
                 f"event log stream {self.stream} corrupted: message {seq} has no valid "
                 f"{PREV_HEADER} header ({exc})",
@@ -315,7 +426,7 @@ class JetStreamLog:
             self._wakeup = asyncio.Event()
             self._sender = loop.create_task(self._send_loop())
         seq, prev = self.last_seq, self.last_hash
-        outgoing = []
+        outgoing, prev_hex, writer = [], prev.hex().encode(), self._writer_line
         for entry in entries:  # all checked before any is queued: a refusal changes nothing
             seq += 1
             if entry.seq != seq:
@@ -323,15 +434,10 @@ class JetStreamLog:
             records.check_size(entry, self.max_payload)
             payload = entry.payload
             digest = records.record_hash(seq, prev, payload)
-            outgoing.append(_Outgoing(seq, payload, {
-                FORMAT_HEADER: FORMAT,
-                PREV_HEADER: prev.hex(),
-                api.Header.MSG_ID: f"{self.stream}:{seq}:{digest.hex()[:32]}",
-                api.Header.EXPECTED_LAST_SEQUENCE: str(seq - 1),
-                api.Header.EXPECTED_STREAM: self.stream,
-                **self._writer,
-            }, digest))
-            prev = digest
+            digest_hex = digest.hex().encode()
+            outgoing.append(_Outgoing(seq, payload, b"%s%s\r\n%s%d:%s\r\n%s" % (
+                _FORMAT_LINE, prev_hex, self._msg_id, seq, digest_hex[:32], writer), digest))
+            prev, prev_hex = digest, digest_hex
         self._queue.extend(outgoing)
         self.last_seq, self.last_hash = seq, prev
         waiter = loop.create_future()
@@ -350,7 +456,7 @@ class JetStreamLog:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_inflight))]
+            batch = [self._queue.popleft() for _ in range(self._batch_size())]
             try:
                 await self._send(batch)
             except StaleWriter as exc:
@@ -364,50 +470,78 @@ class JetStreamLog:
                     raise
                 return
 
+    def _batch_size(self) -> int:
+        """How many queued messages the next batch takes: as many whole appends as fit
+        (`max_inflight` messages, `BATCH_BYTES`), else the part of one that fits."""
+        fits, size, first = 0, 0, self._queue[0].seq
+        limit = min(len(self._queue), self.max_inflight, MAX_BATCH)
+        while fits < limit and (not fits or size + len(self._queue[fits].data) <= BATCH_BYTES):
+            size += len(self._queue[fits].data)
+            fits += 1
+        whole = 0
+        for last, _ in self._waiters:  # in seq order; each append ends at its `last`
+            if last - first + 1 > fits:
+                break
+            whole = last - first + 1
+        return whole if whole > 0 else fits
+
     async def _send(self, batch: list[_Outgoing]) -> None:
-        """Publish the batch pipelined; on a retryable problem resend from the first
-        unacknowledged message (the ones after it fail their expected-sequence check)."""
-        done, attempt, since = 0, 0, time.monotonic()
-        while done < len(batch):
-            pending = batch[done:]
-            tokens = [self._next_token() for _ in pending]
+        """Publish the batch as one atomic batch and wait for its one ack; on a retryable
+        problem, send it again (as a new batch) until `retry_for` has passed."""
+        attempt, since = 0, time.monotonic()
+        while True:
+            token = self._next_token()
             try:
-                problem: _Retry | None = None
-                deadline, sent = time.monotonic() + self.timeout, 0
+                problem: _Retry
                 try:
-                    for item, token in zip(pending, tokens, strict=True):
-                        await self.nc.publish(
-                            self.subject, item.data, reply=f"{self._ack_prefix}.{token}",
-                            headers=item.headers,
-                        )
-                        sent += 1
+                    await natswire.send(self.nc, self._frames(batch, token))
                 except nats.errors.ConnectionClosedError:
                     raise
                 except Exception as exc:  # e.g. the reconnect buffer is full
                     problem = _Retry(f"publish failed: {exc!r}")
-                for item, token in zip(pending[:sent], tokens, strict=False):
+                else:
                     try:
-                        await self._acknowledged(item, self._acks[token], deadline)
+                        await self._acknowledged(batch, self._acks[token],
+                                                 time.monotonic() + self.timeout)
+                        break
                     except _Retry as exc:
                         problem = exc
-                        break
-                    done += 1
-                    attempt, since = 0, time.monotonic()
-                    self._acked = item.seq
-                    self._settle(item.seq)
             finally:
-                for token in tokens:
-                    future = self._acks.pop(token, None)
-                    if future is not None and not future.done():
-                        future.cancel()
-            if done < len(batch):
-                if time.monotonic() - since > self.retry_for:
-                    raise AppendFailed(
-                        f"event log stream {self.stream}: event {batch[done].seq} not "
-                        f"acknowledged within {self.retry_for} s: {problem}"
-                    )
-                attempt += 1
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+                future = self._acks.pop(token, None)
+                if future is not None and not future.done():
+                    future.cancel()
+            if time.monotonic() - since > self.retry_for:
+                raise AppendFailed(
+                    f"event log stream {self.stream}: event {batch[0].seq} not "
+                    f"acknowledged within {self.retry_for} s: {problem}"
+                )
+            attempt += 1
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        self._acked = batch[-1].seq
+        self._settle(self._acked)
+
+    def _frames(self, batch: list[_Outgoing], token: str) -> bytes:
+        """The batch's HPUB frames: its id and position on every message; the fence
+        (expected stream and last seq) on the first; the commit and the reply on the
+        last. JetStream refuses an expected last sequence past a batch's first message;
+        the batch being all-or-nothing, the first one's fences the whole batch."""
+        subject = self.subject.encode()
+        batch_id = f"Nats-Batch-Id: {self._batch_id}{token}\r\nNats-Batch-Sequence: ".encode()
+        fence = natswire.header_lines({
+            api.Header.EXPECTED_STREAM.value: self.stream,
+            api.Header.EXPECTED_LAST_SEQUENCE.value: str(batch[0].seq - 1),
+        })
+        hpub, last = natswire.hpub, len(batch)
+        frames = [hpub(subject, b"", b"%s%d\r\n%s" % (batch_id, n, item.lines), item.data)
+                  for n, item in enumerate(batch[1:-1], 2)]
+        commit = b"%s%d\r\nNats-Batch-Commit: 1\r\n%s" % (batch_id, last, batch[-1].lines)
+        reply = f"{self._ack_prefix}.{token}".encode()
+        if last == 1:
+            return hpub(subject, reply, fence + commit, batch[0].data)
+        frames.insert(0, hpub(subject, b"", b"%s1\r\n%s%s" % (batch_id, fence, batch[0].lines),
+                              batch[0].data))
+        frames.append(hpub(subject, reply, commit, batch[-1].data))
+        return b"".join(frames)
 
     def _next_token(self) -> str:
         self._tokens += 1
@@ -420,9 +554,10 @@ class JetStreamLog:
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def _acknowledged(self, item: _Outgoing, future: asyncio.Future, deadline: float) -> None:
-        """Return once the server stored `item`; raise `_Retry` or the fatal error."""
-        if not future.done():  # with pipelining, most acks are in before they are looked at
+    async def _acknowledged(self, batch: list[_Outgoing], future: asyncio.Future,
+                            deadline: float) -> None:
+        """Return once the server stored `batch`; raise `_Retry` or the fatal error."""
+        if not future.done():
             try:
                 await asyncio.wait_for(future, max(deadline - time.monotonic(), 0))
             except TimeoutError:
@@ -433,27 +568,32 @@ class JetStreamLog:
             raise _Retry(f"no answer from JetStream (status {status})")
         reply = orjson.loads(msg.data)
         error = reply.get("error")
+        first, last = batch[0], batch[-1]
         if error is None:
-            if reply.get("seq") != item.seq:
+            if reply.get("seq") != last.seq:
                 raise LogCorrupted(
-                    f"event log stream {self.stream}: event {item.seq} was stored as "
+                    f"event log stream {self.stream}: event {last.seq} was stored as "
                     f"message {reply.get('seq')}",
-                    segment=self.stream, offset=reply.get("seq") or 0, seq=item.seq,
+                    segment=self.stream, offset=reply.get("seq") or 0, seq=last.seq,
                 )
             return
         code, text = error.get("err_code"), error.get("description", "")
-        if code in WRONG_LAST_SEQUENCE or "wrong last sequence" in text:
-            if await self._stored_hash(item.seq) == item.hash:
-                return  # an earlier attempt was stored, only its ack was lost
+        if code in WRONG_LAST_SEQUENCE or code == DUPLICATE_IN_BATCH or (
+                "wrong last sequence" in text):
+            # Its last record's hash seals the batch: if the stream holds that record,
+            # it holds all of them, stored by an earlier attempt whose ack was lost.
+            if await self._stored_hash(last.seq) == last.hash:
+                return
             raise StaleWriter(
                 f"event log stream {self.stream}: another writer appended since this one "
                 f"last read the log ({text}; this writer expected to follow seq "
-                f"{item.seq - 1}); reopen the journal to catch up before writing"
+                f"{first.seq - 1}); reopen the journal to catch up before writing"
             )
-        if error.get("code") == 503:  # e.g. JetStream restarting, stream leader election
+        if code == INCOMPLETE_BATCH or error.get("code") == 503:  # e.g. leader election
             raise _Retry(f"{text} (error {code})")
         raise AppendFailed(
-            f"event log stream {self.stream} refused event {item.seq}: {text} (error {code})"
+            f"event log stream {self.stream} refused events {first.seq}..{last.seq}: "
+            f"{text} (error {code})"
         )
 
     async def _stored_or_unknown(self, seq: int) -> bool:
@@ -525,47 +665,18 @@ class JetStreamLog:
                 raise StreamConfigError(f"no event log stream {self.stream}") from None
         if after >= last:
             return
-        sub, buffer, arrived, room = await self._consume(after)
-        try:
-            expected, prev, stalls = after + 1, None, 0
-            while expected <= last:
-                if not buffer:
-                    arrived.clear()
-                    try:
-                        await asyncio.wait_for(arrived.wait(), self.timeout)
-                        continue
-                    except TimeoutError:
-                        pass
-                    if self._failure is not None:
-                        raise LogClosed(
-                            f"event log stream {self.stream}: appends failed, so message "
-                            f"{expected} was never stored: {self._failure}"
-                        ) from self._failure
-                    if await self._stored_or_unknown(expected):
-                        stalls += 1  # it exists (or cannot be asked about): a slow server
-                        if stalls * self.timeout < self.retry_for:
-                            continue
-                        raise LogUnavailable(
-                            f"event log stream {self.stream}: message {expected} exists but "
-                            f"was not delivered within {self.retry_for} s"
-                        )
-                    raise LogCorrupted(
-                        f"event log stream {self.stream} corrupted: message {expected} "
-                        f"missing (nothing arrived within {self.timeout} s; the log should "
-                        f"end at seq {last})",
-                        segment=self.stream, offset=expected, seq=expected,
-                    )
-                batch, stalls = [], 0
-                for _ in range(min(len(buffer), READ_BATCH, last - expected + 1)):
-                    msg = buffer.popleft()
-                    seq = msg.metadata.sequence.stream
+        async with contextlib.aclosing(self._pushed(after, last)) as messages:
+            expected, prev, checked = after + 1, None, self._checked
+            async for arrived in messages:
+                batch = []
+                for seq, fmt, prev_hex, data in arrived:
                     if seq != expected:
                         raise LogCorrupted(
                             f"event log stream {self.stream} corrupted: message {expected} "
                             f"missing (the next one is {seq})",
                             segment=self.stream, offset=expected, seq=expected,
                         )
-                    record = self._record(seq, msg.headers, msg.data)
+                    record = checked(seq, fmt, prev_hex, data)
                     if prev is not None and record.prev_hash != prev:
                         raise LogCorrupted(
                             f"event log stream {self.stream} corrupted: the hash chain breaks "
@@ -574,10 +685,77 @@ class JetStreamLog:
                         )
                     batch.append(record)
                     expected, prev = seq + 1, record.hash
-                room.set()
                 yield batch
-        finally:
-            await self._stop_consuming(sub, buffer, room)
+
+    async def _pushed(self, after: int, last: int) -> AsyncIterator[list[_Message]]:
+        """Messages `after + 1..last`, read raw from a push consumer of this read's own
+        (ack-less, in memory, flow-controlled). Messages lost in transit (a gap in its
+        delivery sequence) or silence start another from the next message wanted."""
+        expected, since = after + 1, None
+        while expected <= last:
+            feed = _Feed(self.nc)
+            raw = await natswire.RawSubscription(self.nc, self.nc.new_inbox(), feed.take).start()
+            consumer = None
+            try:
+                consumer = (await self._js.add_consumer(self.stream, api.ConsumerConfig(
+                    deliver_subject=raw.subject, ack_policy=api.AckPolicy.NONE,
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=expected,
+                    flow_control=True, idle_heartbeat=READ_HEARTBEAT, mem_storage=True,
+                    num_replicas=1, inactive_threshold=max(self.retry_for, READ_HEARTBEAT),
+                ))).name
+                delivered = 1
+                while expected <= last:
+                    messages = feed.messages
+                    if not messages:
+                        await feed.release()
+                        if await feed.wait(self.timeout):
+                            continue
+                        since = since or time.monotonic() - self.timeout
+                        await self._stalled(expected, last, since)
+                        break  # the consumer may be gone with its server: another one
+                    batch = []
+                    for _ in range(min(len(messages), READ_BATCH, last - expected + 1)):
+                        reply, block, data = messages.popleft()
+                        tokens = reply.split(b".")  # $JS.ACK.[domain.account.]stream.
+                        at = len(tokens) - 4 if len(tokens) == 9 else 7  # consumer.n.sseq.dseq
+                        if int(tokens[at + 1]) != delivered:
+                            break  # lost in transit
+                        delivered += 1
+                        seq = int(tokens[at])
+                        batch.append((seq, *_record_headers(block), data))
+                        expected, since = seq + 1, None
+                    else:
+                        yield batch
+                        await feed.release()
+                        continue
+                    if batch:
+                        yield batch
+                    break
+            finally:
+                await raw.stop()
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await self._js.delete_consumer(self.stream, consumer)
+
+    async def _stalled(self, expected: int, last: int, since: float) -> None:
+        """Message `expected` has not come since `since`: raise if appends failed, if the
+        stream lacks it or if it did not come within `retry_for`; else return (wait more)."""
+        if self._failure is not None:
+            raise LogClosed(
+                f"event log stream {self.stream}: appends failed, so message "
+                f"{expected} was never stored: {self._failure}"
+            ) from self._failure
+        if not await self._stored_or_unknown(expected):
+            raise LogCorrupted(
+                f"event log stream {self.stream} corrupted: message {expected} missing "
+                f"(nothing arrived within {self.timeout} s; the log should end at seq {last})",
+                segment=self.stream, offset=expected, seq=expected,
+            )
+        if time.monotonic() - since >= self.retry_for:  # it exists (or cannot be asked about)
+            raise LogUnavailable(
+                f"event log stream {self.stream}: message {expected} exists but "
+                f"was not delivered within {self.retry_for} s"
+            )
 
     async def follow(self, after: int, idle: float = 1.0,
                      heartbeat: float = 1.0) -> AsyncIterator[list[records.Record]]:

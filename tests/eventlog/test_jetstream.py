@@ -8,7 +8,7 @@ import pytest
 from nats.js import api
 
 from dispatcher.domain import decisions
-from dispatcher.eventlog import records
+from dispatcher.eventlog import natswire, records
 from dispatcher.eventlog.errors import (
     LogClosed,
     LogCorrupted,
@@ -16,7 +16,7 @@ from dispatcher.eventlog.errors import (
     StreamConfigError,
     UnsupportedFormat,
 )
-from dispatcher.eventlog.jetstream import JetStreamLog
+from dispatcher.eventlog.jetstream import JetStreamLog, _Feed
 from dispatcher.journal import Journal
 from tests.eventlog.helpers import entries, stamped_events
 from tests.nats_server import NatsServer, run_with_client
@@ -144,10 +144,18 @@ def test_stream_config_and_nats_headers(run, where):
         assert (config.storage, config.discard, config.retention) == ("file", "new", "limits")
         assert (config.max_msgs, config.max_bytes, config.max_age) == (-1, -1, 0)
         assert config.duplicate_window > 0 and config.deny_delete and config.deny_purge
-        raw = await js.get_msg(where["stream"], 2)
-        assert raw.headers["Imd-Format"] == "1"
-        assert raw.headers["Nats-Expected-Last-Sequence"] == "1"
-        assert raw.headers["Nats-Msg-Id"] == f"{where['stream']}:2:{log.last_hash.hex()[:32]}"
+        assert config.allow_atomic
+        # One append, one atomic batch: the first message fences it, the last commits it.
+        first, last = [await js.get_msg(where["stream"], seq) for seq in (1, 2)]
+        assert first.headers["Imd-Format"] == last.headers["Imd-Format"] == "1"
+        assert first.headers["Nats-Expected-Last-Sequence"] == "0"
+        assert first.headers["Nats-Expected-Stream"] == where["stream"]
+        assert "Nats-Expected-Last-Sequence" not in last.headers  # JetStream refuses it there
+        assert first.headers["Nats-Batch-Id"] == last.headers["Nats-Batch-Id"]
+        assert (first.headers["Nats-Batch-Sequence"], last.headers["Nats-Batch-Sequence"]) == (
+            "1", "2")
+        assert last.headers["Nats-Batch-Commit"] == "1"
+        assert last.headers["Nats-Msg-Id"] == f"{where['stream']}:2:{log.last_hash.hex()[:32]}"
 
     run(body)
 
@@ -194,6 +202,119 @@ def test_stale_writer_cannot_interleave(run, where):
         await first.close()
         info = await nc.jetstream().stream_info(where["stream"])
         assert info.state.messages == 3
+
+    run(body)
+
+
+def test_a_refused_append_leaves_none_of_its_events(run, where):
+    """A stale writer's append of several events is refused whole: none of its events
+    follows the other writer's record (one message at a time, the second would have been
+    stored after the other writer's first and broken the chain)."""
+    ours, theirs = stamped_events(3), stamped_events(1, seed=1)
+
+    async def body(nc):
+        first, second = JetStreamLog(nc, **where, shared=True), JetStreamLog(nc, **where)
+        await first.open()
+        await second.open()  # believes the stream is empty
+        await first.append(entries(theirs))
+        with pytest.raises(StaleWriter):
+            await second.append(entries(ours))
+        await first.close()
+        assert (await nc.jetstream().stream_info(where["stream"])).state.messages == 1
+        assert [r.payload for r in await read_all(nc, where)] == [orjson.dumps(theirs[0])]
+
+    run(body)
+
+
+def test_queued_appends_are_batched_whole_and_a_large_one_spans_batches(run, where):
+    events = stamped_events(3700)
+    appends = [events[:400], events[400:800], events[800:1200], events[1200:]]
+
+    async def body(nc):
+        log = JetStreamLog(nc, **where)
+        await log.open()
+        futures = [log.append(entries(part)) for part in appends]  # queued before any is sent
+        await asyncio.gather(*futures)
+        await log.close()
+        js = nc.jetstream()
+        batch_of = {}
+        for seq in (1, 800, 801, 1200, 1201, 2200, 2201, 3200, 3201, 3700):
+            headers = (await js.get_msg(where["stream"], seq)).headers
+            batch_of[seq] = (headers["Nats-Batch-Id"], int(headers["Nats-Batch-Sequence"]))
+        assert batch_of[1][0] == batch_of[800][0] and batch_of[800][1] == 800  # 2 appends
+        assert batch_of[801][0] == batch_of[1200][0] != batch_of[800][0]  # the third
+        assert batch_of[1201][1] == 1 and batch_of[2200] == (batch_of[1201][0], 1000)
+        assert batch_of[2201][1] == 1 and batch_of[3200][1] == 1000  # the 2500-event one
+        assert batch_of[3201][1] == 1 and batch_of[3700] == (batch_of[3201][0], 500)
+        assert [r.payload for r in await read_all(nc, where)] == [orjson.dumps(e) for e in events]
+
+    run(body)
+
+
+def test_an_old_stream_is_allowed_atomic_batches_at_open(run, where):
+    async def body(nc):
+        js = nc.jetstream()
+        await js.add_stream(name=where["stream"], subjects=[where["subject"]])
+        log = JetStreamLog(nc, **where)
+        recovery = await log.open()
+        await log.append(entries(stamped_events(2)))
+        await log.close()
+        assert any("allowed atomic batch publish" in note for note in recovery.notes)
+        assert (await js.stream_info(where["stream"])).config.allow_atomic
+
+    run(body)
+
+
+def test_a_read_resumes_after_messages_lost_in_transit(run, where, monkeypatch):
+    """A gap in the consumer's delivery (messages lost between server and client) makes
+    the read start another consumer from the first message missing."""
+    events = stamped_events(3000)
+    take, dropped, consumers = _Feed.take, [], []
+
+    def lose_two(feed, subject, reply, block, data):
+        if natswire.status(block) is None and len(dropped) < 2 and b".1500." in reply:
+            dropped.append(reply)  # the message of stream seq 1500 (delivery 1500)
+            return
+        take(feed, subject, reply, block, data)
+
+    async def body(nc):
+        await write(nc, where, events, batch=500)
+        add_consumer = nc.jetstream().add_consumer.__func__
+
+        async def counted(js, *args, **kwargs):
+            consumers.append(args)
+            return await add_consumer(js, *args, **kwargs)
+
+        monkeypatch.setattr(_Feed, "take", lose_two)
+        monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+        got = await read_all(nc, where)
+        assert [r.seq for r in got] == list(range(1, 3001))
+        assert len(dropped) == 2 and len(consumers) == 3  # one lost each time, resumed
+
+    run(body)
+
+
+def test_a_slow_reader_gets_everything_from_one_consumer(run, where, monkeypatch):
+    """Flow control: the server stops at its window until the reader answers its request
+    (which the reader does once it has room), so a slow reader gets every record from one
+    consumer, without a stall."""
+    events = stamped_events(50_000)
+    consumers = []
+
+    async def body(nc):
+        await write(nc, where, events, batch=1000)
+        add_consumer = nc.jetstream().add_consumer.__func__
+
+        async def counted(js, *args, **kwargs):
+            consumers.append(args)
+            return await add_consumer(js, *args, **kwargs)
+
+        monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+        count = 0
+        async for batch in JetStreamLog(nc, **where, timeout=2.0).read():
+            count += len(batch)
+            await asyncio.sleep(0.03)
+        assert count == 50_000 and len(consumers) == 1  # never stalled
 
     run(body)
 
