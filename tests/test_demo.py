@@ -382,3 +382,14 @@ def test_replica_table():
     assert whole.index("NODE") < whole.index("REPLICA") < whole.index(
         "what the script saw:\n  r2 leads") < whole.index("latest events")
     assert "what the script saw" not in screen.screen("head", ["NODE"], [], "next", [])
+
+
+def test_a_taken_replica_port_is_a_clear_error():
+    base = free_port_run(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        taken.listen()
+        process = demo("--replicas", "2", "--http-port", str(base))
+        _out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert f"port {base + 1} on 127.0.0.1 is taken (replica r2's HTTP port)" in err
