@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -83,72 +83,64 @@ async def stream_leader(stack: ClusterStack) -> str | None:
 
 
 def script(stack: ClusterStack, say: Say) -> list[Moment]:
-    """The moments in order (the demo plays them in a loop); each act returns the task
-    that watches what follows, and the next moment waits for it."""
-    killed: dict[str, Any] = {}  # what the last kill took down, for its restart
+    """The moments in order (the demo plays them in a loop). Each act does its deed
+    before the demo reads the admin API again, and returns the task that watches what
+    follows; the next moment waits for it."""
+    killed: dict[str, int] = {}  # what the last kill took down, for its restart
     heavy = next(iter(stack.nodes.values()))
 
-    def watched(act: Callable[[], Awaitable[None] | None]) -> Callable[[Any], Awaitable[Any]]:
-        async def start(_stack: Any) -> asyncio.Task | None:
-            watch = act()
-            return None if watch is None else asyncio.get_running_loop().create_task(watch)
-        return start
+    async def kill_leader(_stack: Any) -> asyncio.Task | None:
+        ready = await readiness(stack)
+        leading = [i for i, r in enumerate(ready) if r and r.get("role") == "leader"]
+        if not leading:
+            say("no replica says it leads right now: nothing killed")
+            return None
+        index = leading[0]
+        member, replica = ready[index]["member"], stack.replicas[index]
+        stack.kill_replica(index)
+        killed["replica"], started = index, time.monotonic()
+        say(f"{replica.name} led (member {member}): SIGKILLed")
+        return asyncio.create_task(_takeover(stack, member, started, say))
 
-    def kill_leader() -> Awaitable[None]:
-        async def watch() -> None:
-            ready = await readiness(stack)
-            leading = [i for i, r in enumerate(ready) if r and r.get("role") == "leader"]
-            if not leading:
-                say("no replica says it leads right now: nothing killed")
-                return
-            index = leading[0]
-            member, replica = ready[index]["member"], stack.replicas[index]
-            stack.kill_replica(index)  # on the loop's (main) thread, like every spawn
-            killed["replica"], started = index, time.monotonic()
-            say(f"{replica.name} led (member {member}): SIGKILLed")
-            await _takeover(stack, member, started, say)
-        return watch()
-
-    def restart_replica() -> Awaitable[None] | None:
+    async def restart_replica(_stack: Any) -> asyncio.Task | None:
         index = killed.pop("replica", None)
         if index is None:
             say("no replica was killed: nothing to restart")
             return None
-        stack.start_replica(index)  # here, in the main thread (see Stack.start)
-        return _rejoin(stack, index, time.monotonic(), say)
+        stack.start_replica(index)  # on the loop's (main) thread, like every spawn
+        return asyncio.create_task(_rejoin(stack, index, time.monotonic(), say))
 
-    def kill_stream_leader() -> Awaitable[None]:
-        async def watch() -> None:
-            name = await stream_leader(stack)
-            if name is None:
-                say(f"no server says it leads stream {STREAM}: nothing killed")
-                return
-            index = stack.nats.index_of(name)
-            stack.nats.kill(index)
-            killed["server"], started = index, time.monotonic()
-            say(f"nats-server {name} ({stack.nats.urls[index]}) led stream {STREAM}: "
-                "SIGKILLed")
-            await _stream_failover(stack, name, heavy.id, heavy.weight * 2, started, say)
-        return watch()
+    async def kill_stream_leader(_stack: Any) -> asyncio.Task | None:
+        name = await stream_leader(stack)
+        if name is None:
+            say(f"no server says it leads stream {STREAM}: nothing killed")
+            return None
+        index = stack.nats.index_of(name)
+        stack.nats.kill(index)
+        killed["server"], started = index, time.monotonic()
+        say(f"nats-server {name} ({stack.nats.urls[index]}) led stream {STREAM}: SIGKILLed")
+        return asyncio.create_task(
+            _stream_failover(stack, name, heavy.id, heavy.weight * 2, started, say))
 
-    def restart_server() -> Awaitable[None] | None:
+    async def restart_server(_stack: Any) -> asyncio.Task | None:
         index = killed.pop("server", None)
         if index is None:
             say("no nats-server was killed: nothing to restart")
             return None
         stack.nats.servers[index].launch()  # same ports, same store: the same member
-        return _server_back(stack, index, heavy.id, heavy.weight, time.monotonic(), say)
+        return asyncio.create_task(
+            _server_back(stack, index, heavy.id, heavy.weight, time.monotonic(), say))
 
     return [
         Moment("kill the replica that leads (SIGKILL): another takes the lease and polls",
-               watched(kill_leader)),
+               kill_leader),
         Moment("restart the killed replica: same config, it rejoins as a follower",
-               watched(restart_replica)),
+               restart_replica),
         Moment(f"kill the nats-server that leads stream {STREAM} (SIGKILL), and make an "
                f"admin change meanwhile (weight of {heavy.id} {heavy.weight} -> "
-               f"{heavy.weight * 2})", watched(kill_stream_leader)),
+               f"{heavy.weight * 2})", kill_stream_leader),
         Moment(f"restart the killed nats-server: it rejoins the cluster; weight of {heavy.id} "
-               f"back to {heavy.weight}", watched(restart_server)),
+               f"back to {heavy.weight}", restart_server),
     ]
 
 
@@ -179,6 +171,7 @@ async def _rejoin(stack: ClusterStack, index: int, started: float, say: Say) -> 
     while time.monotonic() - started < WATCH_LIMIT:
         ready = (await readiness(stack))[index]
         if ready and ready.get("ready"):
+            replica.serving = True
             others = [r.get("state_seq") for i, r in enumerate(await readiness(stack))
                       if i != index and r]
             say(f"{replica.name} rejoined: ready {time.monotonic() - started:.1f} s after its "

@@ -27,6 +27,7 @@ class Replica:
     port: int
     config: Path
     process: subprocess.Popen | None = field(default=None, repr=False)
+    serving: bool = False  # seen ready since its last start: the demo may ask it
 
     @property
     def url(self) -> str:
@@ -61,9 +62,10 @@ class ClusterStack(Stack):
 
     @property
     def url(self) -> str:
-        """A running replica's URL (the first one's if none runs): where the demo reads
-        the admin API, as an operator would through the balancer."""
-        return next((r.url for r in self.replicas if r.running), self.replicas[0].url)
+        """A serving replica's URL (the first one's if none serves): where the demo
+        reads the admin API, as an operator would through the balancer."""
+        return next((r.url for r in self.replicas if r.running and r.serving),
+                    self.replicas[0].url)
 
     @property
     def urls(self) -> list[str]:
@@ -90,15 +92,19 @@ class ClusterStack(Stack):
         await asyncio.gather(*(asyncio.to_thread(self.wait_ready, r.process, r.url,
                                                  f"replica-{r.name}", READY_TIMEOUT)
                                for r in self.replicas))
+        for replica in self.replicas:
+            replica.serving = True
 
     def start_replica(self, index: int) -> None:
         """Start (or restart: same config, it rejoins) a replica, from the main thread."""
         replica = self.replicas[index]
         replica.process = self.spawn_dispatcher(f"replica-{replica.name}", replica.config)
+        replica.serving = False  # until seen ready (`failover`)
 
     def kill_replica(self, index: int) -> None:
         """SIGKILL, as in a crash: nothing flushed, its lease left to expire."""
         replica = self.replicas[index]
+        replica.serving = False
         if replica.running:
             replica.process.kill()
             replica.process.wait()
