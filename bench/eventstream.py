@@ -28,3 +28,16 @@ def cluster_events(count: int, nodes: int = 100, start_time: float = 1.8e9) -> l
                                 actor="poller"))
         i += 1
     return out[:count]
+
+
+def weight_changes(count: int, start_time: float = 1.8e9) -> list[ev.Event]:
+    """`count` stamped events: a node added, then its weight set back and forth (what the
+    JetStream benchmarks recorded through the journal before they used `cluster_events`:
+    a light fold, so the log's own cost shows)."""
+    out: list[ev.Event] = [ev.NodeAdded(node="n1", ip="10.0.0.1", port=9001, weight=5,
+                                        actor="bench")]
+    out += [ev.NodeWeightSet(node="n1", weight=1 + i % 2, actor="bench")
+            for i in range(count - 1)]
+    for seq, event in enumerate(out, 1):
+        event.seq, event.time = seq, start_time + seq * 0.01
+    return out

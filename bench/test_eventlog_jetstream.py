@@ -2,6 +2,9 @@
 
 Each case runs once (`rounds=1`): the figure of interest is events per second over N
 events, recorded in `benchmark.extra_info["events_per_s"]` and printed (`-s` shows it).
+Append and replay are measured at the log (as `bench/test_eventlog.py` measures the file
+log) on a realistic stream (`bench.eventstream`); the journal cases add what a caller of
+`Journal.record` pays on top (stamping, applying, an asyncio task per caller).
 """
 
 import asyncio
@@ -12,12 +15,15 @@ import nats
 import pytest
 
 from bench import targets
+from bench.eventstream import cluster_events, weight_changes
 from dispatcher.domain import decisions
 from dispatcher.eventlog.jetstream import JetStreamLog
+from dispatcher.eventlog.records import Entry
 from dispatcher.journal import Journal
 from tests.nats_server import NatsServer
 
 N = 20_000
+REPLAY_N = 50_000
 _streams = itertools.count(1)
 
 
@@ -43,12 +49,18 @@ def connected(url, body):
     return asyncio.run(main())
 
 
-async def record_weight_changes(journal: Journal, count: int, *, pipelined: bool) -> float:
-    """Record `count` one-event changes; return the seconds they took to be acknowledged.
+async def append_concurrently(log: JetStreamLog, entries: list[Entry]) -> float:
+    """One event per append, all in flight at once (many writers, as the poller and the
+    admin API produce them); the seconds until every one is acknowledged."""
+    started = time.perf_counter()
+    await asyncio.gather(*[log.append([entry]) for entry in entries])
+    return time.perf_counter() - started
 
-    Pipelined: every change is recorded at once and awaited together (many callers, as
-    poller and admin API produce them); otherwise each waits for its ack (latency bound).
-    """
+
+async def record_weight_changes(journal: Journal, count: int, *, pipelined: bool) -> float:
+    """Record `count` one-event changes through the journal; the seconds they took to be
+    acknowledged. Pipelined: every change recorded at once, one task per caller, awaited
+    together; otherwise each waits for its ack (latency bound)."""
     state = journal.state
     if "n1" not in state.nodes:
         await journal.record(decisions.add_node(state, "n1", "10.0.0.1", 9001, 5, actor="b"))
@@ -69,12 +81,31 @@ def report(benchmark, case: str, count: int, seconds: float) -> None:
     targets.figure(f"jetstream {case}", count / seconds, "events/s", benchmark)
 
 
-@pytest.mark.parametrize(("pipelined", "count"), [(True, N), (False, N // 10)],
-                         ids=["pipelined", "one-at-a-time"])
-def test_append_throughput(benchmark, server, pipelined, count):
+def test_append_pipelined(benchmark, server):
     benchmark.group = "jetstream event log"
+    entries = [Entry.of(event) for event in cluster_events(N)]
 
     def append():
+        async def body(nc):
+            log = JetStreamLog(nc, **fresh_stream())
+            await log.open()
+            seconds = await append_concurrently(log, entries)
+            await log.close()
+            assert log.last_seq == N
+            return seconds
+
+        return connected(server.url, body)
+
+    seconds = benchmark.pedantic(append, rounds=1, iterations=1)
+    report(benchmark, "append (pipelined)", N, seconds)
+
+
+@pytest.mark.parametrize(("pipelined", "count"), [(True, N), (False, N // 10)],
+                         ids=["pipelined", "one-at-a-time"])
+def test_journal_record(benchmark, server, pipelined, count):
+    benchmark.group = "jetstream event log"
+
+    def record():
         async def body(nc):
             journal = Journal(JetStreamLog(nc, **fresh_stream()))
             await journal.open()
@@ -85,22 +116,40 @@ def test_append_throughput(benchmark, server, pipelined, count):
 
         return connected(server.url, body)
 
-    seconds = benchmark.pedantic(append, rounds=1, iterations=1)
-    report(benchmark, f"append ({'pipelined' if pipelined else 'one at a time'})", count, seconds)
+    seconds = benchmark.pedantic(record, rounds=1, iterations=1)
+    how = f"{count:,} concurrent callers" if pipelined else "one at a time"
+    report(benchmark, f"journal.record ({how})", count, seconds)
 
 
-def test_replay_throughput(benchmark, server):
-    benchmark.group = "jetstream event log"
+STREAMS = {"weight changes": weight_changes, "cluster events": cluster_events}
+"""Replayed streams: weight changes (the shape of the figures before the bulk reader:
+a light fold) and a realistic cluster stream (mostly load reports: a heavier fold)."""
+
+
+@pytest.fixture(scope="module", params=list(STREAMS))
+def written(server, request):
+    """A stream of REPLAY_N events, the state they fold into, and its name."""
     where = fresh_stream()
 
     async def fill(nc):
+        log = JetStreamLog(nc, **where)
+        await log.open()
+        events = STREAMS[request.param](REPLAY_N)
+        for i in range(0, REPLAY_N, 1000):
+            log.append([Entry.of(event) for event in events[i:i + 1000]])
+        await log.close()
         journal = Journal(JetStreamLog(nc, **where))
         await journal.open()
-        await record_weight_changes(journal, N, pipelined=True)
-        await journal.close()
+        await journal.log.close()
         return journal.state.to_dict()
 
-    written = connected(server.url, fill)
+    return where, connected(server.url, fill), request.param
+
+
+def test_replay(benchmark, server, written):
+    """Start-up from the stream: read, verify every record, apply every event."""
+    benchmark.group = "jetstream event log"
+    where, state, name = written
 
     def replay():
         async def body(nc):
@@ -108,11 +157,31 @@ def test_replay_throughput(benchmark, server):
             started = time.perf_counter()
             start = await journal.open()
             seconds = time.perf_counter() - started
-            assert start.replayed == N + 1 and journal.state.to_dict() == written
-            await journal.close()
+            assert start.replayed == REPLAY_N and journal.state.to_dict() == state
+            await journal.log.close()
             return seconds
 
         return connected(server.url, body)
 
     seconds = benchmark.pedantic(replay, rounds=1, iterations=1)
-    report(benchmark, "replay (journal open)", N + 1, seconds)
+    report(benchmark, f"replay (journal open), {name}", REPLAY_N, seconds)
+
+
+def test_read(benchmark, server, written):
+    """The log's part of a replay: read and verify every record, apply nothing."""
+    benchmark.group = "jetstream event log"
+    where, _, name = written
+
+    def read():
+        async def body(nc):
+            log = JetStreamLog(nc, **where)
+            started = time.perf_counter()
+            count = sum([len(batch) async for batch in log.read()])
+            seconds = time.perf_counter() - started
+            assert count == REPLAY_N
+            return seconds
+
+        return connected(server.url, body)
+
+    seconds = benchmark.pedantic(read, rounds=1, iterations=1)
+    report(benchmark, f"read (verified records), {name}", REPLAY_N, seconds)
