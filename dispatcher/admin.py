@@ -17,7 +17,7 @@ import orjson
 from dispatcher import config as cfg
 from dispatcher.domain import decisions
 from dispatcher.domain.errors import DomainError
-from dispatcher.eventlog.errors import EventLogError, RecordTooLarge
+from dispatcher.eventlog.errors import EventLogError, LogUnavailable, RecordTooLarge
 from dispatcher.eventlog.filelog import LogReader
 
 Reply = tuple[int, Any]
@@ -70,6 +70,10 @@ async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Re
         return status, {"error": str(exc)}
     except RecordTooLarge as exc:  # refused before anything changed: bad input
         return 413, {"error": f"nothing changed: {exc}"}
+    except LogUnavailable as exc:  # cluster mode: the stream did not confirm it (yet)
+        return 503, {"error": "the event stream has not confirmed this change (it may still "
+                              "be recorded: see /admin/events; a retry decides again on "
+                              f"what is recorded): {exc}"}
     except EventLogError as exc:  # a full disk, say: the change is not durable
         log.error("admin %s: the event log cannot record it: %s", op, exc)
         return 503, {"error": "the event log cannot record changes, so this one (if it "

@@ -134,3 +134,31 @@ def test_a_deposed_leader_is_refused_by_the_stream_not_by_its_clock(server):
         assert b.tail.state.nodes["n1"].health == "unknown"
 
     run(server, body)
+
+
+def test_a_commit_whose_caller_gave_up_does_not_block_the_next(server):
+    """An admin request cancelled while its append waits (the client hung up during a
+    stream election): the append may still land, and the next commit waits for it and
+    decides on what was recorded, instead of failing."""
+    import os
+    import signal
+
+    async def body(a, b):
+        await a.writer.commit(add("n1", 9001))
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            first = asyncio.get_running_loop().create_task(a.writer.commit(
+                lambda state: decisions.set_weight(state, "n1", 5, actor="admin")))
+            await asyncio.sleep(0.3)
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        second = await a.writer.commit(
+            lambda state: decisions.set_weight(state, "n1", 6, actor="admin"))
+        assert [event.weight for event in second] == [6]
+        await b.tail.reach(3, 10)
+        weights = [e.weight for e in b.tail.state.changes if e.type == "node_weight_set"]
+        assert weights == [5, 6]  # the abandoned append landed, once, before the next
+
+    run(server, body)

@@ -29,6 +29,7 @@ from dispatcher.cluster.writer import NotLeader, StreamWriter
 from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog.errors import LogUnavailable
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.eventlog.records import GENESIS_HASH
 from dispatcher.eventlog.snapshots import Snapshot
@@ -41,6 +42,7 @@ from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.cluster")
 TICK = 0.25  # seconds between looks at the lease (its holder's last cycle, or taking it)
+ACK_WAIT = 2.0  # seconds an append waits for its ack before sending again (an election)
 SUBJECT_PREFIX = "imdispatch.events."
 
 
@@ -126,7 +128,8 @@ class Member(Serving):
     async def _open(self, nc: Any) -> None:
         eventlog = self.config.eventlog
         stream = JetStreamLog(nc, stream=eventlog.stream, subject=stream_subject(eventlog.stream),
-                              replicas=eventlog.replicas, shared=True, writer=self.id)
+                              replicas=eventlog.replicas, shared=True, writer=self.id,
+                              timeout=ACK_WAIT)
         recovery = await stream.open()
         for line in recovery.describe():
             log.info("event stream: %s", line)
@@ -388,10 +391,14 @@ class Member(Serving):
         if stream is None:
             raise admin.AdminError(503, "the event stream is unreachable")
         found: list[Any] = []
-        async for batch in stream.read(after):
-            found += [record.event().to_dict() for record in batch[:limit - len(found)]]
-            if len(found) >= limit:
-                break
+        try:
+            async for batch in stream.read(after):
+                found += [record.event().to_dict() for record in batch[:limit - len(found)]]
+                if len(found) >= limit:
+                    break
+        except (nats.errors.Error, LogUnavailable) as exc:  # e.g. a stream election
+            raise admin.AdminError(503, f"the event stream cannot be read now: {exc!r}") \
+                from None
         return found
 
     def poll_status(self) -> tuple[float | None, bool]:

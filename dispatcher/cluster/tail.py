@@ -16,7 +16,7 @@ from functools import partial
 
 from dispatcher.domain.errors import DomainError
 from dispatcher.domain.state import RoutingState
-from dispatcher.eventlog.errors import LogCorrupted, UnsupportedFormat
+from dispatcher.eventlog.errors import LogCorrupted, LogUnavailable, UnsupportedFormat
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.eventlog.records import Record
 from dispatcher.journal import Rebuilt, SnapshotMismatch, fold
@@ -102,7 +102,7 @@ class StreamTail:
         return max(0, self.head - self.seq)
 
     async def reach(self, seq: int, timeout: float) -> None:
-        """Return once the state has applied `seq`; TimeoutError after `timeout`."""
+        """Return once the state has applied `seq`; `Behind` after `timeout`."""
         deadline = time.monotonic() + timeout
         while self.seq < seq:
             if self.failure is not None:
@@ -110,8 +110,8 @@ class StreamTail:
             self._moved.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"the event stream did not reach seq {seq} within "
-                                   f"{timeout:g} s (this member is at {self.seq})")
+                raise Behind(f"the event stream did not reach seq {seq} within "
+                             f"{timeout:g} s (this member is at {self.seq})")
             try:
                 await asyncio.wait_for(self._moved.wait(), remaining)
             except TimeoutError:
@@ -120,3 +120,7 @@ class StreamTail:
 
 class StalledTail(Exception):
     """The consumer delivers nothing though the stream holds more: replaced."""
+
+
+class Behind(LogUnavailable):
+    """This member's state did not reach a seq in time (the stream is slow or away)."""

@@ -16,6 +16,7 @@ folding what the stream stored, as every other member's does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -46,6 +47,7 @@ class StreamWriter:
         self.clock = clock
         self.log: JetStreamLog | None = None  # the current connection's; None without one
         self._lock = asyncio.Lock()  # one decision at a time: a member never races itself
+        self._inflight: asyncio.Future | None = None  # the last append, until it settles
 
     @property
     def state(self) -> RoutingState:
@@ -62,6 +64,11 @@ class StreamWriter:
         member's state holds them. `leader`: decide only while the stream names this
         member as the leader (else `NotLeader`)."""
         async with self._lock:
+            if self._inflight is not None and not self._inflight.done():
+                # an append whose caller gave up waiting (a client that hung up): it may
+                # still land, so the next decision waits for its outcome
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._inflight)
             for _ in range(ATTEMPTS):
                 stream = self.log
                 if stream is None or stream.failure is not None:
@@ -79,8 +86,9 @@ class StreamWriter:
                                                 self.clock())
                 if entries:
                     stream.rebase(base, self.tail.hash)
+                    self._inflight = stream.append(entries)
                     try:
-                        await asyncio.shield(stream.append(entries))
+                        await asyncio.shield(self._inflight)
                     except StaleWriter:  # another writer first: hold what it wrote, again
                         self.tail.saw(base + 1)
                         continue
