@@ -16,11 +16,10 @@ folding what the stream stored, as every other member's does."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 
-from dispatcher.cluster.tail import StreamTail
+from dispatcher.cluster.tail import Behind, StreamTail
 from dispatcher.domain.events import Event
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.errors import EventLogError, LogUnavailable, StaleWriter
@@ -29,6 +28,7 @@ from dispatcher.journal import log_event, stamp
 
 ATTEMPTS = 20  # decisions in a row beaten by other writers before giving up
 FOLD_WAIT = 5.0  # seconds to wait for the member's state to hold what the stream stored
+APPEND_WAIT = 10.0  # seconds to wait for the stream to acknowledge an append
 
 
 class NotLeader(Exception):
@@ -67,8 +67,12 @@ class StreamWriter:
             if self._inflight is not None and not self._inflight.done():
                 # an append whose caller gave up waiting (a client that hung up): it may
                 # still land, so the next decision waits for its outcome
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._inflight)
+                try:
+                    await self._confirmed("an earlier change")
+                except Behind:  # still in flight: no new append behind it
+                    raise
+                except EventLogError:  # refused or failed: its outcome is known
+                    pass
             for _ in range(ATTEMPTS):
                 stream = self.log
                 if stream is None or stream.failure is not None:
@@ -88,7 +92,7 @@ class StreamWriter:
                     stream.rebase(base, self.tail.hash)
                     self._inflight = stream.append(entries)
                     try:
-                        await asyncio.shield(self._inflight)
+                        await self._confirmed("this change")
                     except StaleWriter:  # another writer first: hold what it wrote, again
                         self.tail.saw(base + 1)
                         continue
@@ -101,3 +105,12 @@ class StreamWriter:
                 return stamped
             raise Contended(f"other writers appended first {ATTEMPTS} times in a row; "
                             "nothing recorded")
+
+    async def _confirmed(self, what: str) -> None:
+        """Wait for the last append's acknowledgement, `APPEND_WAIT` at most (a stream
+        election takes 4-9 s); it goes on in the background after that."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._inflight), APPEND_WAIT)
+        except TimeoutError:
+            raise Behind(f"the event stream did not confirm {what} within {APPEND_WAIT:g} s; "
+                         "it may still be recorded") from None
