@@ -42,6 +42,7 @@ from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.cluster")
 TICK = 0.25  # seconds between looks at the lease (its holder's last cycle, or taking it)
+CLOSE_WAIT = 2.0  # seconds a connection being left may take to settle its appends
 ACK_WAIT = 2.0  # seconds an append waits for its ack before sending again (an election)
 SUBJECT_PREFIX = "imdispatch.events."
 
@@ -72,6 +73,7 @@ class Member(Serving):
         self.members = 1  # live members, as last counted
         self.stream_health = "not checked yet"
         self.caught_up = False  # the state reached the stream's end once since start
+        self._joined = False  # the state was rebuilt from the stream (and is followed)
         self._lease_until = 0.0  # monotonic: the lease is surely ours until then
         self._deposed: str | None = None  # why to step down, said by the poller's commit
         self._cycle_renewed: int | None = None  # as leader: the cycle the lease last said
@@ -139,7 +141,7 @@ class Member(Serving):
         snapshots = StreamSnapshots(nc.jetstream(timeout=5.0), eventlog.stream,
                                     eventlog.replicas)
         await snapshots.open()
-        if not self.caught_up:
+        if not self._joined:
             await self._join(stream, snapshots)
         self.nc, self.lease, self.snapshots = nc, lease, snapshots
         self.tail.saw(stream.last_seq)
@@ -150,7 +152,10 @@ class Member(Serving):
             log.info("member %s caught up with the event stream at seq %d", self.id,
                      self.tail.seq)
             self._take_settings()
-            await self._apply_config(self.config)
+            try:
+                await self._apply_config(self.config)
+            except Exception as exc:  # e.g. a file the recorded state refuses: serve on
+                log.error("the changes in %s were not recorded: %s", self.config.source, exc)
         self.service = await nats_service.serve(nc, self)
 
     async def _join(self, stream: JetStreamLog, snapshots: StreamSnapshots) -> None:
@@ -162,6 +167,7 @@ class Member(Serving):
             log.warning("%s", note)
         self.tail.adopt(rebuilt)
         self.state.use_ledger(self.ledger)
+        self._joined = True
         self._snapshot_seq = rebuilt.snapshot_seq or 0
         log.info("member %s rebuilt the state from %s plus %d events in %.3f s", self.id,
                  f"snapshot at seq {rebuilt.snapshot_seq}" if rebuilt.snapshot_seq
@@ -171,9 +177,9 @@ class Member(Serving):
 
     async def _close(self, nc: Any) -> None:
         await self._step_down(None)
-        if self.journal.log is not None:
+        if self.journal.log is not None:  # its appends may retry for long: not waited for
             with contextlib.suppress(Exception):
-                await self.journal.log.close()
+                await asyncio.wait_for(self.journal.log.close(), CLOSE_WAIT)
         self.journal.log, self.lease = None, None
         service, self.service, self.nc = self.service, None, None
         await close_link(nc, service)
