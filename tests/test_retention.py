@@ -195,6 +195,10 @@ def test_a_log_that_starts_later_without_a_snapshot_is_refused(tmp_path):
         logtools.replay(path)
     with pytest.raises(HistoryTrimmed, match=missing):
         asyncio.run(rebuild(LogReader(path).read, SnapshotStore(path / "snapshots")))
+    for command in ("verify", "recover"):  # as an operator sees it
+        done = imdispatch(command, "--log", path)
+        assert done.returncode == 1
+        assert f"records 1..{start - 1} are missing" in done.stderr.splitlines()[0]
 
 
 def test_a_snapshot_older_than_the_first_segment_anchors_nothing(tmp_path):
@@ -254,6 +258,31 @@ def test_verify_finds_a_forged_anchor(tmp_path):
     assert result.bad_snapshots == 1
     assert result.start.anchor == newest  # the next one that fits anchors it
     assert any("hash differs" in line for line in result.snapshots)
+
+
+def test_any_reader_and_snapshot_source_anchor_alike(tmp_path):
+    """A reader that starts wherever its history does (as a purged stream may) and a
+    snapshot source that is not a directory: the fold and the tools anchor the same."""
+    path = tmp_path / "log"
+    views = record(path, 600, retention=Retention(keep_snapshots=2, retain_events=50))
+    start = first_seq(path)
+    store = SnapshotStore(path / "snapshots")
+
+    async def read(after):
+        async for batch in LogReader(path).read(max(after, start - 1)):
+            yield batch
+
+    class Beside:  # snapshots kept elsewhere, as a stream's are
+        def candidates(self, max_seq):
+            return [(store.load(seq), f"object {seq}", "") for seq in reversed(store.seqs())]
+
+    assert asyncio.run(logtools.first_seq(read)) == start
+    anchored = logtools.anchors(Beside(), start)
+    assert [s.seq for s, _ in anchored] == store.seqs()
+    with pytest.raises(HistoryTrimmed, match=rf"records 1\.\.{start - 1} are missing"):
+        asyncio.run(rebuild(read, None))  # the fold notices the history starts later
+    rebuilt = asyncio.run(rebuild(read, Beside()))
+    assert orjson.dumps(rebuilt.state.node_views()) == orjson.dumps(views)
 
 
 def test_a_follower_keeps_reading_a_segment_dropped_under_it(tmp_path):
