@@ -384,3 +384,23 @@ def test_a_serve_with_bounded_history_keeps_its_disk_use_bounded(tmp_path, nats_
         assert len(seqs) == 1  # the follower worker folded the same bounded history
     finally:
         running.stop()
+
+
+def test_a_snapshot_right_before_the_first_segment_anchors_it(tmp_path):
+    from dispatcher.eventlog.snapshots import Snapshot
+
+    path = tmp_path / "log"
+    views = record(path, 300, retention=Retention(), snapshot_every=10**6)
+    for name in SnapshotStore(path / "snapshots").seqs():
+        (path / "snapshots" / f"snapshot-{name:020d}.json").unlink()
+    segments = list_segments(path)
+    start = int(segments[3].name[:20])
+    state, _ = logtools.replay(path, until=start - 1)
+    link = next(LogReader(path).records(start - 1)).prev_hash  # record start-1's hash
+    SnapshotStore(path / "snapshots").save(Snapshot(start - 1, link, state.to_dict()))
+    for segment in segments[:3]:
+        segment.unlink()
+    result = logtools.verify(path)
+    assert (result.first_seq, result.start.anchor, result.bad_snapshots) == (start, start - 1, 0)
+    assert result.records == 303 - start + 1
+    assert orjson.dumps(logtools.replay(path)[0].node_views()) == orjson.dumps(views)
