@@ -67,7 +67,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from dispatcher.eventlog import natswire, records
 from dispatcher.eventlog.base import Recovery
@@ -96,6 +96,7 @@ BATCH_BYTES = 8 * 1024 * 1024  # and a bound of ours on its size (one write, one
 READ_BUFFER = 4096  # messages read ahead of the consumer of `read()`
 READ_BATCH = 1024
 READ_HEARTBEAT = 5.0  # seconds: the bulk reader's consumer (flow control needs one)
+READ_RETRY = 0.2  # seconds between attempts to start a reader's consumer
 HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
 _FORMAT_NEEDLE = f"\r\n{FORMAT_HEADER}:".encode()
 _PREV_NEEDLE = f"\r\n{PREV_HEADER}:".encode()
@@ -736,12 +737,12 @@ class JetStreamLog:
             raw = await natswire.RawSubscription(self.nc, self.nc.new_inbox(), feed.take).start()
             consumer = None
             try:
-                consumer = (await self._js.add_consumer(self.stream, api.ConsumerConfig(
-                    deliver_subject=raw.subject, ack_policy=api.AckPolicy.NONE,
-                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=expected,
-                    flow_control=True, idle_heartbeat=READ_HEARTBEAT, mem_storage=True,
-                    num_replicas=1, inactive_threshold=max(self.retry_for, READ_HEARTBEAT),
-                ))).name
+                consumer = await self._bulk_consumer(raw.subject, expected)
+                if consumer is None:  # JetStream does not answer (restarting, electing)
+                    since = since or time.monotonic()
+                    await self._stalled(expected, last, since)
+                    await asyncio.sleep(READ_RETRY)
+                    continue
                 delivered = 1
                 while expected <= last:
                     messages = feed.messages
@@ -775,6 +776,20 @@ class JetStreamLog:
                 if consumer is not None:
                     with contextlib.suppress(Exception):
                         await self._js.delete_consumer(self.stream, consumer)
+
+    async def _bulk_consumer(self, subject: str, start: int) -> str | None:
+        """A consumer delivering the stream from `start` to `subject` for one read; None
+        when JetStream does not answer now."""
+        try:
+            return (await self._js.add_consumer(self.stream, api.ConsumerConfig(
+                deliver_subject=subject, ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+                flow_control=True, idle_heartbeat=READ_HEARTBEAT, mem_storage=True,
+                num_replicas=1, inactive_threshold=max(self.retry_for, READ_HEARTBEAT),
+            ))).name
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                ServiceUnavailableError):
+            return None
 
     async def _stalled(self, expected: int, last: int, since: float) -> None:
         """Message `expected` has not come since `since`: raise if appends failed, if the

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 
+import nats.errors
 import orjson
 import pytest
 from nats.js import api
@@ -496,3 +497,59 @@ def test_appends_survive_a_server_restart(run, where, tmp_path, crash):
 
         run(body, server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
             error_cb=quiet)
+
+
+def test_a_read_outlives_a_server_restart(run, where, tmp_path, monkeypatch):
+    """The reader's consumer (in memory) dies with its server: the read starts another
+    from the next record once JetStream answers again, and delivers every record once."""
+    events = stamped_events(60_000)
+    consumers = []
+    with NatsServer(tmp_path / "js") as server:
+
+        async def body(nc):
+            await write(nc, where, events, batch=1000)
+            add_consumer = nc.jetstream().add_consumer.__func__
+
+            async def counted(js, *args, **kwargs):
+                consumers.append(args)
+                return await add_consumer(js, *args, **kwargs)
+
+            monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+            got, restart = [], None
+            async for batch in JetStreamLog(nc, **where, timeout=0.5).read():
+                got += [record.seq for record in batch]
+                if restart is None:  # the server is away while the read goes on
+                    restart = asyncio.create_task(
+                        asyncio.to_thread(server.restart, crash=True))
+            await restart
+            assert got == list(range(1, 60_001))
+            assert len(consumers) >= 2  # the first died with the server
+
+        async def quiet(error):  # the disconnect is expected
+            pass
+
+        run(body, server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
+            error_cb=quiet)
+
+
+def test_a_read_waits_for_jetstream_to_answer(run, where, monkeypatch):
+    """No answer to the reader's consumer request (JetStream restarting, say) is waited
+    out and asked again, within `retry_for`."""
+    events = stamped_events(50)
+    refused = []
+
+    async def body(nc):
+        await write(nc, where, events)
+        add_consumer = nc.jetstream().add_consumer.__func__
+
+        async def not_yet(js, *args, **kwargs):
+            if len(refused) < 2:
+                refused.append(args)
+                raise nats.errors.TimeoutError
+            return await add_consumer(js, *args, **kwargs)
+
+        monkeypatch.setattr(type(nc.jetstream()), "add_consumer", not_yet)
+        assert [r.seq for r in await read_all(nc, where)] == list(range(1, 51))
+        assert len(refused) == 2
+
+    run(body)
