@@ -164,6 +164,8 @@ class _Feed:
     def take(self, subject: bytes, reply: bytes, block: bytes | None, data: bytes) -> None:
         if block is None or block[natswire.STATUS_AT] != 32:  # not "NATS/1.0 100 ..."
             self.messages.append((reply, block, data))
+            if len(self.messages) > 1:
+                return  # the reader waits only for an empty queue: it was woken already
         elif reply:  # 100 FlowControl Request
             self.flow.append(reply.decode())
         else:  # 100 Idle Heartbeat, which names a request left unanswered if one was
@@ -181,6 +183,8 @@ class _Feed:
     async def wait(self, timeout: float) -> bool:
         """Wait for something to arrive; False after `timeout` seconds of nothing."""
         self.arrived.clear()
+        if self.messages:  # came while the reader answered flow control
+            return True
         try:
             await asyncio.wait_for(self.arrived.wait(), timeout)
         except TimeoutError:
