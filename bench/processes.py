@@ -56,11 +56,14 @@ def wait_ready(url: str, timeout: float = 20) -> None:
     raise AssertionError(f"{url} never answered 200")
 
 
-def start_dispatcher(directory: Path, nats_url: str, nodes: dict[str, tuple[int, int]],
-                     *, workers: int = 1, interval: float = 0.5, balance: str = "",
-                     http: str = "") -> tuple[int, subprocess.Popen]:
-    """`imdispatch serve` for nodes {id: (port, weight)}; returns its HTTP port once ready.
-    Admin token: `bench`."""
+def dispatcher_config(directory: Path, nats_url: str, nodes: dict[str, tuple[int, int]],
+                      *, workers: int = 1, interval: float = 0.5, balance: str = "",
+                      http: str = "", eventlog: str | None = None) -> tuple[int, Path]:
+    """The config file of `imdispatch serve` for nodes {id: (port, weight)}: (its HTTP
+    port, its path). `eventlog`: the body of its `[eventlog]` table (default: a file log
+    in `directory`)."""
+    if eventlog is None:
+        eventlog = f'path = "{directory / f"events-{workers}"}"\n'
     http_port = free_port()
     config = directory / f"dispatcher-{workers}.toml"
     config.write_text(
@@ -68,11 +71,31 @@ def start_dispatcher(directory: Path, nats_url: str, nodes: dict[str, tuple[int,
         f'[nats]\nservers = ["{nats_url}"]\n'
         f"[poll]\ninterval = {interval}\ntimeout = {interval / 2}\nrise = 1\n"
         f"[balance]\n{balance}"
-        f'[eventlog]\npath = "{directory / f"events-{workers}"}"\n'
+        f"[eventlog]\n{eventlog}"
         + "".join(f'[[nodes]]\nid = "{n}"\nip = "127.0.0.1"\nport = {port}\nweight = {w}\n'
                   for n, (port, w) in nodes.items()))
-    dispatcher = start([sys.executable, "-m", "dispatcher", "serve", "--config", str(config),
-                        "--log-level", "warning"], {"IMDISPATCH_ADMIN_TOKEN": "bench"})
+    return http_port, config
+
+
+def serve(config: Path, log: Path | None = None) -> subprocess.Popen:
+    """`imdispatch serve --config config`, admin token `bench`, at once (not waited for);
+    with `log`, its log at info level goes there."""
+    argv = [sys.executable, "-m", "dispatcher", "serve", "--config", str(config),
+            "--log-level", "warning" if log is None else "info"]
+    env = {**os.environ, "IMDISPATCH_ADMIN_TOKEN": "bench"}
+    if log is None:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    with open(log, "ab") as stderr:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env=env)
+
+
+def start_dispatcher(directory: Path, nats_url: str, nodes: dict[str, tuple[int, int]],
+                     **options: object) -> tuple[int, subprocess.Popen]:
+    """`imdispatch serve` (`options`: those of `dispatcher_config`); returns its HTTP port
+    once ready."""
+    http_port, config = dispatcher_config(directory, nats_url, nodes, **options)
+    dispatcher = serve(config)
     try:
         assert dispatcher.stdout.readline().startswith("imdispatch serving")
         wait_ready(f"http://127.0.0.1:{http_port}/readyz")

@@ -37,13 +37,16 @@ def start_nodes(nats_url: str, count: int = 3) -> tuple[dict[str, tuple[int, int
 
 def start_get_tcp_ip(directory: Path, nats_url: str, nodes: dict[str, tuple[int, int]], *,
                      workers: int, fast_path: bool,
-                     interval: float = 0.5) -> tuple[int, subprocess.Popen]:
-    """The dispatcher over `nodes`, pacing off (every request is answered 200)."""
+                     interval: float = 0.5,
+                     eventlog: str | None = None) -> tuple[int, subprocess.Popen]:
+    """The dispatcher over `nodes`, pacing off (every request is answered 200);
+    `eventlog` as `bench.processes.dispatcher_config` takes it."""
     directory = directory / f"fast-{str(fast_path).lower()}"
     directory.mkdir(parents=True, exist_ok=True)
     return start_dispatcher(directory, nats_url, nodes, workers=workers, interval=interval,
                             balance="slow_start = 0\nassign_rate = 1000000000\n",
-                            http=f"fast_path = {str(fast_path).lower()}\n")
+                            http=f"fast_path = {str(fast_path).lower()}\n",
+                            eventlog=eventlog)
 
 
 def start_bare_sanic(workers: int) -> tuple[int, subprocess.Popen]:

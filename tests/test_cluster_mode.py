@@ -26,9 +26,11 @@ class Replicas:
     """Three imnodes on a NATS cluster and `count` dispatcher replicas on one stream."""
 
     def __init__(self, tmp_path, nats: NatsCluster, count=3, workers=(1, 1, 2),
-                 capacity=10000, balance="", stream=STREAM, eventlog=""):
+                 capacity=10000, balance="", stream=STREAM, eventlog="", lease=LEASE,
+                 poll=POLL):
         self.tmp, self.nats, self.capacity = tmp_path, nats, capacity
         self.stream, self.balance, self.eventlog = stream, balance, eventlog
+        self.lease, self.poll = lease, poll
         self.node_ports = {node: free_port() for node in WEIGHTS}
         self.nodes: dict[str, subprocess.Popen] = {}
         self.replicas: list[subprocess.Popen | None] = []
@@ -51,10 +53,10 @@ class Replicas:
                             + self.nats.urls[:index % 3])  # each its own first server
         return (f"[http]\nport = {self.ports[index]}\nretry_after = 1\n"
                 f"workers = {self.workers[index]}\n"
-                f"[nats]\nservers = [{servers}]\n{POLL}"
+                f"[nats]\nservers = [{servers}]\n{self.poll}"
                 f"[balance]\nslow_start = 0\n{self.balance}"
                 f'[eventlog]\nbackend = "jetstream"\nstream = "{self.stream}"\nreplicas = 3\n'
-                f"lease = {LEASE}\n{self.eventlog}"
+                f"lease = {self.lease}\n{self.eventlog}"
                 + "".join(f'[[nodes]]\nid = "{node}"\nip = "127.0.0.1"\nport = {port}\n'
                           f"weight = {WEIGHTS[node]}\n"
                           for node, port in self.node_ports.items()))
