@@ -404,3 +404,18 @@ def test_a_snapshot_right_before_the_first_segment_anchors_it(tmp_path):
     assert (result.first_seq, result.start.anchor, result.bad_snapshots) == (start, start - 1, 0)
     assert result.records == 303 - start + 1
     assert orjson.dumps(logtools.replay(path)[0].node_views()) == orjson.dumps(views)
+
+
+def test_the_retention_keys_default_to_keeping_everything_and_are_checked():
+    from dispatcher import config as cfg
+
+    defaults = Retention.of(cfg.parse("").eventlog)
+    assert defaults == Retention(keep_snapshots=2, retain_events=0, retain_days=0.0)
+    assert not defaults.bounded
+    given = cfg.parse("[eventlog]\nkeep_snapshots = 5\nretain_events = 1000\n"
+                      "retain_days = 7.5\n").eventlog
+    assert Retention.of(given) == Retention(5, 1000, 7.5)
+    for bad in ("keep_snapshots = 0", "keep_snapshots = 1001", "retain_events = -1",
+                "retain_days = -1", 'retain_days = "7"'):
+        with pytest.raises(cfg.ConfigError, match=bad.split()[0]):
+            cfg.parse(f"[eventlog]\n{bad}\n")
