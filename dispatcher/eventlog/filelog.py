@@ -342,9 +342,9 @@ class FileLog:
         if start > 1 and self._anchor(start) is None:
             raise retain.unanchored(f"event log {self.path}", start)
 
-    def _anchor(self, start: int, store: SnapshotStore | None = None) -> int | None:
+    def _anchor(self, start: int) -> int | None:
         """The seq of the newest snapshot that checks out at `start - 1` or later."""
-        store = store or SnapshotStore(self.path / SNAPSHOT_DIR)
+        store = SnapshotStore(self.path / SNAPSHOT_DIR)
         for seq in reversed(store.seqs()):
             if seq >= start - 1 and _sound(store, seq):
                 return seq
