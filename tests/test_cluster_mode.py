@@ -427,8 +427,8 @@ def test_replicas_filling_nodes_at_once_stay_within_the_watermark(tmp_path, nats
     running = Replicas(tmp_path, nats_cluster, capacity=capacity,
                        balance="assign_rate = 100000\n", stream="IMDFILL")
     try:
-        wait(lambda: all(replicas_ready["members"] == 4 for replicas_ready in
-                         (running.ready(i) for i in range(3))), "every member counted")
+        wait(lambda: all(running.ready(i)["members"] == 4 for i in range(3)
+                         for _ in range(3 * running.workers[i])), "every member counted")
 
         async def together():
             return await asyncio.gather(*(fill(running.url(i, ""), seconds=40)

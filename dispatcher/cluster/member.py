@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.cluster")
 TICK = 0.25  # seconds between looks at the lease (its holder's last cycle, or taking it)
+MEMBERS_WINDOW = 30.0  # seconds a higher count of members holds (see `_counted`)
 CLOSE_WAIT = 2.0  # seconds a connection being left may take to settle its appends
 ACK_WAIT = 2.0  # seconds an append waits for its ack before sending again (an election)
 SUBJECT_PREFIX = "imdispatch.events."
@@ -70,7 +72,8 @@ class Member(Serving):
         self.service: Service | None = None
         self.poller: Poller | None = None
         self.leading = False  # holds the lease (polls once the stream names it leader)
-        self.members = 1  # live members, as last counted
+        self.members = 1  # live members: the most counted within `MEMBERS_WINDOW`
+        self._counts: deque[tuple[float, int]] = deque()  # (monotonic time, count)
         self.stream_health = "not checked yet"
         self.caught_up = False  # the state reached the stream's end once since start
         self._joined = False  # the state was rebuilt from the stream (and is followed)
@@ -212,7 +215,7 @@ class Member(Serving):
             try:
                 if now - alive >= ttl / 4:
                     await self.lease.here({"at": time.time()})
-                    self.members = max(1, await self.lease.members())
+                    self._counted(await self.lease.members(), now)
                     self.stream_health = await self._stream_health()
                     alive = now
                 if self._deposed is not None:
@@ -243,6 +246,15 @@ class Member(Serving):
                             stream.failure)
                 self._link_lost.set()
             await asyncio.sleep(TICK)
+
+    def _counted(self, count: int, now: float) -> None:
+        """A new count of live members. Shares follow a rise at once and a fall only
+        after `MEMBERS_WINDOW`: a member whose heartbeat came late (a busy loop) or that
+        just stopped must not make the others take more than their share meanwhile."""
+        self._counts.append((now, max(1, count)))
+        while self._counts and now - self._counts[0][0] > MEMBERS_WINDOW:
+            self._counts.popleft()
+        self.members = max(count for _, count in self._counts)
 
     async def _stream_health(self) -> str:
         """The stream as JetStream reports it: "ok" with its raft leader, or why not."""
