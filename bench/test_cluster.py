@@ -4,10 +4,12 @@ stream (from a snapshot kept beside it, and folding all of it), and what one rep
 answers of get-tcp-ip with the JetStream backend next to the file backend."""
 
 import asyncio
+import os
 import random
 import statistics
 import time
 import urllib.request
+from pathlib import Path
 
 import nats
 import orjson
@@ -16,7 +18,7 @@ import pytest
 from bench import servers, targets, wrk
 from bench.processes import dispatcher_config, serve, stop
 from bench.stream_fill import StreamFiller
-from bench.test_dispatcher import SECONDS, side_by_side, wrk_options
+from bench.test_dispatcher import SECONDS, wrk_options
 from dispatcher import config as cfg
 from dispatcher.cluster.snapshots import BUCKET_SUFFIX
 from dispatcher.demo.nats_cluster import NatsCluster
@@ -193,46 +195,83 @@ def test_join_a_million_event_stream(benchmark, tmp_path, nats_url):
 # -- get-tcp-ip per replica -----------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children (a `serve` and its worker)."""
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    ticks = 0
+    for one in pids:
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(servers_: dict[str, tuple[int, int]], close: bool) -> dict[str, list[tuple]]:
+    """`HTTP_ROUNDS` rounds of one wrk run per server ({name: (port, pid)}), the order
+    swapped every round: per server, (requests/s, server CPU us per request, non-2xx)
+    of each round. A neighbour's burst on a shared machine takes CPU from whichever
+    server runs then; the CPU a request costs the server is what it does not hide."""
+    options = wrk_options(1, close)
+    for port, _ in servers_.values():
+        wrk.run(f"http://127.0.0.1:{port}{servers.REQUEST}", 1, **options)  # warm up
+    runs: dict[str, list[tuple]] = {server: [] for server in servers_}
+    for round_ in range(HTTP_ROUNDS):
+        for server in sorted(servers_, reverse=bool(round_ % 2)):
+            port, pid = servers_[server]
+            before = cpu_seconds(pid)
+            run = wrk.run(f"http://127.0.0.1:{port}{servers.REQUEST}", SECONDS, **options)
+            used = cpu_seconds(pid) - before
+            runs[server].append((run.rate, used / (run.rate * SECONDS) * 1e6, run.non_2xx))
+    return runs
+
+
 @pytest.mark.skipif(wrk.WRK is None, reason="wrk not installed: apt-get install wrk")
 def test_get_tcp_ip_jetstream_vs_file_backend(benchmark, tmp_path, nats_cluster):
     """One replica with 1 worker, the same config but for `[eventlog] backend` (an R3
     stream on the three-server cluster, or a file log), wrk on loopback in interleaved
-    rounds: kept-alive connections and one request per connection. The ratio is the
-    median of the rounds' ratios (each round runs the two back to back, so a neighbour's
-    burst on a shared machine hits one round, not one backend)."""
+    rounds: kept-alive connections and one request per connection. The ratios are the
+    medians of the rounds' ratios (each round runs the two back to back)."""
     benchmark.group = "cluster mode"
     url = nats_cluster.urls[0]
     nodes, processes = servers.start_nodes(url)
-    ports = {}
+    running = {}
     try:
         for server, directory, eventlog in (
                 (JETSTREAM, "jetstream",
                  'backend = "jetstream"\nstream = "BENCHHTTP"\nreplicas = 3\n'),
                 (FILE, "file", None)):
-            ports[server], process = servers.start_get_tcp_ip(
+            port, process = servers.start_get_tcp_ip(
                 tmp_path / directory, url, nodes, workers=1, fast_path=True,
                 eventlog=eventlog)
             processes.append(process)
+            running[server] = port, process.pid
         roles = {server: orjson.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/readyz", timeout=5).read()) for server, port in ports.items()}
+            f"http://127.0.0.1:{port}/readyz", timeout=5).read())
+            for server, (port, _) in running.items()}
         assert "member" in roles[JETSTREAM] and "member" not in roles[FILE], roles
         scenarios = {"keep-alive, 1 worker": False, "Connection: close, 1 worker": True}
         measured = benchmark.pedantic(
-            lambda: {scenario: side_by_side(ports, 1, close, HTTP_ROUNDS)
+            lambda: {scenario: interleaved(running, close)
                      for scenario, close in scenarios.items()}, rounds=1, iterations=1)
     finally:
         stop(*processes)
     for scenario, runs in measured.items():
-        for server, run in runs.items():
-            targets.figure(targets.per_replica(scenario, f"{server}: requests/s"), run.rate,
-                           "req/s", benchmark)
-            benchmark.extra_info[f"{scenario}: {server}: rates"] = [round(r) for r in run.rates]
-        ratios = [js / file for js, file in zip(runs[JETSTREAM].rates, runs[FILE].rates,
-                                                 strict=True)]
+        for server, rounds in runs.items():
+            targets.figure(targets.per_replica(scenario, f"{server}: requests/s"),
+                           statistics.median(rate for rate, _, _ in rounds), "req/s",
+                           benchmark)
+            targets.figure(targets.per_replica(scenario, f"{server}: server CPU per request"),
+                           statistics.median(cpu for _, cpu, _ in rounds), "us", benchmark)
+            benchmark.extra_info[f"{scenario}: {server}: rounds (req/s, CPU us/request)"] = [
+                (round(rate), round(cpu, 2)) for rate, cpu, _ in rounds]
+        pairs = list(zip(runs[JETSTREAM], runs[FILE], strict=True))
         targets.figure(targets.per_replica(scenario, f"{JETSTREAM} / {FILE}"),
-                       statistics.median(ratios), "x", benchmark)
+                       statistics.median(js[0] / file[0] for js, file in pairs), "x",
+                       benchmark)
+        targets.figure(targets.per_replica(scenario, f"CPU per request, {JETSTREAM} / {FILE}"),
+                       statistics.median(js[1] / file[1] for js, file in pairs), "x",
+                       benchmark)
         benchmark.extra_info[f"{scenario}: wrk"] = (
             f"{wrk.describe(SECONDS, **wrk_options(1, scenarios[scenario]))}, {HTTP_ROUNDS} "
-            "interleaved rounds, medians")
-        answers = {server: (run.non_2xx, run.errors) for server, run in runs.items()}
-        assert not any(non_2xx for non_2xx, _ in answers.values()), answers
+            "interleaved rounds")
+        non_2xx = {server: sum(r[2] for r in rounds) for server, rounds in runs.items()}
+        assert not any(non_2xx.values()), f"{scenario}: non-2xx answers {non_2xx}"

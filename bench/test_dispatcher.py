@@ -169,16 +169,15 @@ def wrk_options(workers: int, close: bool) -> dict[str, object]:
     return {"threads": workers, "connections": 64, "close": close}
 
 
-def side_by_side(ports: dict[str, int], workers: int, close: bool,
-                 rounds: int = ROUNDS) -> dict[str, Median]:
-    """Every server in turn, `rounds` times (drift on a shared machine hits all alike)."""
+def side_by_side(ports: dict[str, int], workers: int, close: bool) -> dict[str, Median]:
+    """Every server in turn, `ROUNDS` times (drift on a shared machine hits all alike)."""
     urls = {server: f"http://127.0.0.1:{port}{servers.REQUEST}"
             for server, port in ports.items()}
     options = wrk_options(workers, close)
     for url in urls.values():
         wrk.run(url, 1, **options)  # warm up
     runs = {server: [] for server in urls}
-    for _ in range(rounds):
+    for _ in range(ROUNDS):
         for server, url in urls.items():
             runs[server].append(wrk.run(url, SECONDS, **options))
     medians = {}
