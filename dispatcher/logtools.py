@@ -215,7 +215,18 @@ def history_start(source: Source) -> Start:
 
 async def _from_start(read: Read) -> AsyncIterator[list[Record]]:
     """Every record the history holds, from its first (seq 1 or later)."""
-    async with contextlib.aclosing(read(await first_seq(read) - 1)) as batches:
+    began = False
+    try:
+        async with contextlib.aclosing(read(0)) as batches:
+            async for batch in batches:
+                began = True
+                yield batch
+        return
+    except HistoryTrimmed as exc:  # a bounded history: read from its start
+        if began:
+            raise
+        after = exc.start - 1
+    async with contextlib.aclosing(read(after)) as batches:
         async for batch in batches:
             yield batch
 
@@ -280,10 +291,10 @@ def replay(source: Source, until: int | None = None) -> tuple[RoutingState, Torn
     async def run() -> tuple[RoutingState, TornTail | None]:
         async with _reader(source) as reader:
             read = _until(reader.read, until)
-            first = await first_seq(reader.read)
+            snapshots = await _snapshots(source, reader)  # none: read from seq 1, as ever
+            first = await first_seq(reader.read) if snapshots is not None else 1
             if first > 1:
-                state = await _anchored(source, read, await _snapshots(source, reader),
-                                        first, until)
+                state = await _anchored(source, read, snapshots, first, until)
                 return state, getattr(reader, "torn", None)
             try:
                 rebuilt = await rebuild(read, None)
@@ -384,8 +395,10 @@ async def _verify(source: Source) -> Verification:
     async with _reader(source) as reader:
         if not isinstance(source, StreamSource):
             result.segments = len(list_segments(Path(source)))
-        first = result.first_seq = await first_seq(reader.read)
-        check = _SnapshotCheck(await _snapshots(source, reader), first)
+        snapshots = await _snapshots(source, reader)  # none: read from seq 1, as ever
+        first = await first_seq(reader.read) if snapshots is not None else 1
+        check = _SnapshotCheck(snapshots, first)
+        result.first_seq = first
         async for batch in reader.read(first - 1):
             if result.records == 0:
                 check_continues(first - 1, batch, str(source))
