@@ -77,6 +77,24 @@ def http(scenario: str, what: str) -> str:
     return f"HTTP {scenario}: {what}"
 
 
+FAILOVER_POLL = 1.0  # the [poll] interval of the failover benchmark (the default)
+FAILOVER_LEASES = (2.0, 3.0)
+JOIN_SERVES = "join 1M events from a snapshot: start to get-tcp-ip 200"
+JETSTREAM_BACKEND, FILE_BACKEND = "JetStream backend", "file backend"
+
+
+def failover(lease: float, what: str) -> str:
+    """The name of a cluster failover figure: `failover(2.0, "longest")`."""
+    return (f"cluster failover, lease {lease:g} s, poll {FAILOVER_POLL:g} s: leader SIGKILL "
+            f"to the new leader's first full poll cycle ({what})")
+
+
+def per_replica(scenario: str, what: str) -> str:
+    """The name of a get-tcp-ip-per-replica figure: `per_replica("keep-alive, 1 worker",
+    f"{JETSTREAM_BACKEND} / {FILE_BACKEND}")`."""
+    return f"get-tcp-ip per replica, {scenario}: {what}"
+
+
 @dataclass(frozen=True)
 class Target:
     description: str
@@ -105,6 +123,12 @@ TARGETS = [
            lambda: measured("replay rate"), "events/s", lambda v: v >= 300_000),
     Target("1M-event replay from a snapshot-less log < 4 s",
            lambda: measured("replay 1M events"), "s", lambda v: v < 4),
+    Target("JetStream append, 20k one-event appends in flight >= 50k events/s",
+           lambda: measured("jetstream append (pipelined)"), "events/s",
+           lambda v: v >= 50_000),
+    Target("JetStream replay (read + verify + apply), weight changes >= 150k events/s",
+           lambda: measured("jetstream replay (journal open), weight changes"), "events/s",
+           lambda v: v >= 150_000),
     Target("imnode holds 10,000 idle connections with heartbeats",
            lambda: measured("imnode idle connections"), "", lambda v: v >= 10_000),
     Target("imnode RSS per idle connection <= 8 KiB",
@@ -137,6 +161,22 @@ TARGETS = [
     Target("imnode status request at 10k connections < 1 ms (p50, NATS round trip included)",
            lambda: measured("imnode status request p50 at 10k connections"), "ms",
            lambda v: v < 1),
+]
+
+
+TARGETS += [  # cluster mode (bench/test_cluster.py)
+    *(Target(f"cluster failover, lease {lease:g} s: the new leader's first full poll cycle "
+             f"<= lease + poll interval + 1 s = {lease + FAILOVER_POLL + 1:g} s (longest)",
+             lambda lease=lease: measured(failover(lease, "longest")), "s",
+             lambda v, lease=lease: v <= lease + FAILOVER_POLL + 1)
+      for lease in FAILOVER_LEASES),
+    Target("a replica joining a 1M-event stream (snapshot beside it) serves within 3 s",
+           lambda: measured(JOIN_SERVES), "s", lambda v: v <= 3),
+    *(Target(f"get-tcp-ip per replica, {scenario}: JetStream backend >= 0.95x the file "
+             "backend", lambda scenario=scenario: measured(
+                 per_replica(scenario, f"{JETSTREAM_BACKEND} / {FILE_BACKEND}")), "x",
+             lambda v: v >= 0.95)
+      for scenario in ("keep-alive, 1 worker", "Connection: close, 1 worker")),
 ]
 
 

@@ -246,6 +246,9 @@ def _audit(args: argparse.Namespace) -> int:
     source = _history(args)
     if source is None:
         return 2
+    start = logtools.history_start(source).describe()  # a bounded history's start
+    if start:
+        print(start, file=sys.stderr if args.json else sys.stdout, flush=True)
     events = logtools.audit(source, node=args.node, kind=args.type)
     if args.json:
         out = sys.stdout.buffer
@@ -280,8 +283,10 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     result = logtools.verify(source)
     where = "" if result.segments is None else f" in {result.segments} segment(s)"
-    print(f"{result.source}: {result.records} records{where}, seq 1..{result.last_seq}, "
-          f"head hash {result.head_hash.hex()[:16]}")
+    print(f"{result.source}: {result.records} records{where}, seq {result.first_seq}.."
+          f"{result.last_seq}, head hash {result.head_hash.hex()[:16]}")
+    if result.start.describe():
+        print(result.start.describe())
     for line in result.snapshots:
         print(f"snapshot {line}")
     _note_torn(result.torn)

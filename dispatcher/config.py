@@ -6,7 +6,8 @@
     [balance]  high_watermark, low_watermark, slow_start, panic_threshold, load_step,
                assign_rate
     [eventlog] backend, path, fsync, snapshot_every, segment_bytes (the file log);
-               stream, replicas, lease (JetStream: cluster mode)
+               stream, replicas, lease (JetStream: cluster mode);
+               keep_snapshots, retain_events, retain_days (bounded history, both)
     [[nodes]]  id, ip, port, weight
 
 Every table and key is optional except each node's `id`, `ip` and `port`; an unknown
@@ -95,6 +96,12 @@ class EventLogConfig:
     stream: str = "IMDISPATCH"
     replicas: int = 1  # JetStream replicas of the stream and of the cluster's buckets
     lease: float = 3.0  # seconds a silent leader keeps the lead
+    # Bounded history (`dispatcher.eventlog.retention`, both backends): events go only up to
+    # the oldest kept snapshot, in whole units, when a non-zero limit lets them; 0 and 0
+    # keep every event (the default).
+    keep_snapshots: int = 2  # snapshots kept, newest first (never the history's anchor)
+    retain_events: int = 0  # 0: no count limit; else older than the newest N may go
+    retain_days: float = 0.0  # 0: no age limit; else recorded more than N days ago may go
 
     @property
     def clustered(self) -> bool:
@@ -318,6 +325,8 @@ TABLES: dict[str, tuple[type, dict[str, Check]]] = {
         "path": _string, "fsync": _choice("always", "batch", "never"),
         "snapshot_every": _integer(1, 10**9), "segment_bytes": _integer(4096, 1 << 30),
         "stream": _stream_name, "replicas": _integer(1, 5), "lease": _number(1.0, 60.0),
+        "keep_snapshots": _integer(1, 1000), "retain_events": _integer(0, 10**12),
+        "retain_days": _number(0.0, 36_500.0),
     }),
 }
 RELOADABLE: dict[str, tuple[str, ...]] = {

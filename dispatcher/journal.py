@@ -27,6 +27,7 @@ from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.base import EventLog, Recovery
 from dispatcher.eventlog.errors import LogClosed, LogCorrupted
 from dispatcher.eventlog.records import GENESIS_HASH, Entry, Record, check_size
+from dispatcher.eventlog.retention import HistoryTrimmed, check_continues, unanchored
 from dispatcher.eventlog.snapshots import Snapshot, SnapshotStore
 
 DEFAULT_SNAPSHOT_EVERY = 10_000
@@ -116,7 +117,7 @@ async def rebuild(
             if state.seq != snapshot.seq:
                 raise SnapshotMismatch(f"its state is at seq {state.seq}, not {snapshot.seq}")
             rebuilt = await fold(read, state, snapshot.hash, end)
-        except SnapshotMismatch as exc:
+        except (SnapshotMismatch, HistoryTrimmed) as exc:  # the latter: its records are gone
             notes.append(f"skipped snapshot {path.name}: {exc}")
             continue
         except (KeyError, TypeError, ValueError, AttributeError, DomainError) as exc:
@@ -125,7 +126,10 @@ async def rebuild(
         rebuilt.snapshot_seq = snapshot.seq
         break
     else:
-        rebuilt = await fold(read, RoutingState(selector_class), GENESIS_HASH, end)
+        try:
+            rebuilt = await fold(read, RoutingState(selector_class), GENESIS_HASH, end)
+        except HistoryTrimmed as exc:  # a bounded history starts at a snapshot, none fits
+            raise unanchored("the event log", exc.start, notes) from None
     rebuilt.notes = notes
     return rebuilt
 
@@ -144,6 +148,8 @@ async def fold(
         return Rebuilt(state, seq, start_hash)
     apply, decode, loads = state.apply, from_dict, orjson.loads
     async for batch in read(seq):
+        if not count:
+            check_continues(seq, batch)
         if batch[0].prev_hash != last_hash:
             raise SnapshotMismatch(f"the log's record {seq} has another hash")
         for record in batch:

@@ -20,6 +20,7 @@ from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.eventlog.errors import LogLocked, LogMissing
 from dispatcher.eventlog.filelog import FileLog
+from dispatcher.eventlog.retention import Retention
 from dispatcher.eventlog.snapshots import SnapshotStore
 from dispatcher.follower import Follower
 from dispatcher.journal import Journal
@@ -48,10 +49,12 @@ class Leader(Serving):
         path = Path(config.eventlog.path)
         log = FileLog(path, fsync=config.eventlog.fsync,
                       segment_bytes=config.eventlog.segment_bytes, create=not takeover,
-                      run_id=os.environ.get(RUN_ID))
+                      run_id=os.environ.get(RUN_ID),
+                      retention=Retention.of(config.eventlog))
         log.on_sync = self.stats.fsync.observe
         self.stats.appended = lambda: log.appended
-        self.journal = Journal(log, SnapshotStore(path / "snapshots"),
+        self.journal = Journal(log, SnapshotStore(path / "snapshots",
+                                                  config.eventlog.keep_snapshots),
                                snapshot_every=config.eventlog.snapshot_every)
         self.nc: Any = None
         self._status_failed: OSError | None = None  # said once, until it works again

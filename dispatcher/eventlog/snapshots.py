@@ -51,17 +51,27 @@ class Snapshot:
 
 
 class SnapshotStore:
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, keep: int = KEEP) -> None:
         self.directory = Path(directory)
+        self.keep = keep  # the newest `keep` are kept ([eventlog] keep_snapshots)
 
     def save(self, snapshot: Snapshot) -> Path:
         # Not `parents=True`: a log directory removed meanwhile must not be recreated.
         self.directory.mkdir(exist_ok=True)
         path = self.directory / snapshot_name(snapshot.seq)
         replace_atomically(path, encode(snapshot), fsync=True)
-        for old in self._paths()[:-KEEP]:
+        for old in self._paths()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def seqs(self) -> list[int]:
+        """The seqs of the files named as snapshots, oldest first (none read)."""
+        return [_name_seq(path) for path in self._paths()]
+
+    def load(self, seq: int) -> Snapshot:
+        """The snapshot at `seq`; `OSError`, `ValueError` or `NotRegularFile` if it is
+        missing or does not check out."""
+        return _load(self.directory / snapshot_name(seq))
 
     def ahead_of(self, last_seq: int) -> list[Snapshot]:
         """The sound snapshots (they check out) of states past `last_seq`."""
