@@ -52,6 +52,7 @@ class Poller:
         self.last_duration = 0.0
         self.failures: dict[str, int] = {}  # poll failures by cause, since start
         self.figures: dict[str, int] = {}  # the last cycle's connections, per node that answered
+        self.asked_at: float | None = None  # monotonic time the last cycle sampled the picks
         self.after_cycle = after_cycle
         self.link_lost = link_lost
         self.link_misses = 0  # cycles in a row that proved nothing on a "connected" link
@@ -103,6 +104,7 @@ class Poller:
         self.health.retain(asked)
         node_ids = list(asked)
         state.selector.sample()  # picks from now on stay pending after these answers
+        self.asked_at = time.monotonic()
         answers = await self._ask_all(nc, node_ids)
         if answers is None or nc is not self.nc or not nc.is_connected:
             return False  # lost NATS during the cycle: its failures prove nothing

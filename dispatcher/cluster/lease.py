@@ -80,6 +80,12 @@ class Lease:
             self.revision = await self.kv.update(LEADER_KEY, orjson.dumps(value),
                                                  last=self.revision)
         except KeyWrongLastSequenceError:
+            # an earlier update whose answer was lost (a timeout in an election) may have
+            # landed: then the key is still ours, at a revision we did not hear of
+            current, revision = await self.holder()
+            if current is not None and current.get("leader") == self.member:
+                self.revision = revision
+                return True
             self.revision = None
             return False
         return True
@@ -91,17 +97,17 @@ class Lease:
                 await self.kv.delete(LEADER_KEY, last=self.revision)
             self.revision = None
 
-    async def holder(self) -> dict[str, Any] | None:
-        """The lease's value, or None when nobody holds it."""
+    async def holder(self) -> tuple[dict[str, Any] | None, int | None]:
+        """The lease's value and revision, or (None, None) when nobody holds it."""
         try:
             entry = await self.kv.get(LEADER_KEY)
         except (KeyNotFoundError, KeyDeletedError):
-            return None
+            return None, None
         try:
             value = orjson.loads(entry.value or b"null")
         except orjson.JSONDecodeError:
-            return None
-        return value if isinstance(value, dict) else None
+            value = None
+        return (value if isinstance(value, dict) else {}), entry.revision
 
     async def here(self, value: dict[str, Any]) -> None:
         """Say this member is alive (for the count of members)."""

@@ -23,6 +23,7 @@ import nats
 
 from dispatcher import admin, nats_service
 from dispatcher import config as cfg
+from dispatcher.cluster.cycles import HeardCycles
 from dispatcher.cluster.lease import Lease, member_id
 from dispatcher.cluster.snapshots import StreamSnapshots
 from dispatcher.cluster.tail import StreamTail
@@ -80,15 +81,14 @@ class Member(Serving):
         self._lease_until = 0.0  # monotonic: the lease is surely ours until then
         self._deposed: str | None = None  # why to step down, said by the poller's commit
         self._cycle_renewed: int | None = None  # as leader: the cycle the lease last said
-        self._cycle_heard: Any = None  # as follower: the lease's last cycle heard of
-        self._cycle_seq = 0  # the leader's seq after that cycle
-        self._cycle_pending = False  # heard of, not yet held by this state
+        self._cycles = HeardCycles()  # as follower: the leader's cycles, as the lease says
         self._config_seen: Any = None  # the recorded config the settings come from
         self._fresh_at: float | None = None  # monotonic: our state held the last cycle
         self._link_lost = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
         self._campaigning: asyncio.Task | None = None
+        self._taking: asyncio.Task | None = None  # recording `leader_elected`, then polling
 
     @property
     def state(self) -> RoutingState:
@@ -152,6 +152,7 @@ class Member(Serving):
         if not self.caught_up:
             await self.tail.reach(stream.last_seq, float("inf"))
             self.caught_up = True
+            self._sample()  # picks from now on stay pending until a cycle surely after
             log.info("member %s caught up with the event stream at seq %d", self.id,
                      self.tail.seq)
             self._take_settings()
@@ -229,13 +230,14 @@ class Member(Serving):
                             self._lease_until, renewed = now + ttl, now
                             self._cycle_renewed = cycle
                 else:
-                    holder = await self.lease.holder()
-                    if holder is None:
-                        if await self.lease.acquire(self._lease_value()):
-                            await self._lead(now + ttl)
-                            renewed = now
-                    else:
-                        self._heard(holder)
+                    sent = time.monotonic()
+                    holder, revision = await self.lease.holder()
+                    self._cycles.read(holder, revision, sent)
+                    self._take_cycle()
+                    if holder is None and await self.lease.acquire(self._lease_value()):
+                        self.leading, self._lease_until, self._deposed = True, now + ttl, None
+                        renewed = now  # recording it may outlast the lease: renewed meanwhile
+                        self._taking = asyncio.get_running_loop().create_task(self._lead())
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 log.debug("lease: %r", exc)
             if self.leading and time.monotonic() > self._lease_until:
@@ -272,41 +274,47 @@ class Member(Serving):
                                                  else ")")
 
     def _lease_value(self) -> dict[str, Any]:
-        """What the lease says of its holder: who, and its last full poll cycle."""
-        cycle = self._cycle_mark()
-        return {"leader": self.id, "cycle": cycle, "seq": self.state.seq}
+        """What the lease says of its holder: who, its last full poll cycle, the seq its
+        state had then, how long before this write it asked the nodes (its own clock),
+        and what they answered (see `dispatcher.cluster.cycles`)."""
+        poller = self.poller if self.leading else None
+        if poller is None or poller.asked_at is None:
+            return {"leader": self.id, "cycle": None, "seq": self.state.seq}
+        return {"leader": self.id, "cycle": poller.cycles, "seq": self.state.seq,
+                "asked_ago": round(time.monotonic() - poller.asked_at, 6),
+                "figures": poller.figures}
 
     def _cycle_mark(self) -> int | None:
         return self.poller.cycles if self.poller is not None and self.leading else None
 
-    def _heard(self, holder: dict[str, Any]) -> None:
-        """The lease's value: a new cycle of the leader's is fresh news once this state
-        holds the events it recorded."""
-        cycle = (holder.get("leader"), holder.get("cycle"))
-        if holder.get("cycle") is not None and cycle != self._cycle_heard:
-            self._cycle_heard, self._cycle_seq = cycle, int(holder.get("seq") or 0)
-            self._cycle_pending = True
-        self._take_cycle()
-
     def _take_cycle(self) -> None:
-        if self._cycle_pending and self.state.seq >= self._cycle_seq:
-            self._cycle_pending = False
-            self._fresh_at = time.monotonic()
-            self.state.selector.sample()  # picks since the cycle before stay pending
-            self.poll_happened()
+        """A cycle heard of, once this state holds its events: the state is as fresh as
+        the leader's, and, if surely after this member's last sample, the loads settle
+        from the leader's figures."""
+        cycle = self._cycles.due(self.state.seq)
+        if cycle is None:
+            return
+        self._fresh_at = time.monotonic()
+        if self._cycles.may_settle(cycle):
+            self._sample()
+            self.poll_happened(cycle.figures)
 
-    async def _lead(self, until: float) -> None:
-        """Holding the lease: record it in the stream (the fence), then poll."""
-        self.leading, self._lease_until, self._deposed = True, until, None
+    def _sample(self) -> None:
+        self.state.selector.sample()
+        self._cycles.sampled_at = time.monotonic()
+
+    async def _lead(self) -> None:
+        """Holding the lease: record it in the stream (the fence), then poll. In a task
+        of its own: during a stream election recording can take seconds, and the lease
+        is renewed meanwhile."""
         previous = self.state.leader
         try:
             await self.journal.commit(lambda state: [] if state.leader == self.id else [
                 ev.LeaderElected(leader=self.id, reason=f"took the lease (previous leader: "
                                                         f"{previous or 'none'})")])
-        except Exception as exc:
+        except Exception as exc:  # the lease is given up: another member may do better
             log.warning("took the lease but could not record it: %s", exc)
-            await self.lease.release()
-            self.leading = False
+            self._deposed = f"could not record the lead: {exc}"
             return
         with contextlib.suppress(Exception):  # the newest snapshot: the next one is due after
             kept = await self.snapshots.names()
@@ -320,8 +328,13 @@ class Member(Serving):
     async def _step_down(self, why: str | None) -> None:
         poller, self.poller = self.poller, None
         was_leading, self.leading, self._deposed = self.leading, False, None
+        if self._taking is not None and self._taking is not asyncio.current_task():
+            await cancel_and_wait(self._taking)
+        if was_leading and self.lease is not None:
+            await self.lease.release()  # a member that does not lead holds no lease
         if poller is not None:
             await poller.stop()
+            self._cycles.sampled_at = time.monotonic()  # its samples were later than ours
         if was_leading and why is not None:
             log.warning("member %s no longer leads: %s", self.id, why)
 
