@@ -133,11 +133,14 @@ def _history(args: argparse.Namespace) -> Any:
         return None
     if args.log is not None:
         return args.log
+    from dispatcher.cluster.snapshots import kept
+
     return StreamSource(NatsConfig(
         servers=servers, user=args.nats_user,
         password=(os.environ.get(NATS_PASSWORD) or None) if args.nats_user else None,
         token=os.environ.get(NATS_TOKEN) or None,
-        **{key: getattr(args, name) for key, name in NATS_FILES.items()}), args.stream)
+        **{key: getattr(args, name) for key, name in NATS_FILES.items()}), args.stream,
+        snapshots=kept)
 
 
 def _seq(text: str) -> int:

@@ -548,3 +548,53 @@ def test_a_reload_on_one_replica_reaches_every_replica(replicas):
     events = replicas.admin(0, "GET", "/admin/events?after=0&limit=1000")[2]
     changes = [e for e in events if e["type"] == "node_weight_set" and e["node"] == "e2e2"]
     assert len(changes) == 1 and changes[0]["actor"] == "config", changes
+
+
+def stream_state(nats_cluster, stream: str):
+    import asyncio
+
+    import nats
+
+    async def main():
+        nc = await nats.connect(nats_cluster.urls)
+        try:
+            return (await nc.jetstream(timeout=5).stream_info(stream)).state
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def test_a_bounded_history_is_trimmed_to_a_snapshot_and_stays_whole(tmp_path, nats_cluster):
+    """retain_events on a cluster: the leader purges the stream up to the oldest kept
+    snapshot (snapshots 20 events apart, two kept, so the newest 15 are always after
+    it); verify and replay start there and agree with the replicas; a replica that joins
+    afterwards starts from a snapshot."""
+    running = Replicas(tmp_path, nats_cluster, count=2, workers=(1, 1), stream="IMDTRIM",
+                       eventlog="snapshot_every = 20\nretain_events = 15\nkeep_snapshots = 2\n")
+    try:
+        for weight in range(1, 151):
+            status, _, body = running.admin(weight % 2, "PUT", "/admin/nodes/e2e1",
+                                            {"weight": weight})
+            assert status == 200, body
+        wait(lambda: stream_state(nats_cluster, "IMDTRIM").first_seq > 1,
+             "the leader trimmed the stream")
+        state = stream_state(nats_cluster, "IMDTRIM")
+        kept = [int(name[9:29]) for name in snapshot_names(nats_cluster, "IMDTRIM")]
+        assert state.first_seq - 1 in kept, (state, kept)  # a kept snapshot anchors it
+        assert state.last_seq - state.first_seq + 1 >= 15  # the newest 15 at least
+        out = subprocess.run(
+            [sys.executable, "-m", "dispatcher", "verify", "--nats", nats_cluster.urls[0],
+             "--stream", "IMDTRIM"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "history starts after seq" in out.stdout + out.stderr, out.stdout
+        index = running.add()
+        assert "rebuilt the state from snapshot at seq" in running.log(index), running.log(index)
+        wait(lambda: len({running.ready(i)["state_seq"] for i in range(3)}) == 1,
+             "every replica at the same seq")
+        keys = ("id", "ip", "port", "weight", "draining")
+        view = [{k: n[k] for k in keys} for n in running.admin(2, "GET", "/admin/nodes")[2]]
+        assert [{k: n[k] for k in keys} for n in replay(nats_cluster, "IMDTRIM")] == view
+        assert [n["weight"] for n in view if n["id"] == "e2e1"] == [150]
+    finally:
+        running.stop()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 
 from dispatcher import admin, nats_service
 from dispatcher import config as cfg
@@ -31,9 +32,11 @@ from dispatcher.cluster.writer import NotLeader, StreamWriter
 from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
+from dispatcher.eventlog import retention
 from dispatcher.eventlog.errors import LogUnavailable
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.eventlog.records import GENESIS_HASH
+from dispatcher.eventlog.retention import Retention, Unit
 from dispatcher.eventlog.snapshots import Snapshot
 from dispatcher.journal import Rebuilt, rebuild
 from dispatcher.poller import Poller
@@ -134,7 +137,8 @@ class Member(Serving):
         eventlog = self.config.eventlog
         stream = JetStreamLog(nc, stream=eventlog.stream, subject=stream_subject(eventlog.stream),
                               replicas=eventlog.replicas, shared=True, writer=self.id,
-                              timeout=ACK_WAIT)
+                              timeout=ACK_WAIT, bounded=True,
+                              purge=Retention.of(eventlog).bounded)
         recovery = await stream.open()
         for line in recovery.describe():
             log.info("event stream: %s", line)
@@ -221,6 +225,9 @@ class Member(Serving):
                     alive = now
                 if self._deposed is not None:
                     await self._step_down(self._deposed)
+                if self.tail.trimmed is not None:  # behind a purged history: from a snapshot
+                    self.tail.trimmed = None
+                    await self._join(self.journal.log, self.snapshots)
                 if self.leading:
                     cycle = self._cycle_mark()
                     if cycle != self._cycle_renewed or now - renewed >= ttl / 4:
@@ -364,12 +371,51 @@ class Member(Serving):
         self._snapshotting = asyncio.get_running_loop().create_task(
             self._save_snapshot(self.snapshots, snapshot))
 
-    @staticmethod
-    async def _save_snapshot(snapshots: StreamSnapshots, snapshot: Snapshot) -> None:
+    async def _save_snapshot(self, snapshots: StreamSnapshots, snapshot: Snapshot) -> None:
         try:
             await snapshots.save(snapshot)
         except Exception as exc:  # a missed snapshot only costs joining members time
             log.warning("could not keep a snapshot at seq %d: %r", snapshot.seq, exc)
+            return
+        try:
+            await self._trim(snapshots)
+        except Exception as exc:  # the history stays longer, nothing is lost
+            log.warning("could not trim the event stream: %r", exc)
+
+    async def _trim(self, snapshots: StreamSnapshots) -> None:
+        """As leader, after each snapshot: the one rule of `dispatcher.eventlog.retention`.
+        Purge the stream up to the oldest kept snapshot when `[eventlog]` retention lets
+        it, then drop the snapshots beyond `keep_snapshots` (never the anchor). A snapshot
+        anchors only if its hash is the stream's record at its seq."""
+        rules = Retention.of(self.config.eventlog)
+        name, js = self.config.eventlog.stream, self.nc.jetstream(timeout=5.0)
+        state = (await js.stream_info(name)).state
+        fetched = await snapshots.fetch(newest=len(await snapshots.names()))
+        units, matching, stale, first = [], set(), [], state.first_seq
+        for snapshot in sorted((s for s, _, _ in fetched.found if s is not None),
+                               key=lambda found: found.seq):
+            if snapshot.seq < first - 1:  # of a history already gone: no use
+                stale.append(snapshot.seq)
+                continue
+            if snapshot.seq == first - 1:  # the anchor: checked when it became one
+                matching.add(snapshot.seq)
+                continue
+            if snapshot.seq > state.last_seq:
+                continue
+            raw = await js.get_msg(name, snapshot.seq)
+            if self.journal.log.record(snapshot.seq, raw.headers, raw.data).hash == \
+                    snapshot.hash:
+                matching.add(snapshot.seq)
+            units.append(Unit(first, snapshot.seq, float(orjson.loads(raw.data)["time"])))
+            first = snapshot.seq + 1
+        plan = retention.plan(rules, start=state.first_seq, last_seq=state.last_seq,
+                              units=units, snapshots=sorted(matching),
+                              sound=matching.__contains__, now=time.time())
+        if plan.start > state.first_seq:
+            await js.purge_stream(name, seq=plan.start)
+            log.info("event stream %s now starts at seq %d (snapshot at seq %d anchors it)",
+                     name, plan.start, plan.anchor)
+        await snapshots.drop(stale + plan.snapshots)
 
     def _take_settings(self) -> None:
         self._config_seen = self.state.config

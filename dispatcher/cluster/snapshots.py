@@ -37,10 +37,10 @@ class Fetched:
 
 
 class StreamSnapshots:
-    """The object store of stream `stream`'s snapshots; `keep` newest are kept."""
+    """The object store of stream `stream`'s snapshots."""
 
-    def __init__(self, js: Any, stream: str, replicas: int, keep: int = 2) -> None:
-        self.js, self.replicas, self.keep = js, replicas, keep
+    def __init__(self, js: Any, stream: str, replicas: int) -> None:
+        self.js, self.replicas = js, replicas
         self.bucket = f"{stream}{BUCKET_SUFFIX}"
         self.store: Any = None
 
@@ -82,8 +82,21 @@ class StreamSnapshots:
         return Fetched(found)
 
     async def save(self, snapshot: Snapshot) -> None:
-        """Store a snapshot, then drop the oldest beyond `keep`."""
+        """Store a snapshot (the leader drops old ones by the retention rule: `drop`)."""
         await self.store.put(snapshot_name(snapshot.seq), encode(snapshot))
-        for name in (await self.names())[:-self.keep]:
+
+    async def drop(self, seqs: list[int]) -> None:
+        for seq in seqs:
             with contextlib.suppress(NotFoundError):
-                await self.store.delete(name)
+                await self.store.delete(snapshot_name(seq))
+
+
+async def kept(log: Any) -> Fetched:
+    """Every snapshot kept beside the stream of `log` (a `JetStreamLog`; none if the
+    stream has no store): where replay and verify anchor a bounded history."""
+    store = StreamSnapshots(log.nc.jetstream(timeout=5.0), log.stream, replicas=1)
+    try:
+        store.store = await store.js.object_store(store.bucket)
+    except BucketNotFoundError:
+        return Fetched([])
+    return await store.fetch(newest=len(await store.names()))

@@ -19,6 +19,7 @@ from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog.errors import LogCorrupted, LogUnavailable, UnsupportedFormat
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.eventlog.records import Record
+from dispatcher.eventlog.retention import HistoryTrimmed
 from dispatcher.journal import Rebuilt, SnapshotMismatch, fold
 
 log = logging.getLogger("imdispatch.cluster")
@@ -36,6 +37,7 @@ class StreamTail:
         self.head = rebuilt.seq  # the stream's last seq, as far as this member knows
         self.failure: BaseException | None = None  # the stream is damaged: no more folding
         self.problem: str | None = None  # why the tail is not following now, until it is
+        self.trimmed: HistoryTrimmed | None = None  # the records it needs were purged
         self.progressed = time.monotonic()  # when the last record was applied
         self._on_batch = on_batch
         self._moved = asyncio.Event()
@@ -64,6 +66,10 @@ class StreamTail:
             if stream is not None:
                 try:
                     await fold(partial(self._batches, stream), self.state, self.hash, None)
+                except HistoryTrimmed as exc:  # purged past us: the member joins afresh
+                    self.trimmed = exc
+                    log.warning("the event stream was trimmed past this member: %s", exc)
+                    return
                 except FATAL as exc:
                     self.failure = exc
                     log.error("stopped following the event stream: %s", exc)

@@ -69,7 +69,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from dispatcher.eventlog import natswire, records
+from dispatcher.eventlog import natswire, records, retention
 from dispatcher.eventlog.base import Recovery
 from dispatcher.eventlog.errors import (
     AppendFailed,
@@ -216,6 +216,8 @@ class JetStreamLog:
         max_inflight: int = 1000,
         shared: bool = False,
         writer: str | None = None,
+        bounded: bool = False,
+        purge: bool = False,
     ) -> None:
         if not 1 <= replicas <= 5:
             raise ValueError(f"replicas must be 1..5, got {replicas}")
@@ -231,6 +233,9 @@ class JetStreamLog:
         self.duplicate_window = duplicate_window
         self.max_inflight = max_inflight
         self.shared = shared
+        self.bounded = bounded  # may start after seq 1: purged up to a snapshot on purpose
+        self.purge = purge  # a new stream allows purging (`[eventlog]` retention is set)
+        self.first_seq = 1
         self._writer = {WRITER_HEADER: writer} if writer else {}
         self._writer_line = natswire.header_lines(self._writer)
         self._msg_id = f"{api.Header.MSG_ID.value}: {stream}:".encode()  # + seq:hash prefix
@@ -257,7 +262,8 @@ class JetStreamLog:
     def stream_config(self) -> api.StreamConfig:
         """The config of a new stream: nothing is ever dropped (no limits, and DiscardNew
         so that a limit an operator adds refuses new events rather than deleting old ones);
-        deleting or purging events is denied, as the log is an audit trail."""
+        deleting or purging events is denied, as the log is an audit trail, unless the
+        history is bounded (`purge`: the leader purges up to the oldest kept snapshot)."""
         return api.StreamConfig(
             name=self.stream,
             description="imdispatch routing events (hash-chained; stream seq = event seq)",
@@ -271,7 +277,7 @@ class JetStreamLog:
             max_age=0,
             duplicate_window=self.duplicate_window,
             deny_delete=True,
-            deny_purge=True,
+            deny_purge=not self.purge,
             allow_atomic=True,
         )
 
@@ -285,8 +291,13 @@ class JetStreamLog:
         info = await self._ensure_stream(recovery)
         state = info.state
         last = state.last_seq or 0
-        if last and (state.first_seq != 1 or state.messages != last):
-            missing = 1 if state.first_seq != 1 else await self._first_deleted()
+        first = (state.first_seq or 1) if last else 1
+        if first != 1 and self.bounded:  # purged up to a snapshot: rebuild checks the anchor
+            self.first_seq = first
+        elif first != 1:
+            raise retention.unanchored(f"event log stream {self.stream}", first)
+        if last and state.messages != last - first + 1:
+            missing = await self._first_deleted()
             raise LogCorrupted(
                 f"event log stream {self.stream} corrupted: {last - state.messages} of its "
                 f"{last} events are missing (first missing: seq {missing})",
@@ -294,7 +305,7 @@ class JetStreamLog:
             )
         if last:
             raw = await self._js.get_msg(self.stream, last)
-            self.last_hash = self._record(last, raw.headers, raw.data).hash
+            self.last_hash = self.record(last, raw.headers, raw.data).hash
         self.last_seq = self._acked = recovery.last_seq = last
         self.max_payload = min(records.MAX_PAYLOAD, self.nc.max_payload - HEADER_ROOM)
         self._ack_prefix = self.nc.new_inbox()
@@ -387,7 +398,7 @@ class JetStreamLog:
         deleted = orjson.loads(reply.data).get("state", {}).get("deleted") or [0]
         return min(deleted)
 
-    def _record(
+    def record(
         self, seq: int, headers: dict[str, str] | None, data: bytes | None
     ) -> records.Record:
         """A message as a record, its hash re-derived; the format and header checked."""
@@ -395,7 +406,7 @@ class JetStreamLog:
         return self._checked(seq, headers.get(FORMAT_HEADER), headers.get(PREV_HEADER), data)
 
     def _raw_record(self, seq: int, block: bytes | None, data: bytes) -> records.Record:
-        """`_record` of a message read raw; the common case (format 1, a 64-digit hash)
+        """`record` of a message read raw; the common case (format 1, a 64-digit hash)
         found in place, anything else parsed and refused by `_checked`."""
         at = block.find(_PREV_LINE) if block and _FORMAT_1_LINE in block else -1
         if at >= 0 and block[at + _PREV_END:at + _PREV_END + 2] == b"\r\n":
@@ -654,7 +665,7 @@ class JetStreamLog:
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise _Retry(f"cannot check message {seq}: {exc!r}") from None
         try:
-            return self._record(seq, raw.headers, raw.data).hash
+            return self.record(seq, raw.headers, raw.data).hash
         except EventLogError:
             return None
 
@@ -714,6 +725,9 @@ class JetStreamLog:
             async for arrived in messages:
                 batch = []
                 for seq, block, data in arrived:
+                    if seq != expected and expected == after + 1 and seq > expected:
+                        raise retention.trimmed(f"event log stream {self.stream}", seq,
+                                                expected)
                     if seq != expected:
                         raise LogCorrupted(
                             f"event log stream {self.stream} corrupted: message {expected} "
@@ -844,7 +858,7 @@ class JetStreamLog:
                         raise LogUnavailable(
                             f"event log stream {self.stream}: message {expected} was not "
                             f"delivered (the next one was {seq})")
-                    batch.append(self._record(seq, msg.headers, msg.data))
+                    batch.append(self.record(seq, msg.headers, msg.data))
                     expected += 1
                     self.behind = msg.metadata.num_pending
                 room.set()
