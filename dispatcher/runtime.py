@@ -16,7 +16,6 @@ import nats
 
 from dispatcher import admin, leader_link, nats_service
 from dispatcher import config as cfg
-from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.eventlog.errors import LogLocked, LogMissing
 from dispatcher.eventlog.filelog import FileLog
@@ -214,23 +213,6 @@ class Leader(Serving):
                             table, config.source)
         events = await self._apply_config(config)
         return [event.type for event in events]
-
-    async def _apply_config(self, config: cfg.Config) -> list:
-        """Record what the file `config` changes against the last recorded configuration,
-        then run with the recorded settings (the ones the followers take from the log). A
-        configuration taken from the log (`cfg.FROM_LOG`: a takeover, a replaced worker)
-        changes nothing: the log is newer than any copy of the file a worker holds."""
-        events: list = []
-        if config.source != cfg.FROM_LOG:
-            recorded = config.recorded()
-            events = await self.journal.commit(
-                lambda state: decisions.reconcile_config(state, recorded, config.source))
-        self.config = config.with_recorded(self.state.config)
-        if self.poller is not None:
-            poll, balance = self.config.poll, self.config.balance
-            self.poller.poll, self.poller.balance = poll, balance
-            self.poller.health.rise, self.poller.health.fall = poll.rise, poll.fall
-        return events
 
     async def stop(self) -> None:
         self._stopping = True

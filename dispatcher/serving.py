@@ -14,6 +14,7 @@ import orjson
 
 from dispatcher import config as cfg
 from dispatcher import pacing
+from dispatcher.domain import decisions
 from dispatcher.domain.state import NodeRecord, RoutingState
 from dispatcher.query import PickRequest
 from dispatcher.stats import WorkerStats
@@ -41,6 +42,8 @@ class Serving:
     slow start and the per-node assignment cap; readiness from how fresh the state is."""
 
     role = "serving"
+    poller: Any = None  # the workers that poll have one
+    journal: Any = None  # the workers that record have one (`commit(decide)`)
 
     def __init__(self, config: cfg.Config, stats: WorkerStats | None = None) -> None:
         self.config = config
@@ -78,6 +81,29 @@ class Serving:
         """Why this worker's NATS link is not trusted now (the leader's poller found it
         delivers nothing), or None."""
         return None
+
+    async def _apply_config(self, config: cfg.Config) -> list:
+        """Record what the file `config` changes against the last recorded configuration,
+        then run with the recorded settings (the ones every other worker takes from the
+        log). A configuration taken from the log (`cfg.FROM_LOG`: a takeover, a replaced
+        worker) changes nothing: the log is newer than any copy of the file a worker
+        holds. In cluster mode every member does this at its start: once one has
+        recorded the file, the others find nothing to change."""
+        events: list = []
+        if config.source != cfg.FROM_LOG:
+            recorded = config.recorded()
+            events = await self.journal.commit(
+                lambda state: decisions.reconcile_config(state, recorded, config.source))
+        self.config = config.with_recorded(self.state.config)
+        self._retune_poller()
+        return events
+
+    def _retune_poller(self) -> None:
+        """Give this worker's poller, if it polls, the settings in force."""
+        if self.poller is not None:
+            poll, balance = self.config.poll, self.config.balance
+            self.poller.poll, self.poller.balance = poll, balance
+            self.poller.health.rise, self.poller.health.fall = poll.rise, poll.fall
 
     def share(self) -> int:
         """How many pick for the same nodes without seeing each other's picks until the

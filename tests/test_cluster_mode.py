@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 
+from bench.processes import stop
 from dispatcher.demo.nats_cluster import NatsCluster
 from tests.nats_server import free_port
 from tests.test_dispatcher_e2e import TOKEN, WEIGHTS, http
@@ -133,14 +134,8 @@ class Replicas:
         for process in processes:
             if process.poll() is None:
                 with _quiet():
-                    os.kill(process.pid, signal.SIGCONT)
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                    os.kill(process.pid, signal.SIGCONT)  # a stopped one cannot stop
+        stop(*processes)
 
 
 class _quiet:
@@ -454,6 +449,14 @@ def test_replicas_filling_nodes_at_once_stay_within_the_watermark(tmp_path, nats
         running.stop()
 
 
+def set_weights(running: Replicas, count: int) -> None:
+    """`count` events: e2e1's weight set to 1..count, on replica 0 and 1 in turn."""
+    for weight in range(1, count + 1):
+        status, _, body = running.admin(weight % 2, "PUT", "/admin/nodes/e2e1",
+                                        {"weight": weight})
+        assert status == 200, body
+
+
 def snapshot_names(nats_cluster, stream: str) -> list:
     import asyncio
 
@@ -491,10 +494,7 @@ def test_a_joining_replica_starts_from_the_newest_sound_snapshot(tmp_path, nats_
     running = Replicas(tmp_path, nats_cluster, count=2, workers=(1, 1), stream="IMDJOIN",
                        eventlog="snapshot_every = 20\n")
     try:
-        for weight in range(1, 61):
-            status, _, body = running.admin(weight % 2, "PUT", "/admin/nodes/e2e1",
-                                            {"weight": weight})
-            assert status == 200, body
+        set_weights(running, 60)
         wait(lambda: snapshot_names(nats_cluster, "IMDJOIN"), "a snapshot is kept")
         names = snapshot_names(nats_cluster, "IMDJOIN")
         sound = int(names[-1][9:29])
@@ -573,10 +573,7 @@ def test_a_bounded_history_is_trimmed_to_a_snapshot_and_stays_whole(tmp_path, na
     running = Replicas(tmp_path, nats_cluster, count=2, workers=(1, 1), stream="IMDTRIM",
                        eventlog="snapshot_every = 20\nretain_events = 15\nkeep_snapshots = 2\n")
     try:
-        for weight in range(1, 151):
-            status, _, body = running.admin(weight % 2, "PUT", "/admin/nodes/e2e1",
-                                            {"weight": weight})
-            assert status == 200, body
+        set_weights(running, 150)
         wait(lambda: stream_state(nats_cluster, "IMDTRIM").first_seq > 1,
              "the leader trimmed the stream")
         state = stream_state(nats_cluster, "IMDTRIM")

@@ -20,17 +20,16 @@ from typing import Any
 
 import orjson
 from nats.js.errors import (
-    APIError,
-    BucketNotFoundError,
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
 )
 
+from dispatcher.cluster.buckets import bind
+
 LEADER_KEY = "leader"
 MEMBER_PREFIX = "member."
 BUCKET_SUFFIX = "_CLUSTER"
-STREAM_NAME_IN_USE = 10058
 
 
 def member_id(pid: int) -> str:
@@ -51,19 +50,11 @@ class Lease:
 
     async def open(self) -> None:
         """Bind the bucket, making it if no member has yet."""
-        try:
-            self.kv = await self.js.key_value(self.bucket)
-            return
-        except BucketNotFoundError:
-            pass
-        try:
-            self.kv = await self.js.create_key_value(
+        self.kv = await bind(
+            lambda: self.js.key_value(self.bucket),
+            lambda: self.js.create_key_value(
                 bucket=self.bucket, history=1, ttl=self.ttl, replicas=self.replicas,
-                description="imdispatch cluster: the leader's lease and the live members")
-        except APIError as exc:
-            if exc.err_code != STREAM_NAME_IN_USE:  # else another member made it just now
-                raise
-            self.kv = await self.js.key_value(self.bucket)
+                description="imdispatch cluster: the leader's lease and the live members"))
 
     async def acquire(self, value: dict[str, Any]) -> bool:
         """Take the lease if nobody holds it."""

@@ -29,7 +29,6 @@ from dispatcher.cluster.lease import Lease, member_id
 from dispatcher.cluster.snapshots import StreamSnapshots
 from dispatcher.cluster.tail import StreamTail
 from dispatcher.cluster.writer import NotLeader, StreamWriter
-from dispatcher.domain import decisions
 from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
 from dispatcher.eventlog import retention
@@ -47,6 +46,7 @@ from imnode.tasks import cancel_and_wait
 
 log = logging.getLogger("imdispatch.cluster")
 TICK = 0.25  # seconds between looks at the lease (its holder's last cycle, or taking it)
+JOIN_WAIT = 20.0  # seconds a worker's start waits for its state (Sanic allows 30)
 MEMBERS_WINDOW = 30.0  # seconds a higher count of members holds (see `_counted`)
 CLOSE_WAIT = 2.0  # seconds a connection being left may take to settle its appends
 ACK_WAIT = 2.0  # seconds an append waits for its ack before sending again (an election)
@@ -81,6 +81,7 @@ class Member(Serving):
         self.stream_health = "not checked yet"
         self.caught_up = False  # the state reached the stream's end once since start
         self._joined = False  # the state was rebuilt from the stream (and is followed)
+        self._caught = asyncio.Event()  # set with `caught_up`
         self._lease_until = 0.0  # monotonic: the lease is surely ours until then
         self._deposed: str | None = None  # why to step down, said by the poller's commit
         self._cycle_renewed: int | None = None  # as leader: the cycle the lease last said
@@ -104,10 +105,17 @@ class Member(Serving):
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Serve at once (refusing picks until the state has caught up with the
-        stream); reach NATS, follow the stream and campaign in the background."""
+        """Reach NATS, rebuild the state from the stream and follow it, campaign; return
+        once the state has caught up with the stream (so that this worker takes no
+        client before), or after `JOIN_WAIT` without NATS: then it serves, refusing picks
+        and not ready, until it has caught up."""
         self._start_pacing(shared=False)  # a replica's workers share no ledger: see shares
         self._tasks = [asyncio.get_running_loop().create_task(self._sessions())]
+        try:
+            await asyncio.wait_for(self._caught.wait(), JOIN_WAIT)
+        except TimeoutError:
+            log.warning("member %s has not caught up with the event stream within %g s; "
+                        "serving meanwhile, refusing picks", self.id, JOIN_WAIT)
 
     async def _sessions(self) -> None:
         """One NATS connection at a time, replaced when the poller finds it delivers
@@ -164,6 +172,7 @@ class Member(Serving):
                 await self._apply_config(self.config)
             except Exception as exc:  # e.g. a file the recorded state refuses: serve on
                 log.error("the changes in %s were not recorded: %s", self.config.source, exc)
+            self._caught.set()
         self.service = await nats_service.serve(nc, self)
 
     async def _join(self, stream: JetStreamLog, snapshots: StreamSnapshots) -> None:
@@ -424,23 +433,7 @@ class Member(Serving):
         except cfg.ConfigError as exc:
             log.error("keeping the previous settings: %s", exc)
             return
-        if self.poller is not None:
-            poll, balance = self.config.poll, self.config.balance
-            self.poller.poll, self.poller.balance = poll, balance
-            self.poller.health.rise, self.poller.health.fall = poll.rise, poll.fall
-
-    async def _apply_config(self, config: cfg.Config) -> list:
-        """Record what the file `config` changes against the last recorded
-        configuration (every member at its start, and on reload, does: once one has
-        recorded it, the others find nothing to change)."""
-        events: list = []
-        if config.source != cfg.FROM_LOG:
-            recorded = config.recorded()
-            events = await self.journal.commit(
-                lambda state: decisions.reconcile_config(state, recorded, config.source))
-        self.config = config.with_recorded(self.state.config)
-        self._take_settings()
-        return events
+        self._retune_poller()
 
     # -- what the app asks ------------------------------------------------------------
 

@@ -15,13 +15,13 @@ import logging
 from pathlib import PurePosixPath
 from typing import Any
 
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from dispatcher.cluster.buckets import bind
 from dispatcher.eventlog.snapshots import NAME, Snapshot, decode, encode, snapshot_name
 
 log = logging.getLogger("imdispatch.cluster")
 BUCKET_SUFFIX = "_SNAPSHOTS"
-STREAM_NAME_IN_USE = 10058
 
 
 class Fetched:
@@ -46,19 +46,11 @@ class StreamSnapshots:
 
     async def open(self) -> None:
         """Bind the store, making it if no member has yet."""
-        try:
-            self.store = await self.js.object_store(self.bucket)
-            return
-        except BucketNotFoundError:
-            pass
-        try:
-            self.store = await self.js.create_object_store(
+        self.store = await bind(
+            lambda: self.js.object_store(self.bucket),
+            lambda: self.js.create_object_store(
                 self.bucket, replicas=self.replicas,
-                description="imdispatch cluster: snapshots of the routing state")
-        except APIError as exc:
-            if exc.err_code != STREAM_NAME_IN_USE:
-                raise
-            self.store = await self.js.object_store(self.bucket)
+                description="imdispatch cluster: snapshots of the routing state"))
 
     async def names(self) -> list[str]:
         """The snapshots' object names, oldest first."""
