@@ -70,10 +70,8 @@ async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Re
         return status, {"error": str(exc)}
     except RecordTooLarge as exc:  # refused before anything changed: bad input
         return 413, {"error": f"nothing changed: {exc}"}
-    except LogUnavailable as exc:  # cluster mode: the stream did not confirm it (yet)
-        return 503, {"error": "the event stream has not confirmed this change (it may still "
-                              "be recorded: see /admin/events; a retry decides again on "
-                              f"what is recorded): {exc}"}
+    except LogUnavailable as exc:  # cluster mode: the stream did not take it (now)
+        return 503, {"error": f"not recorded: {exc}"}
     except EventLogError as exc:  # a full disk, say: the change is not durable
         log.error("admin %s: the event log cannot record it: %s", op, exc)
         return 503, {"error": "the event log cannot record changes, so this one (if it "
@@ -82,6 +80,8 @@ async def execute(runtime: Any, op: str, args: dict[str, Any], actor: str) -> Re
 
 
 async def _nodes(runtime: Any, args: dict[str, Any], actor: str) -> Reply:
+    if runtime.journal is not None:  # a follower worker forwards this: no journal
+        await runtime.journal.read_barrier()
     return 200, runtime.state.node_views()
 
 

@@ -243,6 +243,10 @@ class Journal:
         events = decide(self.state)
         return await self.record(events) if events else []
 
+    async def read_barrier(self) -> None:
+        """Nothing to wait for: with one writer, this state is the log's (the cluster's
+        writer folds what other replicas wrote first)."""
+
     async def record(self, events: Sequence[Event]) -> list[Event]:
         """Stamp, encode, apply and log events; returns them stamped once durable per
         fsync policy.

@@ -73,7 +73,8 @@ class Replicas:
 
     def start_replica(self, index: int) -> subprocess.Popen:
         config = self.tmp / f"replica{index}.toml"
-        config.write_text(self.config_text(index))
+        if not config.exists():  # a restarted replica keeps its file (edited, maybe)
+            config.write_text(self.config_text(index))
         env = {**os.environ, "IMDISPATCH_ADMIN_TOKEN": TOKEN}
         log = open(self.tmp / f"replica{index}.log", "ab")  # noqa: SIM115
         process = subprocess.Popen(
@@ -595,3 +596,49 @@ def test_a_bounded_history_is_trimmed_to_a_snapshot_and_stays_whole(tmp_path, na
         assert [n["weight"] for n in view if n["id"] == "e2e1"] == [150]
     finally:
         running.stop()
+
+
+def test_every_admin_answer_holds_whichever_worker_or_replica_takes_it(replicas,
+                                                                      nats_cluster):
+    """One client, one request after another, alternating workers and replicas: a PUT
+    answered 200 is in the stream (a worker whose state had not yet folded the previous
+    PUT saw "nothing to change"), a node just added can be removed (not a 404 from a
+    stale worker), and a GET shows the client's own last write."""
+    weights = []
+    for k in range(60):
+        weight = 5 if k % 2 == 0 else 3
+        index = (2, 0, 2, 1)[k % 4]  # replica 2 has two workers
+        status, _, body = replicas.admin(index, "PUT", "/admin/nodes/e2e1",
+                                         {"weight": weight, "reason": f"lu{k}"})
+        assert status == 200, body
+        weights.append(weight)
+        status, _, view = replicas.admin((index + 1) % 3 if k % 3 else 2, "GET",
+                                         "/admin/nodes")
+        assert [n["weight"] for n in view if n["id"] == "e2e1"] == [weight], k
+    for k in range(20):
+        node = {"id": f"ryw{k}", "ip": "127.0.0.1", "port": 20000 + k}
+        status, _, body = replicas.admin(2, "POST", "/admin/nodes", node)
+        assert status == 201, body
+        status, _, body = replicas.admin(2, "DELETE", f"/admin/nodes/ryw{k}")
+        assert status == 200, (k, body)
+    recorded = {event["reason"] for _, _, event in stream_messages(nats_cluster,
+                                                                   replicas.stream)
+                if event["type"] == "node_weight_set"}
+    assert {f"lu{k}" for k in range(60)} <= recorded
+
+
+def test_a_replica_restarted_with_an_edited_file_records_the_change(replicas):
+    """Every member applies the file it was started with against the recorded config,
+    not the recorded config against itself (a rolling restart with a new file)."""
+    replicas.replicas[0].terminate()
+    assert replicas.replicas[0].wait(timeout=15) == 0
+    config = replicas.tmp / "replica0.toml"
+    config.write_text(config.read_text().replace("weight = 3\n", "weight = 8\n", 1))
+    replicas.replicas[0] = replicas.start_replica(0)
+    replicas.wait_ready(0)
+
+    def weight_everywhere():
+        return all([n["weight"] for n in replicas.admin(index, "GET", "/admin/nodes")[2]
+                    if n["id"] == "e2e1"] == [8] for index in range(3))
+
+    wait(weight_everywhere, "every replica has the restarted replica's weight", timeout=3.0)

@@ -27,7 +27,7 @@ from dispatcher import config as cfg
 from dispatcher.cluster.cycles import HeardCycles
 from dispatcher.cluster.lease import Lease, member_id
 from dispatcher.cluster.snapshots import StreamSnapshots
-from dispatcher.cluster.tail import StreamTail
+from dispatcher.cluster.tail import FATAL, StreamTail
 from dispatcher.cluster.writer import NotLeader, StreamWriter
 from dispatcher.domain import events as ev
 from dispatcher.domain.state import RoutingState
@@ -65,6 +65,7 @@ class Member(Serving):
                  stats: WorkerStats | None = None) -> None:
         super().__init__(config, stats)
         self.config_path = Path(config_path) if config_path else None
+        self.file_config = config  # as read at start: `config` turns to the recorded one
         self.id = member_id(os.getpid())
         self.tail = StreamTail(Rebuilt(RoutingState(), 0, GENESIS_HASH), self._folded)
         self.journal = StreamWriter(self.tail)
@@ -157,7 +158,11 @@ class Member(Serving):
                                     eventlog.replicas)
         await snapshots.open()
         if not self._joined:
-            await self._join(stream, snapshots)
+            try:
+                await self._join(stream, snapshots)
+            except FATAL as exc:  # readiness says why, not "catching up" for ever
+                self.tail.failure = exc
+                raise
         self.nc, self.lease, self.snapshots = nc, lease, snapshots
         self.tail.saw(stream.last_seq)
         self.journal.log = stream
@@ -169,7 +174,7 @@ class Member(Serving):
                      self.tail.seq)
             self._take_settings()
             try:
-                await self._apply_config(self.config)
+                await self._apply_config(self.file_config)
             except Exception as exc:  # e.g. a file the recorded state refuses: serve on
                 log.error("the changes in %s were not recorded: %s", self.config.source, exc)
             self._caught.set()

@@ -112,7 +112,10 @@ class StreamTail:
         deadline = time.monotonic() + timeout
         while self.seq < seq:
             if self.failure is not None:
-                raise self.failure
+                raise Damaged(f"the event stream cannot be followed past seq {self.seq}: "
+                              f"{self.failure}; nothing is recorded until it is repaired "
+                              "(imdispatch verify --nats ... --stream ... names the record)"
+                              ) from self.failure
             self._moved.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -126,6 +129,10 @@ class StreamTail:
 
 class StalledTail(Exception):
     """The consumer delivers nothing though the stream holds more: replaced."""
+
+
+class Damaged(LogUnavailable):
+    """The stream holds a record this member cannot fold."""
 
 
 class Behind(LogUnavailable):

@@ -16,6 +16,7 @@ folding what the stream stored, as every other member's does."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,7 +27,7 @@ from dispatcher.eventlog.errors import EventLogError, LogUnavailable, StaleWrite
 from dispatcher.eventlog.jetstream import JetStreamLog
 from dispatcher.journal import log_event, stamp
 
-ATTEMPTS = 20  # decisions in a row beaten by other writers before giving up
+ATTEMPTS = 50  # decisions in a row beaten by other writers before giving up
 FOLD_WAIT = 5.0  # seconds to wait for the member's state to hold what the stream stored
 APPEND_WAIT = 10.0  # seconds to wait for the stream to acknowledge an append
 
@@ -35,7 +36,13 @@ class NotLeader(Exception):
     """The stream names another leader: this member's poll results are not recorded."""
 
 
-class Contended(EventLogError):
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark an append's outcome as seen, whether or not anyone still waits for it."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Contended(LogUnavailable):
     """Other writers won `ATTEMPTS` times in a row."""
 
 
@@ -73,28 +80,37 @@ class StreamWriter:
                     raise
                 except EventLogError:  # refused or failed: its outcome is known
                     pass
-            for _ in range(ATTEMPTS):
+            for attempt in range(ATTEMPTS):
                 stream = self.log
                 if stream is None or stream.failure is not None:
                     raise LogUnavailable("the event stream is unreachable: routing state "
                                          "changes are refused until it is back")
                 await self.tail.reach(self.tail.head, FOLD_WAIT)  # what we know is there
                 state = self.tail.state
+                base = state.seq  # the state moves on as the tail folds: not read after
                 if leader is not None and state.leader != leader:
                     raise NotLeader(f"the event stream names {state.leader!r} as the leader")
-                events = decide(state)
-                if not events:
+                try:
+                    events = decide(state)
+                except Exception:  # a refusal stands only if decided on the stream's end
+                    if await self._behind(stream, base):
+                        continue
+                    raise
+                if not events:  # so does "nothing to change"
+                    if await self._behind(stream, base):
+                        continue
                     return []
-                base = state.seq  # the state moves on as the tail folds: not read after
                 stamped, entries, error = stamp(events, state.copy(), stream.max_payload,
                                                 self.clock())
                 if entries:
                     stream.rebase(base, self.tail.hash)
                     self._inflight = stream.append(entries)
+                    self._inflight.add_done_callback(_retrieved)
                     try:
                         await self._confirmed("this change")
                     except StaleWriter:  # another writer first: hold what it wrote, again
                         self.tail.saw(base + 1)
+                        await asyncio.sleep(random.uniform(0, 0.002 * attempt))  # no lockstep
                         continue
                     self.tail.saw(entries[-1].seq)
                     for event in stamped:
@@ -105,6 +121,30 @@ class StreamWriter:
                 return stamped
             raise Contended(f"other writers appended first {ATTEMPTS} times in a row; "
                             "nothing recorded")
+
+    async def _behind(self, stream: JetStreamLog, seq: int) -> bool:
+        """Whether the stream holds more than `seq` (then the tail is told to reach it):
+        a decision that changes nothing, or refuses, was maybe taken on a state that has
+        not yet folded another writer's change; appends need no such look (the stream
+        refuses them), answers that write nothing do."""
+        head = await stream.head()
+        if head > seq:
+            self.tail.saw(head)
+            return True
+        return False
+
+    async def read_barrier(self) -> None:
+        """Fold what the stream holds now before answering a read, so that a client sees
+        its own writes whichever worker of a replica it reaches; best effort (an
+        unreachable stream leaves the state as it is)."""
+        stream = self.log
+        if stream is None:
+            return
+        try:
+            self.tail.saw(await stream.head())
+            await self.tail.reach(self.tail.head, FOLD_WAIT)
+        except LogUnavailable:
+            pass
 
     async def _confirmed(self, what: str) -> None:
         """Wait for the last append's acknowledgement, `APPEND_WAIT` at most (a stream

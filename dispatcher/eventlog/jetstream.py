@@ -705,6 +705,14 @@ class JetStreamLog:
     async def sync(self) -> None:
         """Nothing to force: an acknowledged append is already stored by JetStream."""
 
+    async def head(self) -> int:
+        """The stream's last seq now (`LogUnavailable` if JetStream does not say)."""
+        try:
+            return (await self._js.stream_info(self.stream)).state.last_seq or 0
+        except (nats.errors.Error, OSError) as exc:
+            raise LogUnavailable(f"event log stream {self.stream}: cannot learn where it "
+                                 f"ends: {exc!r}") from None
+
     # -- reading ----------------------------------------------------------------------
 
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
