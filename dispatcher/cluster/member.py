@@ -68,6 +68,7 @@ class Member(Serving):
         self.file_config = config  # as read at start: `config` turns to the recorded one
         self.id = member_id(os.getpid())
         self.tail = StreamTail(Rebuilt(RoutingState(), 0, GENESIS_HASH), self._folded)
+        self.state = RoutingState()  # no nodes: picks are refused until caught up
         self.journal = StreamWriter(self.tail)
         self.nc: Any = None
         self.lease: Lease | None = None
@@ -95,9 +96,8 @@ class Member(Serving):
         self._campaigning: asyncio.Task | None = None
         self._taking: asyncio.Task | None = None  # recording `leader_elected`, then polling
 
-    @property
-    def state(self) -> RoutingState:
-        return self.tail.state
+    state: RoutingState = None  # type: ignore[assignment]  # a plain attribute, not the
+    # base class's property (read on every pick): the tail's state once caught up
 
     @property
     def role(self) -> str:  # type: ignore[override]
@@ -168,6 +168,7 @@ class Member(Serving):
         self.journal.log = stream
         if not self.caught_up:
             await self.tail.reach(stream.last_seq, float("inf"))
+            self._serve_from(self.tail.state)
             self.caught_up = True
             self._sample()  # picks from now on stay pending until a cycle surely after
             log.info("member %s caught up with the event stream at seq %d", self.id,
@@ -180,6 +181,13 @@ class Member(Serving):
             self._caught.set()
         self.service = await nats_service.serve(nc, self)
 
+    def _serve_from(self, state: RoutingState) -> None:
+        """Answer picks from `state` (the tail's, once caught up: a state half way
+        through the history is no state to answer from)."""
+        old, self.state = self.state, state
+        if old is not state:
+            old.selector.close()
+
     async def _join(self, stream: JetStreamLog, snapshots: StreamSnapshots) -> None:
         """The state the stream holds now, from the newest snapshot that fits; then
         follow the stream from there."""
@@ -188,7 +196,9 @@ class Member(Serving):
         for note in rebuilt.notes:
             log.warning("%s", note)
         self.tail.adopt(rebuilt)
-        self.state.use_ledger(self.ledger)
+        rebuilt.state.use_ledger(self.ledger)
+        if self.caught_up:  # joining again (its position was purged): serve the new one
+            self._serve_from(rebuilt.state)
         self._joined = True
         self._snapshot_seq = rebuilt.snapshot_seq or 0
         log.info("member %s rebuilt the state from %s plus %d events in %.3f s", self.id,
@@ -441,11 +451,6 @@ class Member(Serving):
         self._retune_poller()
 
     # -- what the app asks ------------------------------------------------------------
-
-    def choose(self, request: Any) -> list:
-        if not self.caught_up:  # a state half way through the history is no state
-            return []
-        return super().choose(request)
 
     async def admin(self, op: str, args: dict[str, Any], actor: str) -> tuple[int, Any]:
         """Every member runs admin commands itself (see `dispatcher.cluster.writer`)."""
