@@ -5,7 +5,6 @@ for two worker processes in the unit tests; `test_processes_*` run real processe
 """
 
 import math
-import multiprocessing
 from collections import Counter
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from core_ext.errors import InvalidArgument, InvalidArgumentType
 from core_ext.implementations import IMPLEMENTATIONS
 from core_ext.ledger import Ledger, LedgerError
+from tests.core.racing import race
 
 SECOND = 1_000_000_000
 
@@ -238,26 +238,13 @@ def test_processes_never_push_a_node_past_its_watermark(tmp_path, processes, imp
     """Real processes race for the same nodes (the compiled core with atomics, the
     reference under the file lock): together they fill every node to exactly
     ceil(0.9 x capacity), never one more."""
-    context = multiprocessing.get_context("spawn")
     path = tmp_path / "ledger"
     Ledger.create(path)
     leader = IMPLEMENTATIONS[implementation](ledger=Ledger.shared(path, reports=True))
     for i in range(8):  # the leader's reports set the loads before anyone picks
         leader.add(f"n{i}", 1 + i % 3)
         leader.report(f"n{i}", connections=0, capacity=1000 + 100 * i)
-    # All set up, then all at once: a spawned process takes far longer to start than to
-    # fill the nodes, so without the barrier they would fill them one after the other.
-    ready, results = context.Barrier(processes + 1), context.Queue()
-    workers = [context.Process(target=_follower, args=(implementation, path, ready, results))
-               for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    ready.wait(timeout=60)
-    totals = Counter()
-    for _ in workers:
-        totals.update(results.get(timeout=60))
-    for worker in workers:
-        worker.join(timeout=10)
+    totals = race(_follower, (implementation, path), processes, timeout=60)
     assert leader.pick() is None
     assert totals == {f"n{i}": math.ceil(0.9 * (1000 + 100 * i)) for i in range(8)}
 

@@ -20,7 +20,6 @@ picks stand for every member's): the last test shows a case past the bound.
 """
 
 import itertools
-import multiprocessing
 import pickle
 from collections import Counter
 
@@ -32,6 +31,7 @@ from core_ext import _rules
 from core_ext.errors import InvalidArgument, InvalidArgumentType
 from core_ext.implementations import IMPLEMENTATIONS
 from core_ext.ledger import Ledger
+from tests.core.racing import race
 
 MEMBERS = st.integers(1, 5)
 
@@ -246,24 +246,13 @@ def test_processes_with_a_share_give_back_what_they_counted(tmp_path, implementa
     watermark gives back 3 picks, the loser of the allowance 3 picks and 3 load. Every
     node ends with exactly one client, 3 pending, and 3 in `picks`."""
     nodes = 3000 if implementation == "compiled" else 40  # many races: the loops overlap
-    context = multiprocessing.get_context("spawn")
     path = tmp_path / "ledger"
     Ledger.create(path)
     leader = IMPLEMENTATIONS[implementation](ledger=Ledger.shared(path, reports=True))
     for i in range(nodes):
         leader.add(f"n{i}", 1)
         leader.report(f"n{i}", connections=0, capacity=_capacity(i))
-    ready, results = context.Barrier(4), context.Queue()  # all set up, then all at once
-    workers = [context.Process(target=_racer, args=(implementation, path, nodes, ready,
-                                                    results)) for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    ready.wait(timeout=120)
-    totals = Counter()
-    for _ in workers:
-        totals.update(results.get(timeout=120))
-    for worker in workers:
-        worker.join(timeout=10)
+    totals = race(_racer, (implementation, path, nodes), processes=3)
     assert totals == {f"n{i}": 1 for i in range(nodes)}
     leader.sample()  # a report now leaves every pick pending: `picks` shows
     for i in range(nodes):

@@ -65,6 +65,18 @@ async def read_all(nc, where, after=0):
     finally:
         await log.close()
 
+def count_consumers(nc, monkeypatch, consumers: list) -> None:
+    """From now on, each consumer a reader asks `nc`'s JetStream for is added to
+    `consumers` (the arguments it asked with)."""
+    add_consumer = nc.jetstream().add_consumer.__func__
+
+    async def counted(js, *args, **kwargs):
+        consumers.append(args)
+        return await add_consumer(js, *args, **kwargs)
+
+    monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+
+
 
 async def publish_raw(nc, where, payload, headers):
     return await nc.jetstream().publish(where["subject"], payload, headers=headers)
@@ -280,14 +292,8 @@ def test_a_read_resumes_after_messages_lost_in_transit(run, where, monkeypatch):
 
     async def body(nc):
         await write(nc, where, events, batch=500)
-        add_consumer = nc.jetstream().add_consumer.__func__
-
-        async def counted(js, *args, **kwargs):
-            consumers.append(args)
-            return await add_consumer(js, *args, **kwargs)
-
         monkeypatch.setattr(_Feed, "take", lose_two)
-        monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+        count_consumers(nc, monkeypatch, consumers)
         got = await read_all(nc, where)
         assert [r.seq for r in got] == list(range(1, 3001))
         assert len(dropped) == 2 and len(consumers) == 3  # one lost each time, resumed
@@ -304,13 +310,7 @@ def test_a_slow_reader_gets_everything_from_one_consumer(run, where, monkeypatch
 
     async def body(nc):
         await write(nc, where, events, batch=1000)
-        add_consumer = nc.jetstream().add_consumer.__func__
-
-        async def counted(js, *args, **kwargs):
-            consumers.append(args)
-            return await add_consumer(js, *args, **kwargs)
-
-        monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+        count_consumers(nc, monkeypatch, consumers)
         count = 0
         async for batch in JetStreamLog(nc, **where, timeout=2.0).read():
             count += len(batch)
@@ -508,13 +508,7 @@ def test_a_read_outlives_a_server_restart(run, where, tmp_path, monkeypatch):
 
         async def body(nc):
             await write(nc, where, events, batch=1000)
-            add_consumer = nc.jetstream().add_consumer.__func__
-
-            async def counted(js, *args, **kwargs):
-                consumers.append(args)
-                return await add_consumer(js, *args, **kwargs)
-
-            monkeypatch.setattr(type(nc.jetstream()), "add_consumer", counted)
+            count_consumers(nc, monkeypatch, consumers)
             got, restart = [], None
             async for batch in JetStreamLog(nc, **where, timeout=0.5).read():
                 got += [record.seq for record in batch]
