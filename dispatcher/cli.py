@@ -378,6 +378,9 @@ def _serve(args: argparse.Namespace) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
 
+    import sanic.mixins.startup
+
+    sanic.mixins.startup.Manager = _manager_ending_with_us  # see its docstring
     loader = AppLoader(factory=functools.partial(create_app, config, args.config,
                                                  **app_options))
     app = loader.load()
@@ -392,6 +395,21 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(stats_dir, ignore_errors=True)
     return 1 if replacer.gave_up else 0
+
+
+def _manager_ending_with_us() -> Any:
+    """Sanic's shared-state process (a `multiprocessing.Manager()` its supervisor starts),
+    made to end with this supervisor: a SIGKILLed supervisor's workers stop by
+    themselves, but the manager process was left running for ever (Sanic has no hook for
+    it, so `serve` replaces the name Sanic calls)."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from dispatcher.demo.lifetime import end_with_parent
+
+    manager = SyncManager(ctx=multiprocessing.get_context())
+    manager.start(initializer=end_with_parent, initargs=(os.getpid(),))
+    return manager
 
 
 class _WorkerReplacer:

@@ -234,8 +234,8 @@ def test_a_follower_reads_the_tail_before_refusing_a_client(tmp_path):
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path, nats_server):
     """SIGKILL leaves the supervisor no time to stop its workers: they stop by themselves,
-    freeing the port and the event log, so the dispatcher can simply be started again.
-    (Sanic's multiprocessing manager process is left behind; it holds neither.)"""
+    freeing the port and the event log, so the dispatcher can simply be started again;
+    and no process it started outlives it (Sanic's multiprocessing manager did)."""
     running = Cluster(tmp_path, nats_server.url, workers=2)
     supervisor = running.dispatcher.pid
     children = [stat.parts[2] for stat in Path("/proc").glob("[0-9]*/stat")
@@ -247,6 +247,10 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path, nats_server):
         running.dispatcher.wait()
         running.wait(lambda: not _holders(lock), "no worker holds the event log", timeout=20)
         running.wait(lambda: _bindable(running.http_port), "nobody holds the port")
+        running.wait(lambda: not any(Path(f"/proc/{pid}").exists() and
+                                     "Z" not in _state(pid) for pid in children),
+                     f"every process the supervisor started ({len(children)}) is gone",
+                     timeout=10)
     finally:
         running.stop()
         for pid in children:  # what outlived the supervisor: Sanic's manager process

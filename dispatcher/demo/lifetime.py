@@ -36,6 +36,17 @@ def die_with_parent() -> Callable[[], None] | None:
     return in_child
 
 
+def end_with_parent(parent: int) -> None:
+    """In a process started by `parent` from its main thread (e.g. a multiprocessing
+    initializer): be sent SIGTERM when the parent dies, at once if it already has."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def python_argv(*args: str) -> list[str]:
     """This Python running `args`, marked as a child of the demo (`-X` options are free
     for such use: the program sees them only in `sys._xoptions`)."""
