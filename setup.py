@@ -20,6 +20,8 @@ EXTENSIONS = [
     Extension("core_ext._fastpath", ["core_ext/_fastpath.pyx"]),
     # Replay's record scanner: CRC-32 from zlib, SHA-256 from OpenSSL's libcrypto (both
     # already there for CPython itself; the build needs their headers).
+    # Bulk reads from JetStream: whole message frames past nats-py's parser.
+    Extension("dispatcher.eventlog._frames", ["dispatcher/eventlog/_frames.pyx"]),
     Extension(
         "dispatcher.eventlog._scan",
         ["dispatcher/eventlog/_scan.pyx"],

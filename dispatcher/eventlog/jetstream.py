@@ -53,7 +53,6 @@ nats-py's ordered consumer (recreated on any gap in delivery, after missed heart
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import os
 import time
@@ -69,6 +68,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
+import core_ext
 from dispatcher.eventlog import natswire, records, retention
 from dispatcher.eventlog.base import Recovery
 from dispatcher.eventlog.errors import (
@@ -81,10 +81,11 @@ from dispatcher.eventlog.errors import (
     StreamConfigError,
     UnsupportedFormat,
 )
+from dispatcher.eventlog.records import FORMAT, FORMAT_HEADER, PREV_HEADER
 
-FORMAT = "1"
-FORMAT_HEADER = "Imd-Format"
-PREV_HEADER = "Imd-Prev-Hash"
+MessageScanner = core_ext.compiled_or_twin(
+    "dispatcher.eventlog._scan", "dispatcher.eventlog._scan_py"
+).MessageScanner
 WRITER_HEADER = "Imd-Writer"  # which cluster member appended the record (audit only)
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 DUPLICATE_IN_BATCH = 10201  # JSAtomicPublishContainsDuplicateMessageErr: a resent batch
@@ -101,10 +102,6 @@ HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
 _FORMAT_NEEDLE = f"\r\n{FORMAT_HEADER}:".encode()
 _PREV_NEEDLE = f"\r\n{PREV_HEADER}:".encode()
 _FORMAT_SKIP, _PREV_SKIP = len(_FORMAT_NEEDLE), len(_PREV_NEEDLE)
-_FORMAT_1_LINE = f"\r\n{FORMAT_HEADER}: {FORMAT}\r\n".encode()  # as this writer writes them
-_PREV_LINE = f"\r\n{PREV_HEADER}: ".encode()
-_PREV_START = len(_PREV_LINE)
-_PREV_END = _PREV_START + 64
 _STALLED_NEEDLE = f"\r\n{api.Header.CONSUMER_STALLED.value}:".encode()
 _FORMAT_LINE = f"{FORMAT_HEADER}: {FORMAT}\r\n{PREV_HEADER}: ".encode()  # + the hash's hex
 
@@ -125,10 +122,6 @@ class _Outgoing:
     data: bytes
     lines: bytes  # the record's own header lines; a batch adds its own around them
     hash: bytes
-
-
-_Message = tuple[int, bytes | None, bytes]
-"""A message as read: (stream seq, raw header block, data)."""
 
 
 class _Retry(Exception):
@@ -157,7 +150,7 @@ class _Feed:
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
-        self.messages: deque[tuple[bytes, bytes | None, bytes]] = deque()
+        self.messages: list[tuple[bytes, bytes | None, bytes]] = []
         self.flow: list[str] = []  # flow-control requests not answered yet
         self.arrived = asyncio.Event()
 
@@ -404,19 +397,6 @@ class JetStreamLog:
         """A message as a record, its hash re-derived; the format and header checked."""
         headers = headers or {}
         return self._checked(seq, headers.get(FORMAT_HEADER), headers.get(PREV_HEADER), data)
-
-    def _raw_record(self, seq: int, block: bytes | None, data: bytes) -> records.Record:
-        """`record` of a message read raw; the common case (format 1, a 64-digit hash)
-        found in place, anything else parsed and refused by `_checked`."""
-        at = block.find(_PREV_LINE) if block and _FORMAT_1_LINE in block else -1
-        if at >= 0 and block[at + _PREV_END:at + _PREV_END + 2] == b"\r\n":
-            try:
-                prev = binascii.unhexlify(block[at + _PREV_START:at + _PREV_END])
-            except ValueError:
-                prev = None
-            if prev is not None:
-                return records.Record(seq, prev, data, records.record_hash(seq, prev, data))
-        return self._checked(seq, *_record_headers(block), data)
 
     def _checked(self, seq: int, fmt: str | None, prev_hex: str | None,
                  data: bytes | None) -> records.Record:
@@ -716,92 +696,90 @@ class JetStreamLog:
     # -- reading ----------------------------------------------------------------------
 
     async def read(self, after: int = 0) -> AsyncIterator[list[records.Record]]:
-        """Verified records after `after`, in batches (what arrived, at most `READ_BATCH`),
-        up to `last_seq` when reading began (the stream's last message if this log was not
-        opened, or is shared: others append). Any gap in the seqs or break in the hash
-        chain is corruption."""
+        """Verified records after `after`, in batches (what arrived), up to `last_seq`
+        when reading began (the stream's last message if this log was not opened, or is
+        shared: others append). Any gap in the seqs or break in the hash chain is
+        corruption.
+
+        The messages come raw from a push consumer of this read's own (ack-less, in
+        memory, flow-controlled) and are checked in bulk (`MessageScanner`). Messages lost
+        in transit (a gap in its delivery count) or silence start another consumer from
+        the next message wanted."""
         last = self.last_seq
         if not self._opened or self.shared:
             try:
                 last = (await self._js.stream_info(self.stream)).state.last_seq or 0
             except NotFoundError:
                 raise StreamConfigError(f"no event log stream {self.stream}") from None
-        if after >= last:
-            return
-        async with contextlib.aclosing(self._pushed(after, last)) as messages:
-            expected, prev, checked = after + 1, None, self._raw_record
-            async for arrived in messages:
-                batch = []
-                for seq, block, data in arrived:
-                    if seq != expected and expected == after + 1 and seq > expected:
-                        raise retention.trimmed(f"event log stream {self.stream}", seq,
-                                                expected)
-                    if seq != expected:
-                        raise LogCorrupted(
-                            f"event log stream {self.stream} corrupted: message {expected} "
-                            f"missing (the next one is {seq})",
-                            segment=self.stream, offset=expected, seq=expected,
-                        )
-                    record = checked(seq, block, data)
-                    if prev is not None and record.prev_hash != prev:
-                        raise LogCorrupted(
-                            f"event log stream {self.stream} corrupted: the hash chain breaks "
-                            f"at seq {seq} (its previous-hash is not record {seq - 1}'s hash)",
-                            segment=self.stream, offset=seq, seq=seq,
-                        )
-                    batch.append(record)
-                    expected, prev = seq + 1, record.hash
-                yield batch
-
-    async def _pushed(self, after: int, last: int) -> AsyncIterator[list[_Message]]:
-        """Messages `after + 1..last`, read raw from a push consumer of this read's own
-        (ack-less, in memory, flow-controlled). Messages lost in transit (a gap in its
-        delivery sequence) or silence start another from the next message wanted."""
-        expected, since = after + 1, None
-        while expected <= last:
+        scanner, since = MessageScanner(after + 1), None
+        while scanner.seq <= last:
             feed = _Feed(self.nc)
             raw = await natswire.RawSubscription(self.nc, self.nc.new_inbox(), feed.take).start()
             consumer = None
             try:
-                consumer = await self._bulk_consumer(raw.subject, expected)
+                consumer = await self._bulk_consumer(raw.subject, scanner.seq)
                 if consumer is None:  # JetStream does not answer (restarting, electing)
                     since = since or time.monotonic()
-                    await self._stalled(expected, last, since)
+                    await self._stalled(scanner.seq, last, since)
                     await asyncio.sleep(READ_RETRY)
                     continue
-                delivered = 1
-                while expected <= last:
-                    messages = feed.messages
-                    if not messages:
+                scanner.delivered = 1
+                while scanner.seq <= last:
+                    if not feed.messages:
                         await feed.release()
                         if await feed.wait(self.timeout):
                             continue
                         since = since or time.monotonic() - self.timeout
-                        await self._stalled(expected, last, since)
+                        await self._stalled(scanner.seq, last, since)
                         break  # the consumer may be gone with its server: another one
-                    batch = []
-                    for _ in range(min(len(messages), READ_BATCH, last - expected + 1)):
-                        reply, block, data = messages.popleft()
-                        tokens = reply.split(b".")  # $JS.ACK.[domain.account.]stream.
-                        at = len(tokens) - 4 if len(tokens) == 9 else 7  # consumer.n.sseq.dseq
-                        if int(tokens[at + 1]) != delivered:
-                            break  # lost in transit
-                        delivered += 1
-                        seq = int(tokens[at])
-                        batch.append((seq, block, data))
-                        expected, since = seq + 1, None
-                    else:
-                        yield batch
-                        await feed.release()
-                        continue
+                    arrived, feed.messages = feed.messages, []
+                    batch, lost = self._scanned(scanner, arrived, after, last)
                     if batch:
+                        since = None
                         yield batch
-                    break
+                    if lost:
+                        break
             finally:
                 await raw.stop()
                 if consumer is not None:
                     with contextlib.suppress(Exception):
                         await self._js.delete_consumer(self.stream, consumer)
+
+    def _scanned(self, scanner: Any, arrived: list, after: int,
+                 last: int) -> tuple[list[records.Record], bool]:
+        """The records in `arrived` (up to `last`) and whether one was lost in transit;
+        raises on a gap in the stream's seqs or a break in the chain."""
+        batch: list[records.Record] = []
+        index = 0
+        while True:
+            index, why, seq = scanner.scan(arrived, index, last, batch)
+            if why == records.SCANNED or why == records.LOST:
+                return batch, why == records.LOST
+            expected = scanner.seq
+            if why == records.WRONG_SEQ:
+                if expected == after + 1 and seq > expected:
+                    raise retention.trimmed(f"event log stream {self.stream}", seq, expected)
+                raise LogCorrupted(
+                    f"event log stream {self.stream} corrupted: message {expected} "
+                    f"missing (the next one is {seq})",
+                    segment=self.stream, offset=expected, seq=expected,
+                )
+            if why == records.BROKEN_CHAIN:
+                raise self._chain_broken(seq)
+            _, block, data = arrived[index]  # UNUSUAL: the slow way, which names the fault
+            record = self._checked(seq, *_record_headers(block), data)
+            if scanner.prev is not None and record.prev_hash != scanner.prev:
+                raise self._chain_broken(seq)
+            batch.append(record)
+            scanner.passed(record)
+            index += 1
+
+    def _chain_broken(self, seq: int) -> LogCorrupted:
+        return LogCorrupted(
+            f"event log stream {self.stream} corrupted: the hash chain breaks at seq {seq} "
+            f"(its previous-hash is not record {seq - 1}'s hash)",
+            segment=self.stream, offset=seq, seq=seq,
+        )
 
     async def _bulk_consumer(self, subject: str, start: int) -> str | None:
         """A consumer delivering the stream from `start` to `subject` for one read; None

@@ -3,23 +3,32 @@
 nats-py spends about 27 us publishing one message with headers and about 10 us receiving
 one (it parses every header into a dict and builds a `Msg`): a ceiling near 35k records/s
 either way. The log moves records in bulk, so here it writes whole `HPUB` frames in one
-buffer and reads the messages of one subscription as raw bytes. Both use nats-py's
-connection (its buffer, flusher, reconnects and resubscriptions) through two of its
-private members, `_send_command` and `_process_msg`: checked against nats-py 2.16.
+buffer and reads the messages of one subscription as raw bytes: whole frames for such a
+subscription are split off before nats-py's parser sees them (`_frames`, compiled), and
+the parser's own dispatch hands it the rest. All of it uses nats-py's connection (its
+buffer, flusher, reconnects and resubscriptions) through its private members
+`_send_command`, `_process_msg` and `_ps` (the parser): checked against nats-py 2.16.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.protocol.parser import AWAITING_MSG_PAYLOAD, CRLF_SIZE
+
+import core_ext
 
 HEADER_LINE = b"NATS/1.0\r\n"
 STATUS_AT = len(HEADER_LINE) - 2  # "NATS/1.0 204 EOB\r\n": a status follows the version
+
+split_frames = core_ext.compiled_or_twin(
+    "dispatcher.eventlog._frames", "dispatcher.eventlog._frames_py"
+).split_frames
 
 RawHandler = Callable[[bytes, bytes, bytes | None, bytes], None]
 """Called with (subject, reply, header block or None, data) for each message, at once."""
@@ -92,25 +101,66 @@ class RawSubscription:
             self._sub = None
 
 
+class _Done:
+    """Already awaited: what the hook gives the parser for a diverted message."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return _NOTHING
+
+
+_DONE, _NOTHING = _Done(), iter(())
+
+
 async def _diverted(msg: Msg) -> None:
     """Never called: the hook hands this subscription's messages to its handler."""
 
 
 def _routes(nc: NATS) -> dict[int, RawHandler]:
-    """The sids diverted on `nc`, installing the hook on its first use."""
+    """The sids diverted on `nc`, installing the hooks on its first use: one in nats-py's
+    message dispatch, and one before its parser that hands whole frames of diverted sids
+    to their handlers without parsing them the slow way."""
     routes = getattr(nc, "_imd_raw_routes", None)
     if routes is None:
         routes = {}
         process = nc._process_msg
 
-        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes,
-                              headers: bytes | None) -> None:
+        def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes,
+                        headers: bytes | None) -> Awaitable[None]:
             handler = routes.get(sid)
             if handler is None:
-                await process(sid, subject, reply, data, headers)
-            else:
-                handler(subject, reply, headers, data)
+                return process(sid, subject, reply, data, headers)
+            handler(subject, reply, headers, data)
+            return _DONE  # no coroutine per message: the parser awaits each one
 
         nc._process_msg = process_msg
+        nc._ps.parse = _FramesFirst(nc._ps, routes).parse
         nc._imd_raw_routes = routes
     return routes
+
+
+class _FramesFirst:
+    """nats-py's parser with `split_frames` before it. The parser keeps what it has not
+    used in its buffer: a message waiting for the rest of its payload gets exactly that
+    first; a partial control line is taken back and read again with what arrives."""
+
+    def __init__(self, parser: Any, routes: dict[int, RawHandler]) -> None:
+        self.parser, self.routes, self.inner = parser, routes, parser.parse
+
+    async def parse(self, data: bytes = b"") -> None:
+        parser = self.parser
+        if not self.routes or type(data) is not bytes:
+            return await self.inner(data)
+        if parser.state == AWAITING_MSG_PAYLOAD:
+            missing = parser.needed + CRLF_SIZE - len(parser.buf)
+            await self.inner(data[:missing])
+            data = data[missing:]
+            if parser.state == AWAITING_MSG_PAYLOAD:
+                return None  # still not whole
+        if parser.buf:
+            data = bytes(parser.buf) + data
+            parser.buf.clear()
+        used = split_frames(data, self.routes)
+        if used < len(data):
+            await self.inner(data[used:] if used else data)

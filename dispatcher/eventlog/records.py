@@ -38,6 +38,15 @@ SCANNED = 0  # end of the data, or the batch is full
 DAMAGED = 1  # no whole, checksummed record here: torn or corrupted
 WRONG_SEQ = 2  # a whole record with another sequence number
 BROKEN_CHAIN = 3  # a whole record that does not link to the one before
+LOST = 4  # JetStream: a message missing from a consumer's delivery (its count skips one)
+UNUSUAL = 5  # JetStream: headers not in the form this writer writes: check it the slow way
+# A record as a JetStream message: the payload is the message data, and two headers carry
+# the rest (the seq is the stream's own); see `dispatcher.eventlog.jetstream`.
+FORMAT = "1"
+FORMAT_HEADER = "Imd-Format"
+PREV_HEADER = "Imd-Prev-Hash"
+FORMAT_LINE = f"\r\n{FORMAT_HEADER}: {FORMAT}\r\n".encode()  # as this writer writes them
+PREV_LINE = f"\r\n{PREV_HEADER}: ".encode()  # followed by 64 hex digits and CRLF
 MAX_PAYLOAD = 16 * 1024 * 1024
 """A record larger than this is damage, not data (a config event is a few kilobytes)."""
 

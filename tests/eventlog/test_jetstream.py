@@ -395,6 +395,26 @@ def test_a_tampered_message_breaks_the_chain(run, where):
     run(body)
 
 
+def test_a_record_with_its_headers_in_another_form_is_read(run, where):
+    """Another client may write a record's headers its own way (here: a hash in capitals
+    after extra blanks). The bulk check does not know that form; the slow one reads it,
+    and the chain goes on through it."""
+    events = stamped_events(4)
+
+    async def body(nc):
+        log = await write(nc, where, events[:2])
+        payload = orjson.dumps(events[2])
+        await publish_raw(nc, where, payload, {"Imd-Prev-Hash": "  " + log.last_hash.hex().upper(),
+                                               "Imd-Format": "1"})
+        third = records.record_hash(3, log.last_hash, payload)
+        await publish_raw(nc, where, orjson.dumps(events[3]), record_headers(third))
+        got = await read_all(nc, where)
+        assert [r.seq for r in got] == [1, 2, 3, 4] and got[2].hash == third
+        assert got[3].prev_hash == third and got[2].payload == payload
+
+    run(body)
+
+
 def test_a_foreign_message_is_corruption(run, where):
     async def body(nc):
         await write(nc, where, stamped_events(2))
