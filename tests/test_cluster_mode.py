@@ -345,6 +345,47 @@ def stream_leader_server(nats_cluster, stream: str) -> int:
     return asyncio.run(main())
 
 
+async def _no_chatter(_exc: Exception) -> None:
+    """A client's reconnect chatter while a server is down is expected here."""
+
+
+class LeaderElected:
+    """When JetStream announces the stream's next leader (its advisory), as heard on the
+    servers other than `killed`: a thread with a client of its own."""
+
+    def __init__(self, nats_cluster, stream: str, killed: int) -> None:
+        import asyncio
+        import threading
+
+        import nats
+
+        self.at: float | None = None
+        subscribed, self._stop = threading.Event(), None
+        urls = [url for index, url in enumerate(nats_cluster.urls) if index != killed]
+
+        async def watch():
+            self._stop = asyncio.Event()
+            nc = await nats.connect(urls, error_cb=_no_chatter)
+
+            async def heard(_msg):
+                self.at = self.at or time.monotonic()
+
+            await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}", cb=heard)
+            await nc.flush()
+            subscribed.set()
+            await self._stop.wait()
+            await nc.close()
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(watch(),))
+        self._thread.start()
+        assert subscribed.wait(10), "no subscription to the leader advisory"
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
 def test_the_streams_nats_server_killed_no_event_lost_and_clients_served(
         replicas, nats_cluster):
     import threading
@@ -376,6 +417,7 @@ def test_the_streams_nats_server_killed_no_event_lost_and_clients_served(
 
     thread = threading.Thread(target=clients)
     thread.start()
+    elected = LeaderElected(nats_cluster, replicas.stream, server)
     try:
         time.sleep(0.5)
         nats_cluster.kill(server)
@@ -396,6 +438,7 @@ def test_the_streams_nats_server_killed_no_event_lost_and_clients_served(
     finally:
         stop.set()
         thread.join()
+        elected.close()
         nats_cluster.restart(server)
     assert set(answers) == {200}, (answers, refusals[:5], killed)
     assert answers[200] > 100
@@ -406,10 +449,12 @@ def test_the_streams_nats_server_killed_no_event_lost_and_clients_served(
     assert len(events) > seq_before
     for index in range(3):
         replicas.wait_ready(index)
-    # a liveness bound, not the speed target (nats-server elects a new stream leader in
-    # 4-9 s after a SIGKILL; `bench/test_nats_cluster.py` measures it)
-    assert resumed < 20, f"writes resumed after {resumed:.1f} s"
-    print(f"writes resumed {resumed:.2f} s after the stream leader's server was killed")
+    # nats-server elects the stream's next leader 4-9 s after a SIGKILL (raft's election
+    # timeout, fixed in nats-server); what is ours is how soon writes follow it
+    assert elected.at is not None, "JetStream announced no new leader"
+    print(f"writes resumed {resumed:.2f} s after the stream leader's server was killed, "
+          f"{resumed - (elected.at - killed):.2f} s after JetStream announced a new leader")
+    assert resumed - (elected.at - killed) < 1.0, (resumed, elected.at - killed)
 
 
 def test_replicas_filling_nodes_at_once_stay_within_the_watermark(tmp_path, nats_cluster):

@@ -98,6 +98,8 @@ READ_BUFFER = 4096  # messages read ahead of the consumer of `read()`
 READ_BATCH = 1024
 READ_HEARTBEAT = 5.0  # seconds: the bulk reader's consumer (flow control needs one)
 READ_RETRY = 0.2  # seconds between attempts to start a reader's consumer
+RESEND_EVERY = 0.25  # seconds, at most, between resends of an unacknowledged batch: a
+# stream's leader election ends at no known moment, and the first resend after it lands
 HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
 _FORMAT_NEEDLE = f"\r\n{FORMAT_HEADER}:".encode()
 _PREV_NEEDLE = f"\r\n{PREV_HEADER}:".encode()
@@ -543,7 +545,7 @@ class JetStreamLog:
                     f"acknowledged within {self.retry_for} s: {problem}"
                 )
             attempt += 1
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+            await asyncio.sleep(min(0.05 * 2**attempt, RESEND_EVERY))
             token = self._next_token()
             frames = self._frames(batch, token)
         self._acked = batch[-1].seq
