@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-compare clean
 
-$(INSTALLED): pyproject.toml setup.py $(wildcard core_ext/*.pyx core_ext/*.pxd dispatcher/*/*.pyx)
+$(INSTALLED): pyproject.toml setup.py $(wildcard core_ext/*.pyx core_ext/*.pxd dispatcher/*/*.pyx dispatcher/*/*.pxd)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imdispatch needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

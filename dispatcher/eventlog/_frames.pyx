@@ -2,24 +2,15 @@
 """The compiled frame splitter: `_frames_py` in C, for bulk reads' speed."""
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp
+
+from dispatcher.eventlog._digits cimport parse_digits
 
 from dispatcher.eventlog._frames_py import MAX_CONTROL_LINE as _MAX_CONTROL_LINE
 
 cdef Py_ssize_t MAX_CONTROL_LINE = _MAX_CONTROL_LINE
-
-
-cdef inline bint _number(const char *p, Py_ssize_t n, Py_ssize_t *value) noexcept nogil:
-    """1 to 9 ASCII digits, parsed into `value` (as `_frames_py._number`)."""
-    cdef Py_ssize_t i
-    value[0] = 0
-    if n < 1 or n > 9:
-        return False
-    for i in range(n):
-        if p[i] < 48 or p[i] > 57:
-            return False
-        value[0] = value[0] * 10 + (p[i] - 48)
-    return True
+cdef Py_ssize_t DIGITS = 9  # as `_frames_py._number`
 
 
 def split_frames(bytes data not None, dict handlers not None) -> Py_ssize_t:
@@ -27,7 +18,8 @@ def split_frames(bytes data not None, dict handlers not None) -> Py_ssize_t:
     cdef const char *base = PyBytes_AS_STRING(data)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(data), used = 0, line_end, i, count
     cdef Py_ssize_t starts[6]
-    cdef Py_ssize_t sid, header_size, total, start, stop
+    cdef uint64_t sid, header_size, total
+    cdef Py_ssize_t start, stop
     cdef const char *found
     while end - used >= 5 and memcmp(base + used, b"HMSG ", 5) == 0:
         found = <const char *>memchr(base + used, 13, min(end - used, MAX_CONTROL_LINE))
@@ -48,13 +40,14 @@ def split_frames(bytes data not None, dict handlers not None) -> Py_ssize_t:
         if count != 4 and count != 5:
             break
         starts[count] = line_end + 1
-        if not (_number(base + starts[1], starts[2] - starts[1] - 1, &sid)
-                and _number(base + starts[count - 2], starts[count - 1] - starts[count - 2] - 1,
-                            &header_size)
-                and _number(base + starts[count - 1], line_end - starts[count - 1], &total)):
+        if not (parse_digits(base + starts[1], starts[2] - starts[1] - 1, DIGITS, &sid)
+                and parse_digits(base + starts[count - 2],
+                                 starts[count - 1] - starts[count - 2] - 1, DIGITS, &header_size)
+                and parse_digits(base + starts[count - 1], line_end - starts[count - 1], DIGITS,
+                                 &total)):
             break
         handler = handlers.get(sid)
-        start, stop = line_end + 2, line_end + 2 + total
+        start, stop = line_end + 2, line_end + 2 + <Py_ssize_t>total
         if handler is None or header_size > total or stop + 2 > end \
                 or base[stop] != 13 or base[stop + 1] != 10:
             break
@@ -68,8 +61,10 @@ def split_frames(bytes data not None, dict handlers not None) -> Py_ssize_t:
             PyBytes_FromStringAndSize(base + starts[0], starts[1] - starts[0] - 1),
             PyBytes_FromStringAndSize(base + starts[2], starts[3] - starts[2] - 1)
             if count == 5 else b"",
-            PyBytes_FromStringAndSize(base + start, header_size) if header_size else None,
-            PyBytes_FromStringAndSize(base + start + header_size, total - header_size),
+            PyBytes_FromStringAndSize(base + start, <Py_ssize_t>header_size)
+            if header_size else None,
+            PyBytes_FromStringAndSize(base + start + header_size,
+                                      <Py_ssize_t>(total - header_size)),
         )
         used = stop + 2
     return used

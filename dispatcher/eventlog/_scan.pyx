@@ -10,6 +10,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcmp
 
+from dispatcher.eventlog._digits cimport parse_digits
+
 from dispatcher.eventlog.records import (
     BROKEN_CHAIN, DAMAGED, LOST, SCANNED, UNUSUAL, WRONG_SEQ, Record,
 )
@@ -104,19 +106,6 @@ cdef inline int _hex_digit(unsigned char c) noexcept nogil:
     return -1
 
 
-cdef inline bint _number(const char *p, Py_ssize_t n, uint64_t *value) noexcept nogil:
-    """1 to 19 ASCII digits (as `_scan_py._number`), parsed into `value`."""
-    cdef Py_ssize_t i
-    value[0] = 0
-    if n < 1 or n > 19:
-        return False
-    for i in range(n):
-        if p[i] < 48 or p[i] > 57:
-            return False
-        value[0] = value[0] * 10 + <uint64_t>(p[i] - 48)
-    return True
-
-
 cdef bint _reply_seqs(bytes reply, uint64_t *sseq, uint64_t *dseq):
     """The stream seq and delivery count in a JetStream ack subject:
     $JS.ACK.[domain.account.]stream.consumer.n.sseq.dseq.time.pending[.token]."""
@@ -134,8 +123,8 @@ cdef bint _reply_seqs(bytes reply, uint64_t *sseq, uint64_t *dseq):
         return False
     starts[tokens] = n + 1
     at = 5 if tokens == 9 else 7
-    return (_number(p + starts[at], starts[at + 1] - starts[at] - 1, sseq)
-            and _number(p + starts[at + 1], starts[at + 2] - starts[at + 1] - 1, dseq))
+    return (parse_digits(p + starts[at], starts[at + 1] - starts[at] - 1, 19, sseq)
+            and parse_digits(p + starts[at + 1], starts[at + 2] - starts[at + 1] - 1, 19, dseq))
 
 
 cdef class MessageScanner:
