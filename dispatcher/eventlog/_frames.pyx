@@ -13,7 +13,7 @@ cdef Py_ssize_t MAX_CONTROL_LINE = _MAX_CONTROL_LINE
 cdef Py_ssize_t DIGITS = 9  # as `_frames_py._number`
 
 
-def split_frames(bytes data not None, dict handlers not None) -> Py_ssize_t:
+def split_frames(bytes data not None, dict handlers not None, dropped) -> Py_ssize_t:
     """See `_frames_py.split_frames`."""
     cdef const char *base = PyBytes_AS_STRING(data)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(data), used = 0, line_end, i, count
@@ -57,14 +57,17 @@ def split_frames(bytes data not None, dict handlers not None) -> Py_ssize_t:
                 empty = True
         if empty:
             break
-        handler(
-            PyBytes_FromStringAndSize(base + starts[0], starts[1] - starts[0] - 1),
-            PyBytes_FromStringAndSize(base + starts[2], starts[3] - starts[2] - 1)
-            if count == 5 else b"",
-            PyBytes_FromStringAndSize(base + start, <Py_ssize_t>header_size)
-            if header_size else None,
-            PyBytes_FromStringAndSize(base + start + header_size,
-                                      <Py_ssize_t>(total - header_size)),
-        )
+        try:
+            handler(
+                PyBytes_FromStringAndSize(base + starts[0], starts[1] - starts[0] - 1),
+                PyBytes_FromStringAndSize(base + starts[2], starts[3] - starts[2] - 1)
+                if count == 5 else b"",
+                PyBytes_FromStringAndSize(base + start, <Py_ssize_t>header_size)
+                if header_size else None,
+                PyBytes_FromStringAndSize(base + start + header_size,
+                                          <Py_ssize_t>(total - header_size)),
+            )
+        except Exception as exc:
+            dropped(exc)
         used = stop + 2
     return used

@@ -103,7 +103,6 @@ RESEND_EVERY = 0.25  # seconds, at most, between resends of an unacknowledged ba
 HEADER_ROOM = 1024  # bytes of a message's max_payload left for its headers
 _FORMAT_NEEDLE = f"\r\n{FORMAT_HEADER}:".encode()
 _PREV_NEEDLE = f"\r\n{PREV_HEADER}:".encode()
-_FORMAT_SKIP, _PREV_SKIP = len(_FORMAT_NEEDLE), len(_PREV_NEEDLE)
 _STALLED_NEEDLE = f"\r\n{api.Header.CONSUMER_STALLED.value}:".encode()
 _FORMAT_LINE = f"{FORMAT_HEADER}: {FORMAT}\r\n{PREV_HEADER}: ".encode()  # + the hash's hex
 
@@ -132,17 +131,7 @@ class _Retry(Exception):
 
 def _record_headers(block: bytes | None) -> tuple[str | None, str | None]:
     """(Imd-Format, Imd-Prev-Hash) from a raw header block: what reading needs of it."""
-    if not block:
-        return None, None
-    fmt = block.find(_FORMAT_NEEDLE)
-    prev = block.find(_PREV_NEEDLE)
-    if fmt >= 0:
-        fmt += _FORMAT_SKIP
-        fmt = block[fmt:block.find(b"\r\n", fmt)].strip().decode()
-    if prev >= 0:
-        prev += _PREV_SKIP
-        prev = block[prev:block.find(b"\r\n", prev)].strip().decode()
-    return (fmt if fmt != -1 else None), (prev if prev != -1 else None)
+    return natswire.header(block, _FORMAT_NEEDLE), natswire.header(block, _PREV_NEEDLE)
 
 
 class _Feed:
@@ -157,17 +146,16 @@ class _Feed:
         self.arrived = asyncio.Event()
 
     def take(self, subject: bytes, reply: bytes, block: bytes | None, data: bytes) -> None:
-        if block is None or block[natswire.STATUS_AT] != 32:  # not "NATS/1.0 100 ..."
+        if not natswire.is_status(block):
             self.messages.append((reply, block, data))
             if len(self.messages) > 1:
                 return  # the reader waits only for an empty queue: it was woken already
-        elif reply:  # 100 FlowControl Request
-            self.flow.append(reply.decode())
-        else:  # 100 Idle Heartbeat, which names a request left unanswered if one was
-            stalled = natswire.header(block, _STALLED_NEEDLE)
-            if not stalled:
-                return
-            self.flow.append(stalled)
+        else:  # 100 FlowControl Request, or 100 Idle Heartbeat naming one left unanswered
+            request = reply.decode(errors="replace") if reply else natswire.header(
+                block, _STALLED_NEEDLE)
+            if not request or "\ufffd" in request:
+                return  # none, or not a subject JetStream would send
+            self.flow.append(request)
         self.arrived.set()
 
     async def release(self) -> None:
@@ -398,7 +386,10 @@ class JetStreamLog:
     ) -> records.Record:
         """A message as a record, its hash re-derived; the format and header checked."""
         headers = headers or {}
-        return self._checked(seq, headers.get(FORMAT_HEADER), headers.get(PREV_HEADER), data)
+        fmt, prev = headers.get(FORMAT_HEADER), headers.get(PREV_HEADER)
+        # nats-py gives a value that is not ASCII as an email.header.Header
+        return self._checked(seq, fmt if fmt is None else str(fmt),
+                             prev if prev is None else str(prev), data)
 
     def _checked(self, seq: int, fmt: str | None, prev_hex: str | None,
                  data: bytes | None) -> records.Record:

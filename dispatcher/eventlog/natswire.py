@@ -13,6 +13,7 @@ buffer, flusher, reconnects and resubscriptions) through its private members
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -31,7 +32,14 @@ split_frames = core_ext.compiled_or_twin(
 ).split_frames
 
 RawHandler = Callable[[bytes, bytes, bytes | None, bytes], None]
-"""Called with (subject, reply, header block or None, data) for each message, at once."""
+"""Called with (subject, reply, header block or None, data) for each message, at once.
+What it raises loses that message only (and is logged): raised into nats-py's parser, it
+would end the connection's reading for good."""
+log = logging.getLogger(__name__)
+
+
+def _dropped(exc: Exception) -> None:
+    log.warning("a message for a raw subscription was dropped: its handler raised %r", exc)
 
 
 def header_lines(headers: dict[str, str]) -> bytes:
@@ -62,18 +70,25 @@ async def send(nc: NATS, frames: bytes) -> None:
     await nc._flush_pending()
 
 
-def header(block: bytes, needle: bytes) -> str | None:
-    """The value of a header in a raw block; `needle` is `b"\\r\\nName:"`."""
-    start = block.find(needle)
+def header(block: bytes | None, needle: bytes) -> str | None:
+    """The value of a header in a raw block; `needle` is `b"\\r\\nName:"`. Bytes that
+    are not UTF-8 come back as U+FFFD, for the caller to refuse."""
+    start = block.find(needle) if block else -1
     if start < 0:
         return None
     start += len(needle)
-    return block[start:block.find(b"\r\n", start)].strip().decode()
+    end = block.find(b"\r\n", start)
+    return block[start:end if end >= 0 else len(block)].strip().decode(errors="replace")
+
+
+def is_status(block: bytes | None) -> bool:
+    """Is this a status message (`NATS/1.0 100 ...`, `NATS/1.0 404 ...`), not a message?"""
+    return block is not None and block[STATUS_AT:STATUS_AT + 1] == b" "
 
 
 def status(block: bytes | None) -> int | None:
     """The status code of a status message (`NATS/1.0 404 ...`), None for a message."""
-    if not block or block[STATUS_AT:STATUS_AT + 1] != b" ":
+    if not is_status(block):
         return None
     code = block[STATUS_AT + 1:STATUS_AT + 4]
     return int(code) if code.isdigit() else 0
@@ -131,7 +146,10 @@ def _routes(nc: NATS) -> dict[int, RawHandler]:
             handler = routes.get(sid)
             if handler is None:
                 return process(sid, subject, reply, data, headers)
-            handler(subject, reply, headers, data)
+            try:
+                handler(subject, reply, headers, data)
+            except Exception as exc:
+                _dropped(exc)
             return _DONE  # no coroutine per message: the parser awaits each one
 
         nc._process_msg = process_msg
@@ -161,6 +179,6 @@ class _FramesFirst:
         if parser.buf:
             data = bytes(parser.buf) + data
             parser.buf.clear()
-        used = split_frames(data, self.routes)
+        used = split_frames(data, self.routes, _dropped)
         if used < len(data):
             await self.inner(data[used:] if used else data)

@@ -35,12 +35,14 @@ FRAMES = st.one_of(
     st.just(b"PING\r\n"), st.just(b"+OK\r\n"),
     st.just(b"HMSG _INBOX.x 7  12 14\r\nNATS/1.0\r\n\r\n{}\r\n"),  # two spaces
     st.just(b"HMSG _INBOX.x\t7 12 14\r\nNATS/1.0\r\n\r\n{}\r\n"),  # a tab
+    st.just(b"HMSG _INBOX.x\t 7 12 14\r\nNATS/1.0\r\n\r\n{}\r\n"),  # a tab by a space
+    st.just(b"HMSG a.b\n 7 \x0cr.1 12 14\r\nNATS/1.0\r\n\r\n{}\r\n"),
 )
 
 
 def calls(split, data):
     seen = []
-    used = split(data, {DIVERTED: lambda *args: seen.append(args)})
+    used = split(data, {DIVERTED: lambda *args: seen.append(args)}, seen.append)
     return used, seen
 
 
@@ -64,6 +66,18 @@ def test_whole_frames_of_a_diverted_sid_are_split_off(split):
     whole = hmsg(DIVERTED)
     assert calls(split, whole[:-1]) == (0, [])  # not whole: left to the parser
     assert calls(split, whole.replace(b"{}\r\n", b"{}xx")) == (0, [])  # no CRLF after it
+
+
+def test_a_handler_that_raises_loses_its_message_only(split):
+    def handler(subject, reply, block, payload):
+        if payload == b"bad":
+            raise IndexError("no")
+        seen.append(payload)
+
+    seen, dropped = [], []
+    data = b"".join(hmsg(DIVERTED, payload=p) for p in (b"a", b"bad", b"c"))
+    assert split(data, {DIVERTED: handler}, dropped.append) == len(data)
+    assert seen == [b"a", b"c"] and [repr(e) for e in dropped] == ["IndexError('no')"]
 
 
 def test_splitter_is_compiled():

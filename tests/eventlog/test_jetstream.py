@@ -301,6 +301,62 @@ def test_a_read_resumes_after_messages_lost_in_transit(run, where, monkeypatch):
     run(body)
 
 
+async def publish_frames(url: str, frames: bytes) -> None:
+    """Send raw protocol frames from a client of their own (one no library would write)."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()  # INFO
+    writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n'
+                 + frames + b"PING\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert answer == b"PONG\r\n", answer  # the server took every frame
+
+
+def hpub(subject: bytes, reply: bytes, block: bytes, payload: bytes = b"") -> bytes:
+    """An HPUB frame of a header block and a payload."""
+    return b"HPUB %s %s%d %d\r\n%s%s\r\n" % (subject, reply + b" " if reply else b"",
+                                              len(block), len(block) + len(payload), block,
+                                              payload)
+
+
+def test_junk_sent_to_a_readers_inbox_loses_nothing_else(run, where, server, monkeypatch):
+    """Whoever can publish to the reader's inbox may send it junk: a header block too
+    short to hold a status, a flow-control request or heartbeat naming a subject that is
+    not UTF-8. The read still gets every record, and the connection (shared, in cluster
+    mode, with everything else) still answers: a handler's error raised into nats-py's
+    parser would end the connection's reading for good."""
+    events = stamped_events(20_000)
+    inboxes = []
+    start = natswire.RawSubscription.start
+
+    async def noted(subscription):
+        inboxes.append(subscription.subject.encode())
+        return await start(subscription)
+
+    async def body(nc):
+        await write(nc, where, events, batch=1000)
+        monkeypatch.setattr(natswire.RawSubscription, "start", noted)
+        log = JetStreamLog(nc, **where, retry_for=5.0)
+        got, sent = [], False
+        async for batch in log.read():
+            got.extend(batch)
+            if not sent:
+                inbox = inboxes[0]
+                await publish_frames(server.url, b"".join((
+                    b"HPUB %s 3 5\r\nabcde\r\n" % inbox,
+                    hpub(inbox, b"\xff\xfe", b"NATS/1.0 100 FlowControl Request\r\n\r\n"),
+                    hpub(inbox, b"", b"NATS/1.0 100 Idle Heartbeat\r\n"
+                                     b"Nats-Consumer-Stalled: \xff\r\n\r\n"),
+                )))
+                sent = True
+        assert [r.seq for r in got] == list(range(1, 20_001))
+        assert (await nc.jetstream().stream_info(where["stream"])).state.messages == 20_000
+
+    run(body)
+
+
 def test_a_slow_reader_gets_everything_from_one_consumer(run, where, monkeypatch):
     """Flow control: the server stops at its window until the reader answers its request
     (which the reader does once it has room), so a slow reader gets every record from one
@@ -411,6 +467,42 @@ def test_a_record_with_its_headers_in_another_form_is_read(run, where):
         got = await read_all(nc, where)
         assert [r.seq for r in got] == [1, 2, 3, 4] and got[2].hash == third
         assert got[3].prev_hash == third and got[2].payload == payload
+
+    run(body)
+
+
+@pytest.mark.parametrize("prev_line, fits", [
+    (b"Imd-Prev-Hash: %s", True),  # the block's last line without its CRLF
+    (b"Imd-Prev-Hash: %s\xff\r\n\r\n", False),  # bytes that are not UTF-8
+])
+def test_every_reader_judges_an_odd_header_block_alike(run, where, server, prev_line, fits):
+    """A record written by a hand other than ours: `read` (bulk), `open` (the last
+    record) and `follow` (nats-py's parsing) accept it or refuse it alike, refusing as
+    corruption, never with another exception."""
+    events = stamped_events(3)
+
+    async def body(nc):
+        log = await write(nc, where, events[:2])
+        payload = orjson.dumps(events[2])
+        block = b"NATS/1.0\r\nImd-Format: 1\r\n" + prev_line % log.last_hash.hex().encode()
+        await publish_frames(server.url, hpub(where["subject"].encode(), b"", block, payload))
+        async def followed():
+            async for batch in JetStreamLog(nc, **where).follow(2):
+                if batch:
+                    return batch
+
+        outcomes = []
+        for read in (lambda: read_all(nc, where), lambda: JetStreamLog(nc, **where).open(),
+                     followed):
+            try:
+                got = await read()
+            except LogCorrupted as exc:
+                outcomes.append(f"corrupted at {exc.seq}")
+            else:
+                outcomes.append("fits")
+                if isinstance(got, list) and len(got) == 3:  # what read_all returns
+                    assert got[2].hash == records.record_hash(3, log.last_hash, payload)
+        assert outcomes == (["fits"] * 3 if fits else ["corrupted at 3"] * 3)
 
     run(body)
 
